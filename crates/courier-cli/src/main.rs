@@ -1,0 +1,352 @@
+//! The `courier` command-line tool.
+//!
+//! ```text
+//! courier explain --config courier.toml [--guarantee exactly-once] [--json]
+//! courier send    --url memory:// --to orders --key customer-7 --header x-tenant=acme 'payload'
+//! courier consume --config courier.toml --from orders --group billing --count 10
+//! ```
+
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use courier::{Config, Guarantee, Message, Subscription};
+
+use courier_cli::{humantime_parse, verify};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "courier",
+    version,
+    about = "Messages over Kafka, RabbitMQ, SQS and memory with an explicit delivery guarantee"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Target {
+    /// TOML config file (default: $COURIER_CONFIG).
+    #[arg(long, env = "COURIER_CONFIG", conflicts_with = "url")]
+    config: Option<std::path::PathBuf>,
+    /// Config as a URL, e.g. kafka://127.0.0.1:9092?guarantee=exactly-once (default: $COURIER_URL).
+    #[arg(long, env = "COURIER_URL")]
+    url: Option<String>,
+    /// Override the configured guarantee.
+    #[arg(long)]
+    guarantee: Option<Guarantee>,
+}
+
+impl Target {
+    fn load(&self) -> Result<Config> {
+        let mut c = match (&self.config, &self.url) {
+            (Some(p), _) => Config::from_file(p)?,
+            (None, Some(u)) => Config::from_url(u)?,
+            (None, None) => Config::memory(),
+        };
+        if let Some(g) = self.guarantee {
+            c.guarantee = g;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the effective broker settings a config and guarantee compile into.
+    Explain {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish messages.
+    Send {
+        #[command(flatten)]
+        target: Target,
+        /// Destination (topic / queue / exchange).
+        #[arg(long)]
+        to: String,
+        /// Ordering key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Message id (default: a new UUIDv7; with --count, suffixed by -N).
+        #[arg(long)]
+        id: Option<String>,
+        /// Header as name=value (repeatable).
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Create the destination first.
+        #[arg(long)]
+        create: bool,
+        /// Send the payload this many times.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Payload (default: read standard input).
+        payload: Option<String>,
+    },
+    /// Receive messages and print them as JSON lines.
+    Consume {
+        #[command(flatten)]
+        target: Target,
+        /// Destination to consume from.
+        #[arg(long)]
+        from: String,
+        /// Consumer group.
+        #[arg(long, default_value = "courier-cli")]
+        group: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop when nothing arrives for this long (e.g. 10s).
+        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        idle: Duration,
+        /// Leave messages unsettled (they will be redelivered) instead of acknowledging.
+        #[arg(long)]
+        peek: bool,
+    },
+    /// Check a configuration: what changes on another broker, and live checks of this one.
+    Doctor {
+        #[command(flatten)]
+        target: Target,
+        /// Destinations to check live (topics / queues).
+        #[arg(long = "destination")]
+        destinations: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove the guarantee: publish and consume under injected faults, count loss and duplicate
+    /// effects, exit non-zero on a violation.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+        /// Messages to publish.
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        /// 10,000 messages (the README's full matrix size).
+        #[arg(long)]
+        full: bool,
+        /// Concurrent consumers.
+        #[arg(long, default_value_t = 3)]
+        consumers: usize,
+        /// Faults: comma list of kill=N, errors=P, duplicates=P, store-outage=DURATION, restart.
+        #[arg(long, default_value = "none")]
+        faults: verify::Faults,
+        /// Deliberately break the setup to see verify catch it.
+        #[arg(long, value_enum)]
+        sabotage: Option<verify::Sabotage>,
+        /// Upper bound on the run.
+        #[arg(long, default_value = "300s", value_parser = humantime_parse)]
+        timeout: Duration,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("header {s:?} must be name=value"))
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    // verify injects failures on purpose: only errors are worth printing by default.
+    let default_level = if matches!(cli.command, Command::Verify { .. }) {
+        "error"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
+                .unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Doctor {
+            target,
+            destinations,
+            json,
+        } => {
+            let config = target.load()?;
+            let mut findings = courier::doctor::portability(&config);
+            findings.extend(courier_cli::doctor::live(&config, &destinations).await);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&findings)?);
+            } else {
+                println!(
+                    "courier doctor: {} backend, {}",
+                    config.backend.kind(),
+                    config.guarantee
+                );
+                let (here, elsewhere): (Vec<_>, Vec<_>) = findings
+                    .iter()
+                    .partition(|f| f.backend == config.backend.kind());
+                println!("\nthis broker ({}):", config.backend.kind());
+                if here.is_empty() {
+                    println!("  no problems found");
+                }
+                for f in &here {
+                    println!("  {f}");
+                }
+                println!("\nif this config moved to another broker:");
+                for f in &elsewhere {
+                    println!("  {f}");
+                }
+            }
+            let fatal = findings.iter().any(|f| {
+                f.backend == config.backend.kind()
+                    && f.severity >= courier::doctor::Severity::Warning
+            });
+            if fatal {
+                std::process::exit(3);
+            }
+        }
+        Command::Verify {
+            target,
+            messages,
+            full,
+            consumers,
+            faults,
+            sabotage,
+            timeout,
+            json,
+        } => {
+            let config = target.load()?;
+            let plan = verify::Plan {
+                messages: if full { 10_000 } else { messages },
+                consumers,
+                faults,
+                sabotage,
+                timeout,
+                progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = verify::run(&config, &plan).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if !report.holds {
+                std::process::exit(2);
+            }
+        }
+        Command::Explain { target, json } => {
+            let config = target.load()?;
+            let e = courier::explain(&config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print!("{e}");
+            }
+        }
+        Command::Send {
+            target,
+            to,
+            key,
+            id,
+            headers,
+            create,
+            count,
+            payload,
+        } => {
+            let config = target.load()?;
+            let payload = match payload {
+                Some(p) => p.into_bytes(),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .context("reading the payload from stdin")?;
+                    buf
+                }
+            };
+            let client = courier::connect(&config).await?;
+            if create {
+                client.create_destination(&to).await?;
+            }
+            for i in 0..count {
+                let mut m = Message::new(payload.clone());
+                if let Some(id) = &id {
+                    m = m.with_id(if count == 1 {
+                        id.clone()
+                    } else {
+                        format!("{id}-{i}")
+                    });
+                }
+                if let Some(k) = &key {
+                    m = m.with_key(k.clone());
+                }
+                for (k, v) in &headers {
+                    m = m.with_header(k.clone(), v.clone());
+                }
+                let r = client.publish(&to, m).await?;
+                println!(
+                    "{}",
+                    serde_json::json!({"id": r.id.as_str(), "destination": r.destination, "position": r.position.to_string(), "deduplicated": r.deduplicated})
+                );
+            }
+            client.close().await?;
+        }
+        Command::Consume {
+            target,
+            from,
+            group,
+            count,
+            idle,
+            peek,
+        } => {
+            let config = target.load()?;
+            let client = courier::connect(&config).await?;
+            let mut deliveries = client.subscribe(Subscription::new(&from, &group)).await?;
+            let mut n = 0usize;
+            while count.is_none_or(|c| n < c) {
+                let Some(d) = deliveries.next_timeout(idle).await else {
+                    break;
+                };
+                let d = d?;
+                let m = &d.message;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": m.id.as_str(),
+                        "key": m.key,
+                        "headers": m.headers,
+                        "payload": String::from_utf8_lossy(&m.payload),
+                        "attempt": d.attempt,
+                        "position": d.position.to_string(),
+                    })
+                );
+                n += 1;
+                if !peek {
+                    d.ack().await?;
+                }
+            }
+            deliveries.close().await?;
+            client.close().await?;
+            if let Some(c) = count {
+                if n < c {
+                    bail!("only {n} of {c} messages arrived within the idle timeout");
+                }
+            }
+        }
+    }
+    Ok(())
+}

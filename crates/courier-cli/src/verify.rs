@@ -1,0 +1,620 @@
+//! `courier verify`: run a real experiment against the configured broker under injected faults
+//! and check the guarantee with a delivery ledger.
+//!
+//! Producer and consumers run against the configured broker; the ledger counts what was sent and
+//! every handler effect, so loss and duplicate *effects* are measured, not assumed. Faults:
+//!
+//! - `kill=N` — N consumer crashes in the middle of a handler (the consumer is torn down without
+//!   settling anything; a fresh one takes its place);
+//! - `errors=P` — each handler run fails (retryably) with probability P;
+//! - `duplicates=P` — the producer publishes a fraction P of messages a second time with the same
+//!   id (a producer retry after a lost confirm);
+//! - `store-outage=DURATION` — the idempotency store is unreachable for DURATION mid-run;
+//! - `restart` — the broker is restarted mid-run (RabbitMQ via `rabbitmqctl stop_app/start_app`).
+//!
+//! Exit status is non-zero when the guarantee was violated.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use courier::idempotency::{Begin, IdempotencyStore, LeaseToken};
+use courier::{
+    Config, Consumer, ConsumerHandle, Context, DeliveryClient, Guarantee, Handler, HandlerError,
+    Message, RetryPolicy, Subscription,
+};
+
+const SENT_AT: &str = "courier-verify-sent-at";
+
+/// Faults to inject.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Faults {
+    /// Consumer crashes mid-handler.
+    pub kill: u32,
+    /// Handler error probability.
+    pub errors: f64,
+    /// Share of messages published twice with the same id.
+    pub duplicates: f64,
+    /// Idempotency store outage.
+    pub store_outage: Option<Duration>,
+    /// Broker restart mid-run.
+    pub restart: bool,
+}
+
+impl std::str::FromStr for Faults {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let mut f = Faults::default();
+        for part in s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "none")
+        {
+            let (name, value) = part.split_once('=').unwrap_or((part, ""));
+            match name {
+                "kill" => f.kill = value.parse().map_err(|_| anyhow!("kill={value}: expected a count"))?,
+                "errors" => f.errors = prob(name, value)?,
+                "duplicates" | "dup" => f.duplicates = prob(name, value)?,
+                "store-outage" => f.store_outage = Some(crate::humantime_parse(value).map_err(|e| anyhow!(e))?),
+                "restart" => f.restart = true,
+                other => bail!("unknown fault {other:?}: use kill=N, errors=P, duplicates=P, store-outage=DURATION, restart"),
+            }
+        }
+        Ok(f)
+    }
+}
+
+fn prob(name: &str, v: &str) -> Result<f64> {
+    let p: f64 = v
+        .parse()
+        .map_err(|_| anyhow!("{name}={v}: expected a probability"))?;
+    if !(0.0..=1.0).contains(&p) {
+        bail!("{name}={v}: must be between 0 and 1");
+    }
+    Ok(p)
+}
+
+/// Deliberate mistakes, to show that `verify` catches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Sabotage {
+    /// Claim at-least-once but settle before the handler (what an auto-ack consumer does).
+    AckFirst,
+    /// Claim exactly-once but run without the idempotent layer.
+    NoDedup,
+}
+
+/// What the experiment measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Backend.
+    pub backend: String,
+    /// Guarantee checked.
+    pub guarantee: Guarantee,
+    /// Faults injected.
+    pub faults: Faults,
+    /// Sabotage applied.
+    pub sabotage: Option<Sabotage>,
+    /// Distinct messages published successfully.
+    pub sent: u64,
+    /// Handler effects recorded.
+    pub effects: u64,
+    /// Distinct messages that had an effect.
+    pub handled: u64,
+    /// Sent but never handled.
+    pub lost: u64,
+    /// Effects beyond the first per id.
+    pub duplicate_effects: u64,
+    /// Handler invocations beyond the first per id (redeliveries and retries).
+    pub redeliveries: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Duplicates the idempotent layer absorbed.
+    pub duplicates_absorbed: u64,
+    /// Consumer crashes injected.
+    pub crashes: u32,
+    /// Effects per second.
+    pub throughput: f64,
+    /// End-to-end latency p50, ms.
+    pub p50_ms: f64,
+    /// End-to-end latency p99, ms.
+    pub p99_ms: f64,
+    /// Whether the guarantee held.
+    pub holds: bool,
+    /// What was violated.
+    pub violations: Vec<String>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: [(&str, String); 14] = [
+            ("backend", self.backend.clone()),
+            ("guarantee", self.guarantee.to_string()),
+            ("sent", self.sent.to_string()),
+            ("handled", self.handled.to_string()),
+            ("lost", self.lost.to_string()),
+            ("duplicate effects", self.duplicate_effects.to_string()),
+            ("redeliveries", self.redeliveries.to_string()),
+            ("dead-lettered", self.dead_lettered.to_string()),
+            ("duplicates absorbed", self.duplicates_absorbed.to_string()),
+            ("consumer crashes", self.crashes.to_string()),
+            ("throughput", format!("{:.0} msg/s", self.throughput)),
+            ("latency p50", format!("{:.1} ms", self.p50_ms)),
+            ("latency p99", format!("{:.1} ms", self.p99_ms)),
+            (
+                "verdict",
+                if self.holds {
+                    "guarantee holds".into()
+                } else {
+                    format!("VIOLATED: {}", self.violations.join("; "))
+                },
+            ),
+        ];
+        for (k, v) in rows {
+            writeln!(f, "{k:<20} {v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    sent: Mutex<HashMap<String, ()>>,
+    effects: Mutex<HashMap<String, u32>>,
+    invocations: Mutex<HashMap<String, u32>>,
+    latencies: Mutex<Vec<f64>>,
+    total_effects: AtomicU64,
+    last_effect: Mutex<Option<Instant>>,
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The experiment's handler: a unit of "work" (a short wait during which a crash can hit), then
+/// the effect.
+struct Work {
+    ledger: Arc<Ledger>,
+    error_rate: f64,
+    kill_switch: Arc<KillSwitch>,
+}
+
+/// Lets the fault driver crash a consumer while one of its handlers is mid-way.
+#[derive(Default)]
+struct KillSwitch {
+    armed: AtomicBool,
+    parked: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl Handler for Work {
+    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        *self
+            .ledger
+            .invocations
+            .lock()
+            .entry(m.id.to_string())
+            .or_default() += 1;
+        tokio::time::sleep(Duration::from_micros(200)).await;
+        if self.kill_switch.armed.swap(false, Ordering::SeqCst) {
+            // Crash point: tell the driver we are mid-handler, then never finish.
+            self.kill_switch.parked.notify_one();
+            std::future::pending::<()>().await;
+        }
+        if self.error_rate > 0.0 && fastrand::f64() < self.error_rate {
+            return Err(HandlerError::retryable("injected handler error"));
+        }
+        *self
+            .ledger
+            .effects
+            .lock()
+            .entry(m.id.to_string())
+            .or_default() += 1;
+        self.ledger.total_effects.fetch_add(1, Ordering::Relaxed);
+        *self.ledger.last_effect.lock() = Some(Instant::now());
+        if let Some(sent) = m.headers.get(SENT_AT).and_then(|v| v.parse::<u64>().ok()) {
+            self.ledger
+                .latencies
+                .lock()
+                .push(now_micros().saturating_sub(sent) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+}
+
+/// An idempotency store that is unreachable while `down` is set.
+struct Flaky {
+    inner: Arc<dyn IdempotencyStore>,
+    down: Arc<AtomicBool>,
+}
+
+impl Flaky {
+    fn check(&self) -> courier::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(courier::Error::Store {
+                store: "flaky",
+                operation: "call",
+                source: "injected store outage".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for Flaky {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn begin(&self, key: &str, fp: &str, lease: Duration) -> courier::Result<Begin> {
+        self.check()?;
+        self.inner.begin(key, fp, lease).await
+    }
+    async fn extend(&self, key: &str, t: &LeaseToken, lease: Duration) -> courier::Result<bool> {
+        self.check()?;
+        self.inner.extend(key, t, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        t: &LeaseToken,
+        fp: &str,
+        r: Option<Bytes>,
+        ttl: Duration,
+    ) -> courier::Result<bool> {
+        self.check()?;
+        self.inner.complete(key, t, fp, r, ttl).await
+    }
+    async fn release(&self, key: &str, t: &LeaseToken) -> courier::Result<()> {
+        self.check()?;
+        self.inner.release(key, t).await
+    }
+}
+
+/// Options of one experiment.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Messages to publish.
+    pub messages: usize,
+    /// Concurrent consumers.
+    pub consumers: usize,
+    /// Faults.
+    pub faults: Faults,
+    /// Deliberate mistake.
+    pub sabotage: Option<Sabotage>,
+    /// Upper bound on the run.
+    pub timeout: Duration,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+struct Running {
+    handle: ConsumerHandle,
+    kill: Arc<KillSwitch>,
+}
+
+/// Run the experiment described by `config` and `plan`.
+pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
+    let started = Instant::now();
+    let g = config.guarantee;
+    let client: Arc<dyn DeliveryClient> = courier::connect(config).await?.into();
+    let suffix = uuid_suffix();
+    let dest = format!("verify-{suffix}");
+    let dlq = format!("verify-{suffix}-dlq");
+    client.create_destination(&dest).await?;
+    client.create_destination(&dlq).await?;
+    let ledger = Arc::new(Ledger::default());
+    let store_down = Arc::new(AtomicBool::new(false));
+    let section = config.idempotency.clone().unwrap_or_default();
+    let store: Arc<dyn IdempotencyStore> = Arc::new(Flaky {
+        inner: courier::idempotency_store(&section).await?,
+        down: store_down.clone(),
+    });
+    let absorbed = Arc::new(Mutex::new(
+        Vec::<Arc<courier::idempotency::IdempotencyStats>>::new(),
+    ));
+
+    // Sabotage: ack-first = an at-most-once consumer posing as the configured guarantee;
+    // no-dedup = at-least-once everywhere (no broker dedup, no idempotent layer) posing as
+    // exactly-once.
+    let (client, consumer_client): (Arc<dyn DeliveryClient>, Arc<dyn DeliveryClient>) =
+        match plan.sabotage {
+            Some(Sabotage::AckFirst) => (
+                client.clone(),
+                courier::connect(&config.clone().with_guarantee(Guarantee::AtMostOnce))
+                    .await?
+                    .into(),
+            ),
+            Some(Sabotage::NoDedup) => {
+                let alo: Arc<dyn DeliveryClient> =
+                    courier::connect(&config.clone().with_guarantee(Guarantee::AtLeastOnce))
+                        .await?
+                        .into();
+                (alo.clone(), alo)
+            }
+            None => (client.clone(), client.clone()),
+        };
+    let use_layer = g == Guarantee::ExactlyOnce && plan.sabotage != Some(Sabotage::NoDedup);
+    let retry =
+        RetryPolicy::attempts(8).backoff(Duration::from_millis(10), Duration::from_millis(500));
+    let lease = section.lease.unwrap_or(Duration::from_secs(2));
+    let spawn = {
+        let consumer_client = consumer_client.clone();
+        let ledger = ledger.clone();
+        let store = store.clone();
+        let absorbed = absorbed.clone();
+        let dest = dest.clone();
+        let dlq = dlq.clone();
+        let error_rate = plan.faults.errors;
+        let retry = retry.clone();
+        move || {
+            let consumer_client = consumer_client.clone();
+            let ledger = ledger.clone();
+            let store = store.clone();
+            let absorbed = absorbed.clone();
+            let dest = dest.clone();
+            let dlq = dlq.clone();
+            let retry = retry.clone();
+            async move {
+                let kill = Arc::new(KillSwitch::default());
+                let work = Work {
+                    ledger,
+                    error_rate,
+                    kill_switch: kill.clone(),
+                };
+                let consumer = Consumer::new(
+                    consumer_client,
+                    Subscription::new(&dest, "verify").dead_letter(&dlq),
+                )
+                .concurrency(4)
+                .retry(retry)
+                .shutdown_timeout(Duration::from_secs(10));
+                let handle = if use_layer {
+                    let layer = courier::idempotency::Idempotent::new(work, store)
+                        .namespace(dest.clone())
+                        .lease(lease)
+                        .store_retry_delay(Duration::from_millis(200));
+                    absorbed.lock().push(layer.stats());
+                    consumer.spawn(layer).await?
+                } else {
+                    consumer.spawn(work).await?
+                };
+                Ok::<_, courier::Error>(Running { handle, kill })
+            }
+        }
+    };
+    let mut consumers = Vec::new();
+    for _ in 0..plan.consumers.max(1) {
+        consumers.push(spawn().await?);
+    }
+
+    let bar = plan.progress.then(|| {
+        let b = indicatif::ProgressBar::new(plan.messages as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg:>10} [{bar:40}] {pos}/{len} effects ({per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(g.to_string());
+        b
+    });
+
+    // Producer.
+    let producer = {
+        let client = client.clone();
+        let ledger = ledger.clone();
+        let dest = dest.clone();
+        let n = plan.messages;
+        let dup = plan.faults.duplicates;
+        tokio::spawn(async move {
+            let mut published = 0u64;
+            for i in 0..n {
+                let m = Message::new(format!("verify #{i}"))
+                    .with_key(format!("k{}", i % 64))
+                    .with_header(SENT_AT, now_micros().to_string());
+                if client.publish(&dest, m.clone()).await.is_ok() {
+                    ledger.sent.lock().insert(m.id.to_string(), ());
+                    published += 1;
+                    if dup > 0.0 && fastrand::f64() < dup {
+                        let _ = client.publish(&dest, m).await;
+                    }
+                }
+            }
+            published
+        })
+    };
+
+    // Fault driver.
+    let stop_faults = CancellationToken::new();
+    let mut crashes = 0u32;
+    let expected = Duration::from_secs_f64((plan.messages as f64 / 2000.0).clamp(1.0, 30.0));
+    let kills = plan.faults.kill;
+    let outage = plan.faults.store_outage;
+    let restart = plan.faults.restart;
+    let backend = client.backend();
+    let driver = {
+        let stop = stop_faults.clone();
+        let store_down = store_down.clone();
+        let ledger = ledger.clone();
+        let n = plan.messages;
+        let until = move |share: usize| {
+            let ledger = ledger.clone();
+            async move {
+                let deadline = Instant::now() + expected * 10;
+                while ledger.effects.lock().len() < n / share && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        tokio::spawn(async move {
+            if let Some(d) = outage {
+                until(3).await;
+                store_down.store(true, Ordering::SeqCst);
+                tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(d) => {} }
+                store_down.store(false, Ordering::SeqCst);
+            }
+            if restart {
+                until(2).await;
+                restart_broker(backend).await;
+            }
+        })
+    };
+    // Crash consumers while the run is in full swing: the i-th kill when i/(kills+1) of the
+    // messages had their effect.
+    for i in 1..=kills {
+        let target = plan.messages as u64 * u64::from(i) / u64::from(kills + 1);
+        let wait_until = Instant::now() + plan.timeout;
+        while (ledger.effects.lock().len() as u64) < target && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if consumers.is_empty() {
+            break;
+        }
+        let i = fastrand::usize(..consumers.len());
+        consumers[i].kill.armed.store(true, Ordering::SeqCst);
+        // Wait (bounded) until one of its handlers is mid-way, then crash it there. A consumer
+        // with nothing in flight is left alone (that kill is not counted).
+        let parked = consumers[i].kill.parked.notified();
+        if tokio::time::timeout(Duration::from_secs(5), parked)
+            .await
+            .is_ok()
+        {
+            let victim = consumers.remove(i);
+            victim.handle.abort();
+            crashes += 1;
+            consumers.push(spawn().await?);
+        } else {
+            consumers[i].kill.armed.store(false, Ordering::SeqCst);
+        }
+    }
+    let published = producer
+        .await
+        .map_err(|e| anyhow!("producer task failed: {e}"))?;
+
+    // Wait for the effects: until every sent id had one, or nothing moved for a while.
+    let deadline = Instant::now() + plan.timeout;
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let handled = ledger.effects.lock().len() as u64;
+        if let Some(b) = &bar {
+            b.set_position(handled);
+        }
+        if handled >= published
+            || Instant::now() > deadline
+            || last.1.elapsed() > Duration::from_secs(5)
+        {
+            break;
+        }
+        if handled != last.0 {
+            last = (handled, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Late duplicates get a moment to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_faults.cancel();
+    let _ = driver.await;
+    let mut dead_lettered = 0;
+    for c in consumers {
+        let stats = c.handle.shutdown().await?;
+        dead_lettered += stats.dead_lettered;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    client.close().await.ok();
+
+    let sent = ledger.sent.lock();
+    let effects = ledger.effects.lock();
+    let invocations = ledger.invocations.lock();
+    let handled = sent.keys().filter(|id| effects.contains_key(*id)).count() as u64;
+    let lost = sent.len() as u64 - handled;
+    let dup_effects: u64 = effects
+        .values()
+        .map(|n| u64::from(n.saturating_sub(1)))
+        .sum();
+    let redeliveries: u64 = invocations
+        .values()
+        .map(|n| u64::from(n.saturating_sub(1)))
+        .sum();
+    let mut lat = ledger.latencies.lock().clone();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize]
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let busy = ledger
+        .last_effect
+        .lock()
+        .map_or(seconds, |t| t.duration_since(started).as_secs_f64())
+        .max(0.001);
+    let absorbed: u64 = absorbed
+        .lock()
+        .iter()
+        .map(|s| s.duplicates_absorbed.load(Ordering::Relaxed))
+        .sum();
+    let mut violations = Vec::new();
+    if !g.allows_loss() && lost > 0 {
+        violations.push(format!("{lost} messages lost under {g}"));
+    }
+    if !g.allows_duplicates() && dup_effects > 0 {
+        violations.push(format!("{dup_effects} duplicate effects under {g}"));
+    }
+    Ok(Report {
+        backend: backend.to_owned(),
+        guarantee: g,
+        faults: plan.faults.clone(),
+        sabotage: plan.sabotage,
+        sent: sent.len() as u64,
+        effects: ledger.total_effects.load(Ordering::Relaxed),
+        handled,
+        lost,
+        duplicate_effects: dup_effects,
+        redeliveries,
+        dead_lettered,
+        duplicates_absorbed: absorbed,
+        crashes,
+        throughput: ledger.total_effects.load(Ordering::Relaxed) as f64 / busy,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        holds: violations.is_empty(),
+        violations,
+        seconds,
+    })
+}
+
+async fn restart_broker(backend: &str) {
+    if backend == "rabbitmq" {
+        let run = |args: &'static [&'static str]| async move {
+            let _ = tokio::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .await;
+        };
+        run(&["stop_app"]).await;
+        run(&["start_app"]).await;
+    }
+}
+
+fn uuid_suffix() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}

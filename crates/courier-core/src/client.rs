@@ -1,0 +1,172 @@
+//! The `DeliveryClient` trait every backend implements, and subscriptions.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Capabilities, Delivery, Explanation, Guarantee, Message, Receipt, Result};
+
+/// What to consume: a destination, a consumer group and consume-side options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Subscription {
+    /// Topic / queue to consume from.
+    pub destination: String,
+    /// Consumer group: members of one group compete for messages; every group receives every
+    /// message (where the backend has consumer groups).
+    pub group: String,
+    /// Where dead-lettered messages go; `None` means `<destination>.dlq`.
+    pub dead_letter: Option<String>,
+    /// How many unsettled deliveries the broker may hand this subscriber at once.
+    pub prefetch: u16,
+}
+
+impl Subscription {
+    /// Subscribe `group` to `destination` with default options.
+    pub fn new(destination: impl Into<String>, group: impl Into<String>) -> Self {
+        Subscription {
+            destination: destination.into(),
+            group: group.into(),
+            dead_letter: None,
+            prefetch: 32,
+        }
+    }
+
+    /// Set the dead-letter destination.
+    pub fn dead_letter(mut self, destination: impl Into<String>) -> Self {
+        self.dead_letter = Some(destination.into());
+        self
+    }
+
+    /// Set the prefetch (broker-side in-flight limit).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// The effective dead-letter destination: the configured one, else `<destination>.dlq`
+    /// (`<stem>-dlq.fifo` for an SQS FIFO queue name, which must keep its `.fifo` suffix).
+    pub fn dead_letter_destination(&self) -> String {
+        if let Some(d) = &self.dead_letter {
+            return d.clone();
+        }
+        match self.destination.strip_suffix(".fifo") {
+            Some(stem) => format!("{stem}-dlq.fifo"),
+            None => format!("{}.dlq", self.destination),
+        }
+    }
+}
+
+/// Backend half of [`Deliveries`].
+#[async_trait]
+pub trait DeliveryStream: Send {
+    /// The next delivery; `None` when the subscription ended. Must be cancel safe: dropping the
+    /// future before it completes loses no message.
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Stop receiving and release the subscription (commit positions where the backend does;
+    /// unsettled deliveries become redeliverable).
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// A stream of deliveries from one subscription.
+pub struct Deliveries {
+    inner: Box<dyn DeliveryStream>,
+}
+
+impl Deliveries {
+    /// Wrap a backend stream.
+    pub fn new(inner: Box<dyn DeliveryStream>) -> Self {
+        Deliveries { inner }
+    }
+
+    /// The next delivery (cancel safe); `None` when the subscription ended.
+    pub async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.inner.next().await
+    }
+
+    /// The next delivery, or `None` if none arrives within `timeout`.
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Option<Result<Delivery>> {
+        tokio::time::timeout(timeout, self.inner.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Close the subscription.
+    pub async fn close(self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+impl fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Deliveries")
+    }
+}
+
+/// A connection to one broker, configured with one delivery guarantee.
+///
+/// Dyn compatible: `courier::connect(&config)` returns `Box<dyn DeliveryClient>`, so switching
+/// brokers is a configuration change.
+#[async_trait]
+pub trait DeliveryClient: Send + Sync {
+    /// Backend name (`memory`, `kafka`, `rabbitmq`, `sqs`).
+    fn backend(&self) -> &'static str;
+
+    /// The guarantee this client was configured with.
+    fn guarantee(&self) -> Guarantee;
+
+    /// What this backend, as configured, can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The effective broker settings for the guarantee.
+    fn explain(&self) -> Explanation;
+
+    /// Create `destination` (topic, queue, exchange + queue) if it does not exist. Idempotent.
+    async fn create_destination(&self, destination: &str) -> Result<()>;
+
+    /// Publish one message. Returns when the guarantee's publish condition holds (see the
+    /// contract table): handed to the client (at-most-once) or confirmed durable by the broker.
+    async fn publish(&self, destination: &str, message: Message) -> Result<Receipt>;
+
+    /// Publish several messages to one destination. Validation (size, destination) happens for
+    /// all of them before any is sent. Backends batch (or use one transaction) where they can.
+    async fn publish_batch(
+        &self,
+        destination: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Receipt>> {
+        let mut receipts = Vec::with_capacity(messages.len());
+        for m in messages {
+            receipts.push(self.publish(destination, m).await?);
+        }
+        Ok(receipts)
+    }
+
+    /// Subscribe to a destination as a member of a consumer group.
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries>;
+
+    /// Flush pending publishes and release resources, within the configured close timeout.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Check a message against a payload limit before anything is sent.
+pub fn check_payload(
+    backend: &'static str,
+    destination: &str,
+    message: &Message,
+    limit: usize,
+) -> Result<()> {
+    let size = message.encoded_len();
+    if size > limit {
+        return Err(crate::Error::PayloadTooLarge {
+            backend,
+            destination: destination.to_owned(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}

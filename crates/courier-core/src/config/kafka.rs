@@ -1,0 +1,112 @@
+//! `[backend] kind = "kafka"`: Kafka through librdkafka.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::secret::is_secret_setting;
+
+/// Configuration of the Kafka backend.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// `client.id`.
+    pub client_id: String,
+    /// Stable per-instance `transactional.id` for exactly-once (default: `courier-<client_id>-<host>`).
+    pub transactional_id: Option<String>,
+    /// Create missing topics (with `partitions` / `replication_factor`) instead of failing.
+    pub auto_create: bool,
+    /// Partitions of topics courier creates.
+    pub partitions: i32,
+    /// Replication factor of topics courier creates.
+    pub replication_factor: i32,
+    /// `message.max.bytes` courier checks payloads against before sending.
+    pub max_message_bytes: usize,
+    /// Consumer `session.timeout.ms`.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Consumer `max.poll.interval.ms` (also the idempotency lease on Kafka).
+    #[serde(with = "humantime_serde")]
+    pub max_poll_interval: Duration,
+    /// Producer `delivery.timeout.ms` (how long librdkafka retries a confirmed publish).
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Raw librdkafka settings for everything courier does not model (TLS, SASL, tuning). Applied
+    /// to producer and consumer; courier's guarantee settings win on conflict. Values of names
+    /// containing password/secret/token are never printed (nor serialized back out).
+    #[serde(serialize_with = "serialize_redacted")]
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap: "127.0.0.1:9092".into(),
+            client_id: "courier".into(),
+            transactional_id: None,
+            auto_create: false,
+            partitions: 3,
+            replication_factor: 1,
+            max_message_bytes: 1024 * 1024,
+            session_timeout: Duration::from_secs(10),
+            max_poll_interval: Duration::from_secs(300),
+            delivery_timeout: Duration::from_secs(120),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+fn serialize_redacted<S: serde::Serializer>(
+    settings: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(settings.len()))?;
+    for (k, v) in settings {
+        m.serialize_entry(
+            k,
+            if is_secret_setting(k) {
+                "***"
+            } else {
+                v.as_str()
+            },
+        )?;
+    }
+    m.end()
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings: BTreeMap<&str, &str> = self
+            .settings
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret_setting(k) {
+                        "***"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap", &self.bootstrap)
+            .field("client_id", &self.client_id)
+            .field("transactional_id", &self.transactional_id)
+            .field("auto_create", &self.auto_create)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("session_timeout", &self.session_timeout)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("settings", &settings)
+            .finish()
+    }
+}

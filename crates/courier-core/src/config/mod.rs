@@ -1,0 +1,454 @@
+//! Configuration: a TOML file, environment variables or a URL select the backend and guarantee.
+//!
+//! ```toml
+//! guarantee = "exactly-once"
+//!
+//! [backend]
+//! kind = "kafka"            # memory | kafka | rabbitmq | sqs
+//! bootstrap = "127.0.0.1:9092"
+//!
+//! [consumer]
+//! concurrency = 8
+//! retry = { max_attempts = 5, initial_backoff = "200ms", max_backoff = "30s" }
+//!
+//! [idempotency]
+//! store = "redis://127.0.0.1:6379"
+//! ttl = "24h"
+//! ```
+
+mod kafka;
+mod memory;
+mod rabbitmq;
+mod secret;
+mod sqs;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use kafka::KafkaConfig;
+pub use memory::{MemoryConfig, MemoryFaults};
+pub use rabbitmq::{QueueType, RabbitMqConfig};
+pub use secret::{is_secret_setting, redact_url, Secret, SecretUrl};
+pub use sqs::SqsConfig;
+
+use crate::{Error, Guarantee, Result, RetryPolicy};
+
+/// The whole courier configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The delivery guarantee (default at-least-once).
+    #[serde(default)]
+    pub guarantee: Guarantee,
+    /// Which broker, and its settings.
+    pub backend: BackendConfig,
+    /// Consume-loop settings.
+    #[serde(default)]
+    pub consumer: ConsumerConfig,
+    /// The idempotent-consumer layer (needed for exactly-once effects on most brokers).
+    #[serde(default)]
+    pub idempotency: Option<IdempotencyConfig>,
+}
+
+/// The broker and its settings; `kind` selects the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BackendConfig {
+    /// In-process broker.
+    Memory(MemoryConfig),
+    /// Kafka.
+    Kafka(KafkaConfig),
+    /// RabbitMQ.
+    Rabbitmq(RabbitMqConfig),
+    /// AWS SQS.
+    Sqs(SqsConfig),
+}
+
+impl BackendConfig {
+    /// The backend name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendConfig::Memory(_) => "memory",
+            BackendConfig::Kafka(_) => "kafka",
+            BackendConfig::Rabbitmq(_) => "rabbitmq",
+            BackendConfig::Sqs(_) => "sqs",
+        }
+    }
+}
+
+/// `[consumer]`: how the consume loop runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Messages handled at once (same key: never at once, in order).
+    pub concurrency: usize,
+    /// Retry policy for failed handlers.
+    pub retry: RetryPolicy,
+    /// How long shutdown waits for in-flight handlers.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Fail (and retry) handler runs longer than this.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Option<Duration>,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            concurrency: 8,
+            retry: RetryPolicy::default(),
+            shutdown_timeout: Duration::from_secs(30),
+            handler_timeout: None,
+        }
+    }
+}
+
+/// What the idempotent layer does when its store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreFailurePolicy {
+    /// Do not process; redeliver later. Nothing is lost, nothing is duplicated (default).
+    #[default]
+    FailClosed,
+    /// Process without dedup (counted): availability over exactly-once.
+    FailOpen,
+}
+
+/// `[idempotency]`: the idempotent-consumer layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// `memory`, `redis://…` or `postgres://…` (credentials never printed).
+    pub store: SecretUrl,
+    /// How long a completed key is remembered (the dedup window).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Lease of an in-progress key; `None` = the backend's redelivery window.
+    #[serde(with = "humantime_serde")]
+    pub lease: Option<Duration>,
+    /// Store outage policy.
+    pub on_store_error: StoreFailurePolicy,
+    /// Key namespace (default: the consumer group).
+    pub namespace: Option<String>,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig {
+            store: SecretUrl::new("memory"),
+            ttl: Duration::from_secs(24 * 3600),
+            lease: None,
+            on_store_error: StoreFailurePolicy::FailClosed,
+            namespace: None,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::memory()
+    }
+}
+
+impl Config {
+    /// The embedded memory broker with at-least-once.
+    pub fn memory() -> Self {
+        Config {
+            guarantee: Guarantee::AtLeastOnce,
+            backend: BackendConfig::Memory(MemoryConfig::default()),
+            consumer: ConsumerConfig::default(),
+            idempotency: None,
+        }
+    }
+
+    /// Set the guarantee.
+    pub fn with_guarantee(mut self, g: Guarantee) -> Self {
+        self.guarantee = g;
+        self
+    }
+
+    /// Set the idempotency section.
+    pub fn with_idempotency(mut self, i: IdempotencyConfig) -> Self {
+        self.idempotency = Some(i);
+        self
+    }
+
+    /// Parse TOML text.
+    pub fn from_toml_str(s: &str) -> Result<Self> {
+        let c: Config = toml::from_str(s).map_err(|e| Error::config(format!("{e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Read a TOML file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let s = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Self::from_toml_str(&s).map_err(|e| match e {
+            Error::Config { message } => Error::config(format!("{}: {message}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parse a URL: `memory://[name]`, `kafka://host:port[,host:port]`, `amqp[s]://user:pass@host/vhost`,
+    /// `sqs://[region][?endpoint=http://host:port]`. Query parameters: `guarantee`,
+    /// `auto_create`, `concurrency`, `idempotency` (a store URL).
+    pub fn from_url(s: &str) -> Result<Self> {
+        // The `url` crate accepts one host; a Kafka bootstrap list (`kafka://a:9092,b:9092`)
+        // is taken verbatim from the authority and parsed with a placeholder host.
+        let authority = {
+            let after = &s[s.find("://").map(|i| i + 3).unwrap_or(0)..];
+            let end = after.find(['/', '?']).unwrap_or(after.len());
+            after[..end].to_owned()
+        };
+        let parse_text = if s.starts_with("kafka://") && authority.contains(',') {
+            s.replacen(&authority, "bootstrap-list", 1)
+        } else {
+            s.to_owned()
+        };
+        let u = url::Url::parse(&parse_text)
+            .map_err(|e| Error::config(format!("invalid courier URL {:?}: {e}", redact_url(s))))?;
+        let mut guarantee = Guarantee::default();
+        let mut auto_create = None;
+        let mut consumer = ConsumerConfig::default();
+        let mut idempotency = None;
+        let mut endpoint = None;
+        for (k, v) in u.query_pairs() {
+            match k.as_ref() {
+                "guarantee" => guarantee = v.parse()?,
+                "auto_create" => {
+                    auto_create = Some(v.parse::<bool>().map_err(|_| {
+                        Error::config(format!("auto_create={v} must be true or false"))
+                    })?)
+                }
+                "concurrency" => {
+                    consumer.concurrency = v
+                        .parse()
+                        .map_err(|_| Error::config(format!("concurrency={v} must be a number")))?
+                }
+                "idempotency" => {
+                    idempotency = Some(IdempotencyConfig {
+                        store: SecretUrl::new(v.into_owned()),
+                        ..IdempotencyConfig::default()
+                    })
+                }
+                "endpoint" => endpoint = Some(v.into_owned()),
+                other => {
+                    return Err(Error::config(format!(
+                        "unknown URL parameter {other:?}: use guarantee, auto_create, concurrency, idempotency or endpoint (sqs)"
+                    )))
+                }
+            }
+        }
+        let backend = match u.scheme() {
+            "memory" => BackendConfig::Memory(MemoryConfig {
+                broker: u.host_str().filter(|h| !h.is_empty()).unwrap_or("default").to_owned(),
+                auto_create: auto_create.unwrap_or(false),
+                ..MemoryConfig::default()
+            }),
+            "kafka" => BackendConfig::Kafka(KafkaConfig {
+                bootstrap: authority,
+                auto_create: auto_create.unwrap_or(false),
+                ..KafkaConfig::default()
+            }),
+            "amqp" | "amqps" => {
+                let mut plain = u.clone();
+                plain.set_query(None);
+                BackendConfig::Rabbitmq(RabbitMqConfig {
+                    url: SecretUrl::new(plain.to_string()),
+                    auto_create: auto_create.unwrap_or(false),
+                    ..RabbitMqConfig::default()
+                })
+            }
+            "sqs" => BackendConfig::Sqs(SqsConfig {
+                region: u.host_str().filter(|h| !h.is_empty()).map(str::to_owned),
+                endpoint,
+                auto_create: auto_create.unwrap_or(false),
+                ..SqsConfig::default()
+            }),
+            other => {
+                return Err(Error::config(format!(
+                    "unknown backend scheme {other:?}: use memory://, kafka://, amqp://, amqps:// or sqs://"
+                )))
+            }
+        };
+        let c = Config {
+            guarantee,
+            backend,
+            consumer,
+            idempotency,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Build from the environment: `COURIER_CONFIG` (a TOML file) or `COURIER_URL`, else the
+    /// memory broker; then `COURIER_GUARANTEE` overrides the guarantee.
+    pub fn from_env() -> Result<Self> {
+        let mut c = if let Ok(path) = std::env::var("COURIER_CONFIG") {
+            Self::from_file(path)?
+        } else if let Ok(url) = std::env::var("COURIER_URL") {
+            Self::from_url(&url)?
+        } else {
+            Self::memory()
+        };
+        if let Ok(g) = std::env::var("COURIER_GUARANTEE") {
+            c.guarantee = g.parse()?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Check values that do not make sense whatever the broker.
+    pub fn validate(&self) -> Result<()> {
+        self.consumer.retry.validate()?;
+        if self.consumer.concurrency == 0 {
+            return Err(Error::config("consumer.concurrency must be at least 1"));
+        }
+        match &self.backend {
+            BackendConfig::Memory(m) => {
+                m.faults.validate()?;
+                if m.max_payload == 0 {
+                    return Err(Error::config("backend.max_payload must be > 0"));
+                }
+            }
+            BackendConfig::Kafka(k) => {
+                if k.bootstrap.trim().is_empty() {
+                    return Err(Error::config(
+                        "backend.bootstrap is empty: set it to host:port of a Kafka broker (e.g. 127.0.0.1:9092)",
+                    ));
+                }
+                if k.partitions < 1 {
+                    return Err(Error::config("backend.partitions must be at least 1"));
+                }
+            }
+            BackendConfig::Rabbitmq(r) => {
+                let url = r.url.expose();
+                if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                    return Err(Error::config(format!(
+                        "backend.url {:?} must start with amqp:// or amqps://",
+                        r.url.redacted()
+                    )));
+                }
+                if r.prefetch == 0 {
+                    return Err(Error::config("backend.prefetch must be at least 1"));
+                }
+            }
+            BackendConfig::Sqs(s) => {
+                if s.wait_time > Duration::from_secs(20) {
+                    return Err(Error::config(
+                        "backend.wait_time must be at most 20s (SQS long-poll limit)",
+                    ));
+                }
+                if s.max_message_bytes > 1024 * 1024 {
+                    return Err(Error::config(
+                        "backend.max_message_bytes cannot exceed SQS's 1 MiB limit",
+                    ));
+                }
+            }
+        }
+        if let Some(i) = &self.idempotency {
+            let store = i.store.expose();
+            if !(store == "memory"
+                || store.starts_with("redis://")
+                || store.starts_with("rediss://")
+                || store.starts_with("postgres://")
+                || store.starts_with("postgresql://"))
+            {
+                return Err(Error::config(format!(
+                    "idempotency.store {:?} is not supported: use \"memory\", redis://… or postgres://…",
+                    i.store.redacted()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as TOML (secrets redacted).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_for_every_backend() {
+        let text = r#"
+            guarantee = "exactly-once"
+            [backend]
+            kind = "kafka"
+            bootstrap = "127.0.0.1:9092"
+            settings = { "security.protocol" = "SASL_SSL", "sasl.password" = "hunter2" }
+            [consumer]
+            concurrency = 4
+            retry = { max_attempts = 3, initial_backoff = "10ms", max_backoff = "1s" }
+            [idempotency]
+            store = "redis://:hunter2@127.0.0.1:6379"
+            ttl = "1h"
+        "#;
+        let c = Config::from_toml_str(text).unwrap();
+        assert_eq!(c.guarantee, Guarantee::ExactlyOnce);
+        assert_eq!(c.consumer.retry.max_attempts, 3);
+        let BackendConfig::Kafka(k) = &c.backend else {
+            panic!()
+        };
+        assert_eq!(k.settings["sasl.password"], "hunter2");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!c.to_toml().contains("hunter2"));
+
+        for kind in ["memory", "rabbitmq", "sqs"] {
+            let c = Config::from_toml_str(&format!("[backend]\nkind = \"{kind}\"\n")).unwrap();
+            assert_eq!(c.backend.kind(), kind);
+            assert_eq!(c.guarantee, Guarantee::AtLeastOnce);
+        }
+    }
+
+    #[test]
+    fn bad_config_is_a_typed_error() {
+        for bad in [
+            "[backend]\nkind = \"nats\"\n",
+            "guarantee = \"twice\"\n[backend]\nkind = \"memory\"\n",
+            "[backend]\nkind = \"memory\"\nbogus = 1\n",
+            "[backend]\nkind = \"memory\"\n[consumer]\nconcurrency = 0\n",
+            "[backend]\nkind = \"sqs\"\nwait_time = \"30s\"\n",
+            "[backend]\nkind = \"memory\"\nfaults = { drop_on_publish = 1.5 }\n",
+        ] {
+            let e = Config::from_toml_str(bad).unwrap_err();
+            assert!(matches!(e, Error::Config { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn urls() {
+        let c = Config::from_url("kafka://a:9092,b:9092?guarantee=exactly-once").unwrap();
+        let BackendConfig::Kafka(k) = &c.backend else {
+            panic!()
+        };
+        assert_eq!(k.bootstrap, "a:9092,b:9092");
+        assert_eq!(c.guarantee, Guarantee::ExactlyOnce);
+        let c = Config::from_url("amqp://guest:secretpw@127.0.0.1:5672/%2f?guarantee=at-most-once")
+            .unwrap();
+        assert!(!format!("{c:?}").contains("secretpw"));
+        let c = Config::from_url("sqs://us-east-1?endpoint=http://127.0.0.1:4566&auto_create=true")
+            .unwrap();
+        let BackendConfig::Sqs(s) = &c.backend else {
+            panic!()
+        };
+        assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(s.region.as_deref(), Some("us-east-1"));
+        assert!(s.auto_create);
+        let c = Config::from_url("memory://?guarantee=alo").unwrap();
+        assert_eq!(c.backend.kind(), "memory");
+        assert!(Config::from_url("nats://x").is_err());
+        assert!(Config::from_url("memory://x?frobnicate=1").is_err());
+    }
+}

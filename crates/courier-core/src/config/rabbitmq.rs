@@ -1,0 +1,59 @@
+//! `[backend] kind = "rabbitmq"`: RabbitMQ through lapin.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::secret::SecretUrl;
+
+/// Queue type of queues courier declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, durable, with a delivery limit (default).
+    #[default]
+    Quorum,
+    /// Classic durable queue.
+    Classic,
+}
+
+/// Configuration of the RabbitMQ backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RabbitMqConfig {
+    /// `amqp://` or `amqps://` URL (credentials are never printed).
+    pub url: SecretUrl,
+    /// Declare exchanges, queues and bindings for destinations and groups.
+    pub auto_create: bool,
+    /// Queue type for declared queues.
+    pub queue_type: QueueType,
+    /// Consumer prefetch (`basic.qos`).
+    pub prefetch: u16,
+    /// Largest accepted message (envelope included), bytes.
+    pub max_message_bytes: usize,
+    /// How long to wait for a publisher confirm before treating the publish as failed and retrying.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// PEM file with CA certificates for amqps.
+    pub tls_ca_file: Option<String>,
+    /// PKCS#12 client identity for amqps client-certificate auth.
+    pub tls_client_identity: Option<String>,
+    /// Password of the PKCS#12 identity.
+    pub tls_client_identity_password: Option<super::Secret>,
+}
+
+impl Default for RabbitMqConfig {
+    fn default() -> Self {
+        RabbitMqConfig {
+            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            auto_create: false,
+            queue_type: QueueType::Quorum,
+            prefetch: 64,
+            max_message_bytes: 16 * 1024 * 1024,
+            confirm_timeout: Duration::from_secs(30),
+            tls_ca_file: None,
+            tls_client_identity: None,
+            tls_client_identity_password: None,
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! `[backend] kind = "sqs"`: AWS SQS through aws-sdk-sqs.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Secret;
+
+/// Configuration of the SQS backend. Credentials come from the standard AWS chain (environment,
+/// profile, instance role) unless given here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqsConfig {
+    /// Region (default: from the AWS chain, e.g. `AWS_REGION`).
+    pub region: Option<String>,
+    /// Endpoint override (LocalStack: `http://127.0.0.1:4566`).
+    pub endpoint: Option<String>,
+    /// AWS profile name.
+    pub profile: Option<String>,
+    /// Static access key id (prefer the AWS chain).
+    pub access_key_id: Option<String>,
+    /// Static secret access key (never printed).
+    pub secret_access_key: Option<Secret>,
+    /// Create missing queues (a name ending in `.fifo` creates a FIFO queue).
+    pub auto_create: bool,
+    /// Visibility timeout of queues courier creates, and the heartbeat's extension step.
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// Long-poll wait per receive (max 20 s).
+    #[serde(with = "humantime_serde")]
+    pub wait_time: Duration,
+    /// `MessageGroupId` for FIFO messages without a key.
+    pub default_group_id: String,
+    /// Create a dead-letter queue with a `RedrivePolicy` for created queues.
+    pub create_dead_letter_queue: bool,
+    /// `maxReceiveCount` of created redrive policies.
+    pub max_receive_count: u32,
+    /// Largest accepted message (body plus attributes), bytes (SQS: 1 MiB).
+    pub max_message_bytes: usize,
+    /// Destinations are FIFO queues: a name without `.fifo` gets it appended, keys become
+    /// `MessageGroupId`s and the capabilities report per-key order and the 5-minute dedup.
+    pub fifo: bool,
+}
+
+impl Default for SqsConfig {
+    fn default() -> Self {
+        SqsConfig {
+            region: None,
+            endpoint: None,
+            profile: None,
+            access_key_id: None,
+            secret_access_key: None,
+            auto_create: false,
+            visibility_timeout: Duration::from_secs(30),
+            wait_time: Duration::from_secs(20),
+            default_group_id: "courier".into(),
+            create_dead_letter_queue: false,
+            max_receive_count: 5,
+            max_message_bytes: 1024 * 1024,
+            fifo: false,
+        }
+    }
+}

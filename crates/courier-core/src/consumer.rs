@@ -1,0 +1,888 @@
+//! The consume loop: owns the order of settle vs handler that each guarantee requires, retries,
+//! dead-lettering, bounded concurrency with per-key order, and graceful shutdown.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::{
+    BatchHandler, Context, Delivery, DeliveryClient, DeliveryInfo, Error, Guarantee, Handler,
+    HandlerError, Message, MessageId, Outgoing, Result, RetryPolicy, Settle, Subscription,
+};
+
+/// Counters of a running consumer. Cheap to read while it runs.
+#[derive(Debug, Default)]
+struct StatsInner {
+    received: AtomicU64,
+    handled: AtomicU64,
+    handler_errors: AtomicU64,
+    retried: AtomicU64,
+    deferred: AtomicU64,
+    dead_lettered: AtomicU64,
+    dropped: AtomicU64,
+    duplicates_skipped: AtomicU64,
+    settle_errors: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A snapshot of a consumer's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Deliveries received from the broker.
+    pub received: u64,
+    /// Handler runs that succeeded.
+    pub handled: u64,
+    /// Handler runs that failed (any kind).
+    pub handler_errors: u64,
+    /// Deliveries nacked for a retry.
+    pub retried: u64,
+    /// Deliveries deferred (nacked without counting as a failure).
+    pub deferred: u64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: u64,
+    /// At-most-once deliveries whose handler failed (dropped by contract).
+    pub dropped: u64,
+    /// At-most-once deliveries skipped because their id was already handed to the handler.
+    pub duplicates_skipped: u64,
+    /// Settle operations the broker refused (the message will be redelivered).
+    pub settle_errors: u64,
+    /// Deliveries being handled right now.
+    pub in_flight: u64,
+}
+
+impl StatsInner {
+    fn snapshot(&self) -> ConsumerStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ConsumerStats {
+            received: l(&self.received),
+            handled: l(&self.handled),
+            handler_errors: l(&self.handler_errors),
+            retried: l(&self.retried),
+            deferred: l(&self.deferred),
+            dead_lettered: l(&self.dead_lettered),
+            dropped: l(&self.dropped),
+            duplicates_skipped: l(&self.duplicates_skipped),
+            settle_errors: l(&self.settle_errors),
+            in_flight: l(&self.in_flight),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Ids recently handed to an at-most-once handler (bounded), so a duplicate delivery is skipped.
+#[derive(Debug)]
+struct SeenIds {
+    set: HashSet<MessageId>,
+    order: VecDeque<MessageId>,
+    cap: usize,
+}
+
+impl SeenIds {
+    fn new(cap: usize) -> Self {
+        SeenIds {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// True if `id` is new (and records it).
+    fn insert(&mut self, id: &MessageId) -> bool {
+        if self.cap == 0 {
+            return true;
+        }
+        if !self.set.insert(id.clone()) {
+            return false;
+        }
+        self.order.push_back(id.clone());
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// The at-most-once duplicate filter is shared by every consumer of the same subscription in a
+/// process, so a duplicate handed to a different consumer (or to the replacement of a crashed
+/// one) is still recognised.
+fn shared_seen(backend: &str, sub: &Subscription, cap: usize) -> Arc<Mutex<SeenIds>> {
+    static SEEN: std::sync::OnceLock<
+        Mutex<std::collections::HashMap<String, Arc<Mutex<SeenIds>>>>,
+    > = std::sync::OnceLock::new();
+    let key = format!("{backend}\u{0}{}\u{0}{}", sub.destination, sub.group);
+    SEEN.get_or_init(Default::default)
+        .lock()
+        .entry(key)
+        .or_insert_with(|| Arc::new(Mutex::new(SeenIds::new(cap))))
+        .clone()
+}
+
+/// Options of the batch mode.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// Largest batch handed to the handler.
+    pub max_size: usize,
+    /// How long to wait for a batch to fill after its first message.
+    pub max_wait: Duration,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            max_size: 100,
+            max_wait: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Builds and runs a consume loop over a [`DeliveryClient`] subscription.
+///
+/// ```no_run
+/// # async fn demo(client: std::sync::Arc<dyn courier_core::DeliveryClient>) -> courier_core::Result<()> {
+/// use courier_core::{handler_fn, Consumer, Subscription, RetryPolicy};
+/// let handle = Consumer::new(client, Subscription::new("orders", "billing"))
+///     .concurrency(8)
+///     .retry(RetryPolicy::attempts(5))
+///     .spawn(handler_fn(|msg| async move { println!("{:?}", msg.id); Ok(()) }))
+///     .await?;
+/// // ... later
+/// let stats = handle.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    client: Arc<dyn DeliveryClient>,
+    subscription: Subscription,
+    concurrency: usize,
+    retry: RetryPolicy,
+    shutdown_timeout: Duration,
+    handler_timeout: Option<Duration>,
+    amo_dedup_window: usize,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("backend", &self.client.backend())
+            .field("guarantee", &self.client.guarantee())
+            .field("subscription", &self.subscription)
+            .field("concurrency", &self.concurrency)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// A consumer of `subscription` through `client`, with the client's guarantee.
+    pub fn new(client: Arc<dyn DeliveryClient>, subscription: Subscription) -> Self {
+        Consumer {
+            client,
+            subscription,
+            concurrency: 1,
+            retry: RetryPolicy::default(),
+            shutdown_timeout: Duration::from_secs(30),
+            handler_timeout: None,
+            amo_dedup_window: 100_000,
+        }
+    }
+
+    /// Apply the `[consumer]` section of a config.
+    pub fn with_config(self, config: &crate::config::ConsumerConfig) -> Self {
+        let mut c = self
+            .concurrency(config.concurrency)
+            .retry(config.retry.clone())
+            .shutdown_timeout(config.shutdown_timeout);
+        c.handler_timeout = config.handler_timeout;
+        c
+    }
+
+    /// How many messages are handled at once. Messages with the same key are never handled
+    /// concurrently and keep their order.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// The retry policy for failed handlers.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// How long [`ConsumerHandle::shutdown`] waits for in-flight handlers.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+
+    /// Fail (and retry) a handler run that takes longer than `d`.
+    pub fn handler_timeout(mut self, d: Duration) -> Self {
+        self.handler_timeout = Some(d);
+        self
+    }
+
+    /// How many recent ids an at-most-once consumer remembers to skip duplicate deliveries
+    /// (0 disables the check).
+    pub fn at_most_once_dedup_window(mut self, ids: usize) -> Self {
+        self.amo_dedup_window = ids;
+        self
+    }
+
+    fn check(&self, idempotent: bool) -> Result<()> {
+        self.retry.validate()?;
+        let g = self.client.guarantee();
+        let caps = self.client.capabilities();
+        if g == Guarantee::ExactlyOnce && !idempotent && !caps.transactions {
+            return Err(Error::unsupported(
+                self.client.backend(),
+                "exactly-once effects with a plain handler",
+                "wrap the handler in the idempotent layer (courier_idempotency::Idempotent, or set [idempotency] in the config and use courier::consumer), or use at-least-once",
+            ));
+        }
+        if self.subscription.destination.is_empty() || self.subscription.group.is_empty() {
+            return Err(Error::config(
+                "a subscription needs a destination and a group",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Subscribe and start handling messages one at a time (with the configured concurrency).
+    pub async fn spawn<H: Handler>(self, handler: H) -> Result<ConsumerHandle> {
+        self.check(handler.is_idempotent())?;
+        let deliveries = self.client.subscribe(self.subscription.clone()).await?;
+        let token = CancellationToken::new();
+        let stats = Arc::new(StatsInner::default());
+        let shared = Arc::new(Shared {
+            client: self.client.clone(),
+            guarantee: self.client.guarantee(),
+            retry: self.retry.clone(),
+            handler_timeout: self.handler_timeout,
+            stats: stats.clone(),
+            seen: shared_seen(
+                self.client.backend(),
+                &self.subscription,
+                self.amo_dedup_window,
+            ),
+            labels: Labels::new(self.client.backend(), &self.subscription),
+        });
+        let join = tokio::spawn(run_single(
+            deliveries,
+            Arc::new(handler),
+            shared,
+            self.concurrency,
+            token.clone(),
+            self.shutdown_timeout,
+        ));
+        Ok(ConsumerHandle { token, join, stats })
+    }
+
+    /// Subscribe and hand messages to `handler` in batches; a batch is settled as a whole.
+    pub async fn spawn_batch<H: BatchHandler>(
+        self,
+        handler: H,
+        options: BatchOptions,
+    ) -> Result<ConsumerHandle> {
+        self.check(false)?;
+        let deliveries = self.client.subscribe(self.subscription.clone()).await?;
+        let token = CancellationToken::new();
+        let stats = Arc::new(StatsInner::default());
+        let shared = Arc::new(Shared {
+            client: self.client.clone(),
+            guarantee: self.client.guarantee(),
+            retry: self.retry.clone(),
+            handler_timeout: self.handler_timeout,
+            stats: stats.clone(),
+            seen: shared_seen(
+                self.client.backend(),
+                &self.subscription,
+                self.amo_dedup_window,
+            ),
+            labels: Labels::new(self.client.backend(), &self.subscription),
+        });
+        let join = tokio::spawn(run_batch(
+            deliveries,
+            Arc::new(handler),
+            shared,
+            options,
+            token.clone(),
+        ));
+        Ok(ConsumerHandle { token, join, stats })
+    }
+}
+
+/// A running consumer.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    token: CancellationToken,
+    join: tokio::task::JoinHandle<Result<()>>,
+    stats: Arc<StatsInner>,
+}
+
+impl ConsumerHandle {
+    /// Current counters.
+    pub fn stats(&self) -> ConsumerStats {
+        self.stats.snapshot()
+    }
+
+    /// Stop intake, let in-flight handlers finish (up to the shutdown timeout), settle, and
+    /// close the subscription. Deliveries whose handler did not finish are left unsettled, so
+    /// the broker redelivers them: nothing is lost.
+    pub async fn shutdown(self) -> Result<ConsumerStats> {
+        self.token.cancel();
+        self.join().await
+    }
+
+    /// Wait until the consumer stops by itself (subscription ended or fatal error).
+    pub async fn join(self) -> Result<ConsumerStats> {
+        match self.join.await {
+            Ok(r) => r.map(|()| self.stats.snapshot()),
+            Err(e) => Err(Error::broker("courier", "consume loop", false, e)),
+        }
+    }
+
+    /// Stop the consumer abruptly, as if its process died: nothing is settled and the
+    /// subscription is dropped without closing, so the broker redelivers whatever was in flight.
+    /// For crash experiments (`courier verify`); use [`ConsumerHandle::shutdown`] otherwise.
+    pub fn abort(self) {
+        self.join.abort();
+    }
+
+    /// A token that stops the consumer when cancelled (e.g. from a signal handler).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Labels {
+    backend: &'static str,
+    destination: String,
+    group: String,
+}
+
+impl Labels {
+    fn new(backend: &'static str, sub: &Subscription) -> Self {
+        Labels {
+            backend,
+            destination: sub.destination.clone(),
+            group: sub.group.clone(),
+        }
+    }
+
+    fn in_flight(&self, n: u64) {
+        metrics::gauge!("courier_in_flight", "backend" => self.backend, "destination" => self.destination.clone(), "group" => self.group.clone()).set(n as f64);
+    }
+
+    fn count(&self, name: &'static str) {
+        metrics::counter!(name, "backend" => self.backend, "destination" => self.destination.clone(), "group" => self.group.clone()).increment(1);
+    }
+}
+
+struct Shared {
+    client: Arc<dyn DeliveryClient>,
+    guarantee: Guarantee,
+    retry: RetryPolicy,
+    handler_timeout: Option<Duration>,
+    stats: Arc<StatsInner>,
+    seen: Arc<Mutex<SeenIds>>,
+    labels: Labels,
+}
+
+impl Shared {
+    async fn run_handler<F>(&self, fut: F) -> std::result::Result<(), HandlerError>
+    where
+        F: std::future::Future<Output = std::result::Result<(), HandlerError>>,
+    {
+        let guarded = AssertUnwindSafe(fut).catch_unwind();
+        let outcome = match self.handler_timeout {
+            Some(t) => match tokio::time::timeout(t, guarded).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(HandlerError::retryable(format!(
+                        "handler timed out after {t:?}"
+                    )))
+                }
+            },
+            None => guarded.await,
+        };
+        outcome.unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(HandlerError::retryable(format!("handler panicked: {msg}")))
+        })
+    }
+
+    fn settle_failed(&self, what: &str, id: &MessageId, e: &Error) {
+        bump(&self.stats.settle_errors);
+        self.labels.count("courier_settle_errors_total");
+        warn!(message_id = %id, error = %e, "{what} failed; the broker will redeliver the message");
+    }
+
+    /// Publish outputs (non-atomic backends) and acknowledge.
+    async fn ack_with_outputs(
+        &self,
+        id: &MessageId,
+        settle: Box<dyn Settle>,
+        outputs: Vec<Outgoing>,
+    ) -> bool {
+        if outputs.is_empty() {
+            return match settle.ack().await {
+                Ok(()) => true,
+                Err(e) => {
+                    self.settle_failed("ack", id, &e);
+                    false
+                }
+            };
+        }
+        if settle.atomic_outputs() {
+            return match settle.ack_with_outputs(outputs).await {
+                Ok(()) => true,
+                Err(e) => {
+                    self.settle_failed("transactional commit", id, &e);
+                    false
+                }
+            };
+        }
+        for out in outputs {
+            if let Err(e) = self.client.publish(&out.destination, out.message).await {
+                warn!(message_id = %id, error = %e, "publishing a handler output failed; retrying the input");
+                let delay = self.retry.delay(1);
+                if let Err(e) = settle.nack(delay).await {
+                    self.settle_failed("nack", id, &e);
+                }
+                return false;
+            }
+        }
+        match settle.ack().await {
+            Ok(()) => true,
+            Err(e) => {
+                self.settle_failed("ack", id, &e);
+                false
+            }
+        }
+    }
+
+    /// Settle after a failed handler run under at-least-once / exactly-once.
+    async fn settle_failure(
+        &self,
+        info: &DeliveryInfo,
+        settle: Box<dyn Settle>,
+        err: HandlerError,
+    ) {
+        let id = &info.message.id;
+        let result = match err {
+            HandlerError::Defer { after, reason } => {
+                bump(&self.stats.deferred);
+                self.labels.count("courier_deferred_total");
+                debug!(message_id = %id, %reason, "deferred");
+                settle.nack(after).await
+            }
+            HandlerError::Retryable(e) if self.retry.should_retry(info.attempt) => {
+                bump(&self.stats.retried);
+                self.labels.count("courier_retried_total");
+                let delay = self.retry.delay(info.attempt);
+                let span = info_span!("courier.retry", message_id = %id, attempt = info.attempt, delay_ms = delay.as_millis() as u64);
+                debug!(parent: &span, error = %e, "handler failed; retrying");
+                settle.nack(delay).instrument(span).await
+            }
+            HandlerError::Retryable(e) | HandlerError::Permanent(e) => {
+                bump(&self.stats.dead_lettered);
+                self.labels.count("courier_dead_lettered_total");
+                let reason = e.to_string();
+                let span = info_span!("courier.dead_letter", message_id = %id, attempt = info.attempt, reason = %reason);
+                settle
+                    .dead_letter(
+                        &info.message,
+                        crate::DeadLetter {
+                            reason,
+                            attempts: info.attempt,
+                        },
+                    )
+                    .instrument(span)
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            self.settle_failed("settling a failed message", id, &e);
+        }
+    }
+
+    fn context(&self, info: &DeliveryInfo, atomic: bool) -> Context {
+        Context::new(info.message.id.clone(), info.attempt, info.source.clone())
+            .with_publisher(self.client.clone(), atomic)
+            .with_traceparent(
+                info.message
+                    .headers
+                    .get(crate::header::TRACEPARENT)
+                    .map(String::as_str),
+            )
+    }
+
+    async fn process<H: Handler>(&self, handler: &H, delivery: Delivery) {
+        let (info, settle) = delivery.into_parts();
+        let id = info.message.id.clone();
+        let span = info_span!(
+            "courier.handle",
+            message_id = %id,
+            destination = %info.source,
+            attempt = info.attempt,
+            guarantee = %self.guarantee,
+            trace_id = info.message.headers.get(crate::header::TRACEPARENT).and_then(|t| t.split('-').nth(1)).unwrap_or(""),
+        );
+        async {
+            let started = Instant::now();
+            match self.guarantee {
+                Guarantee::AtMostOnce => {
+                    if !self.seen.lock().insert(&id) {
+                        bump(&self.stats.duplicates_skipped);
+                        if let Err(e) = settle.ack().await {
+                            self.settle_failed("ack", &id, &e);
+                        }
+                        return;
+                    }
+                    // Settle first: if we die now the message is gone, never handled twice.
+                    if let Err(e) = settle.ack().await {
+                        self.settle_failed("ack", &id, &e);
+                        return;
+                    }
+                    let mut cx = self.context(&info, false);
+                    match self.run_handler(handler.handle(&info.message, &mut cx)).await {
+                        Ok(()) => {
+                            bump(&self.stats.handled);
+                            self.labels.count("courier_handled_total");
+                            if let Err(e) = cx.flush().await {
+                                warn!(message_id = %id, error = %e, "at-most-once: handler output lost");
+                            }
+                        }
+                        Err(e) => {
+                            bump(&self.stats.handler_errors);
+                            bump(&self.stats.dropped);
+                            self.labels.count("courier_dropped_total");
+                            warn!(message_id = %id, error = %e, "at-most-once: handler failed; message dropped by contract");
+                        }
+                    }
+                }
+                Guarantee::AtLeastOnce | Guarantee::ExactlyOnce => {
+                    let mut cx = self.context(&info, settle.atomic_outputs());
+                    match self.run_handler(handler.handle(&info.message, &mut cx)).await {
+                        Ok(()) => {
+                            bump(&self.stats.handled);
+                            self.labels.count("courier_handled_total");
+                            let outputs = cx.take_outputs();
+                            self.ack_with_outputs(&id, settle, outputs).await;
+                        }
+                        Err(e) => {
+                            bump(&self.stats.handler_errors);
+                            self.labels.count("courier_handler_errors_total");
+                            self.settle_failure(&info, settle, e).await;
+                        }
+                    }
+                }
+            }
+            metrics::histogram!("courier_handler_seconds", "backend" => self.labels.backend, "destination" => self.labels.destination.clone())
+                .record(started.elapsed().as_secs_f64());
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn lane_for(key: &str, lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// Wait for the next delivery, backing off on transient subscription errors.
+/// `None` = stop (cancelled, ended, or fatal error recorded in `fatal`).
+async fn next_delivery(
+    deliveries: &mut crate::Deliveries,
+    token: &CancellationToken,
+    fatal: &mut Option<Error>,
+) -> Option<Delivery> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = token.cancelled() => return None,
+            d = deliveries.next() => d,
+        };
+        match next {
+            None => return None,
+            Some(Ok(d)) => return Some(d),
+            Some(Err(e)) if e.is_retryable() => {
+                warn!(error = %e, "subscription error; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Some(Err(e)) => {
+                *fatal = Some(e);
+                return None;
+            }
+        }
+    }
+}
+
+async fn run_single<H: Handler>(
+    mut deliveries: crate::Deliveries,
+    handler: Arc<H>,
+    shared: Arc<Shared>,
+    concurrency: usize,
+    token: CancellationToken,
+    shutdown_timeout: Duration,
+) -> Result<()> {
+    let mut workers = JoinSet::new();
+    let mut lanes = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (tx, mut rx) = mpsc::channel::<Delivery>(1);
+        lanes.push(tx);
+        let handler = handler.clone();
+        let shared = shared.clone();
+        workers.spawn(async move {
+            while let Some(d) = rx.recv().await {
+                shared.process(&*handler, d).await;
+                let n = shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+                shared.labels.in_flight(n);
+            }
+        });
+    }
+    let mut fatal = None;
+    let mut rr = 0usize;
+    while let Some(d) = next_delivery(&mut deliveries, &token, &mut fatal).await {
+        bump(&shared.stats.received);
+        let n = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.labels.in_flight(n);
+        let mut d = Some(d);
+        let lane = match d.as_ref().and_then(|d| d.message.key.as_deref()) {
+            Some(key) => lane_for(key, concurrency),
+            None => {
+                // Keyless: the first free lane, starting after the last one used.
+                let mut chosen = None;
+                for i in 0..concurrency {
+                    let l = (rr + i) % concurrency;
+                    match lanes[l].try_send(d.take().expect("delivery present")) {
+                        Ok(()) => {
+                            chosen = Some(l);
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Full(back))
+                        | Err(mpsc::error::TrySendError::Closed(back)) => d = Some(back),
+                    }
+                }
+                rr = rr.wrapping_add(1);
+                match chosen {
+                    Some(_) => continue,
+                    None => rr % concurrency,
+                }
+            }
+        };
+        let d = d.expect("delivery present");
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => {
+                // Dropped unsettled: the broker redelivers it.
+                shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                break;
+            }
+            r = lanes[lane].send(d) => if r.is_err() { break },
+        }
+    }
+    drop(lanes);
+    let drained = tokio::time::timeout(shutdown_timeout, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(timeout = ?shutdown_timeout, "shutdown timeout: abandoning in-flight handlers; their messages will be redelivered");
+        workers.abort_all();
+        while workers.join_next().await.is_some() {}
+    }
+    let closed = deliveries.close().await;
+    match fatal {
+        Some(e) => Err(e),
+        None => closed,
+    }
+}
+
+async fn run_batch<H: BatchHandler>(
+    mut deliveries: crate::Deliveries,
+    handler: Arc<H>,
+    shared: Arc<Shared>,
+    options: BatchOptions,
+    token: CancellationToken,
+) -> Result<()> {
+    let max = options.max_size.max(1);
+    let mut fatal = None;
+    'outer: loop {
+        let Some(first) = next_delivery(&mut deliveries, &token, &mut fatal).await else {
+            break;
+        };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + options.max_wait;
+        while batch.len() < max {
+            let next = tokio::select! {
+                biased;
+                _ = token.cancelled() => None,
+                _ = tokio::time::sleep_until(deadline) => None,
+                d = deliveries.next() => Some(d),
+            };
+            match next {
+                Some(Some(Ok(d))) => batch.push(d),
+                Some(Some(Err(e))) if e.is_retryable() => warn!(error = %e, "subscription error"),
+                Some(Some(Err(e))) => {
+                    fatal = Some(e);
+                    break;
+                }
+                Some(None) | None => break,
+            }
+        }
+        shared
+            .stats
+            .received
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        shared.process_batch(&*handler, batch).await;
+        if fatal.is_some() || token.is_cancelled() {
+            break 'outer;
+        }
+    }
+    let closed = deliveries.close().await;
+    match fatal {
+        Some(e) => Err(e),
+        None => closed,
+    }
+}
+
+impl Shared {
+    async fn process_batch<H: BatchHandler>(&self, handler: &H, batch: Vec<Delivery>) {
+        let parts: Vec<(DeliveryInfo, Box<dyn Settle>)> =
+            batch.into_iter().map(Delivery::into_parts).collect();
+        let span =
+            info_span!("courier.handle_batch", size = parts.len(), guarantee = %self.guarantee);
+        async {
+            let n = parts.len() as u64;
+            self.stats.in_flight.fetch_add(n, Ordering::Relaxed);
+            let first_id = parts[0].0.message.id.clone();
+            match self.guarantee {
+                Guarantee::AtMostOnce => {
+                    let mut messages = Vec::with_capacity(parts.len());
+                    for (info, settle) in parts {
+                        let fresh = self.seen.lock().insert(&info.message.id);
+                        let acked = settle.ack().await;
+                        match (fresh, acked) {
+                            (false, _) => bump(&self.stats.duplicates_skipped),
+                            (true, Err(e)) => self.settle_failed("ack", &info.message.id, &e),
+                            (true, Ok(())) => messages.push(info.message),
+                        }
+                    }
+                    if !messages.is_empty() {
+                        let mut cx = Context::new(first_id, 1, self.labels.destination.clone())
+                            .with_publisher(self.client.clone(), false);
+                        match self.run_handler(handler.handle_batch(&messages, &mut cx)).await {
+                            Ok(()) => {
+                                self.stats.handled.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                                if let Err(e) = cx.flush().await {
+                                    warn!(error = %e, "at-most-once: batch output lost");
+                                }
+                            }
+                            Err(e) => {
+                                bump(&self.stats.handler_errors);
+                                self.stats.dropped.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                                warn!(error = %e, "at-most-once: batch handler failed; batch dropped by contract");
+                            }
+                        }
+                    }
+                }
+                Guarantee::AtLeastOnce | Guarantee::ExactlyOnce => {
+                    let messages: Vec<Message> = parts.iter().map(|(i, _)| i.message.clone()).collect();
+                    let attempt = parts.iter().map(|(i, _)| i.attempt).max().unwrap_or(1);
+                    let mut cx = Context::new(first_id.clone(), attempt, self.labels.destination.clone())
+                        .with_publisher(self.client.clone(), false);
+                    match self.run_handler(handler.handle_batch(&messages, &mut cx)).await {
+                        Ok(()) => {
+                            self.stats.handled.fetch_add(n, Ordering::Relaxed);
+                            if let Err(e) = cx.flush().await {
+                                warn!(error = %e, "publishing batch outputs failed; retrying the batch");
+                                for (info, settle) in parts {
+                                    self.settle_failure(&info, settle, HandlerError::retryable(e.to_string())).await;
+                                }
+                            } else {
+                                for (info, settle) in parts {
+                                    if let Err(e) = settle.ack().await {
+                                        self.settle_failed("ack", &info.message.id, &e);
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            bump(&self.stats.handler_errors);
+                            let text = e.to_string();
+                            let permanent = matches!(e, HandlerError::Permanent(_));
+                            let defer = match e {
+                                HandlerError::Defer { after, .. } => Some(after),
+                                _ => None,
+                            };
+                            for (info, settle) in parts {
+                                let err = match (defer, permanent) {
+                                    (Some(after), _) => HandlerError::defer(after, text.clone()),
+                                    (None, true) => HandlerError::permanent(text.clone()),
+                                    (None, false) => HandlerError::retryable(text.clone()),
+                                };
+                                self.settle_failure(&info, settle, err).await;
+                            }
+                        }
+                    }
+                }
+            }
+            self.stats.in_flight.fetch_sub(n, Ordering::Relaxed);
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_ids_is_bounded() {
+        let mut s = SeenIds::new(2);
+        let a = MessageId::from("a");
+        let b = MessageId::from("b");
+        let c = MessageId::from("c");
+        assert!(s.insert(&a));
+        assert!(!s.insert(&a));
+        assert!(s.insert(&b));
+        assert!(s.insert(&c));
+        assert!(s.insert(&a), "a was evicted");
+        assert_eq!(s.set.len(), 2);
+    }
+
+    #[test]
+    fn lanes_are_stable() {
+        assert_eq!(lane_for("k", 8), lane_for("k", 8));
+        assert!(lane_for("k", 3) < 3);
+    }
+}

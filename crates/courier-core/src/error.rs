@@ -1,0 +1,224 @@
+//! The error type every courier operation returns.
+
+use std::time::Duration;
+
+/// A boxed error from a backend or store, kept as the `source` of a courier error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in courier, in terms a caller can act on.
+///
+/// Each variant says what happened and, where there is one, how to fix it. Backend-native errors
+/// are kept as the `source` of [`Error::Broker`], so no backend type appears in a signature.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The payload (plus envelope) is over the destination's limit; nothing was sent.
+    #[error("payload of {size} bytes for {destination:?} exceeds the {limit}-byte limit of {backend}; nothing was sent (split the message, store the body elsewhere and send a reference, or raise the broker limit)")]
+    PayloadTooLarge {
+        /// Backend name.
+        backend: &'static str,
+        /// Destination the message was addressed to.
+        destination: String,
+        /// Size of the message as the broker would count it.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The broker accepted the message but could not route it anywhere (e.g. AMQP NO_ROUTE).
+    #[error("message {message_id} to {destination:?} is unroutable: {reason} (bind a queue to the exchange, or check the routing key)")]
+    Unroutable {
+        /// Destination the message was addressed to.
+        destination: String,
+        /// The courier id of the message.
+        message_id: String,
+        /// Broker's explanation.
+        reason: String,
+    },
+    /// The destination (topic, queue) does not exist and creating it is not enabled.
+    #[error("destination {destination:?} does not exist on {backend}: {hint}")]
+    DestinationNotFound {
+        /// Backend name.
+        backend: &'static str,
+        /// The missing destination.
+        destination: String,
+        /// How to fix it.
+        hint: String,
+    },
+    /// Invalid configuration.
+    #[error("invalid configuration: {message}")]
+    Config {
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A combination the backend cannot honour (e.g. exactly-once on an SQS standard queue
+    /// without an idempotency store).
+    #[error("{backend} cannot provide {what}: {fix}")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// What was asked for.
+        what: String,
+        /// How to get it anyway.
+        fix: String,
+    },
+    /// An error reported by the broker or its client library.
+    #[error("{backend} error during {operation}: {source}")]
+    Broker {
+        /// Backend name.
+        backend: &'static str,
+        /// What courier was doing.
+        operation: &'static str,
+        /// Whether retrying the same operation may succeed.
+        retryable: bool,
+        /// The backend's own error.
+        #[source]
+        source: BoxError,
+    },
+    /// The producer was fenced by a newer instance with the same transactional id (Kafka). Fatal
+    /// for this client: create a new one (and make sure two instances do not share an id).
+    #[error("{backend} producer fenced: {detail} (another instance uses the same transactional id; this client must be recreated)")]
+    Fenced {
+        /// Backend name.
+        backend: &'static str,
+        /// Broker detail.
+        detail: String,
+    },
+    /// An operation did not finish within its deadline.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        operation: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The client or subscription was closed.
+    #[error("the {what} is closed")]
+    Closed {
+        /// What is closed.
+        what: &'static str,
+    },
+    /// The delivery can no longer be settled (its lease or channel is gone; it will be redelivered).
+    #[error("delivery {message_id} can no longer be settled: {reason}")]
+    DeliveryExpired {
+        /// The courier id of the message.
+        message_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The same idempotency key was used with a different payload.
+    #[error("idempotency key {key:?} was already used with a different payload (fingerprint {stored} ≠ {received}); the message is dead-lettered, not processed")]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+        /// Fingerprint recorded for the key.
+        stored: String,
+        /// Fingerprint of the new message.
+        received: String,
+    },
+    /// The idempotency store failed.
+    #[error("idempotency store {store} error during {operation}: {source}")]
+    Store {
+        /// Store name.
+        store: &'static str,
+        /// What the layer was doing.
+        operation: &'static str,
+        /// Underlying error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// Whether retrying the same operation may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Broker { retryable, .. } => *retryable,
+            Error::Timeout { .. } | Error::Store { .. } | Error::DeliveryExpired { .. } => true,
+            Error::PayloadTooLarge { .. }
+            | Error::Unroutable { .. }
+            | Error::DestinationNotFound { .. }
+            | Error::Config { .. }
+            | Error::Unsupported { .. }
+            | Error::Fenced { .. }
+            | Error::Closed { .. }
+            | Error::IdempotencyConflict { .. } => false,
+        }
+    }
+
+    /// Shorthand for [`Error::Config`].
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::Config {
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Broker`].
+    pub fn broker(
+        backend: &'static str,
+        operation: &'static str,
+        retryable: bool,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Broker {
+            backend,
+            operation,
+            retryable,
+            source: source.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Unsupported`].
+    pub fn unsupported(
+        backend: &'static str,
+        what: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Error::Unsupported {
+            backend,
+            what: what.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// A short stable name of the variant (for logs, metrics labels and tests).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::Unroutable { .. } => "unroutable",
+            Error::DestinationNotFound { .. } => "destination_not_found",
+            Error::Config { .. } => "config",
+            Error::Unsupported { .. } => "unsupported",
+            Error::Broker { .. } => "broker",
+            Error::Fenced { .. } => "fenced",
+            Error::Timeout { .. } => "timeout",
+            Error::Closed { .. } => "closed",
+            Error::DeliveryExpired { .. } => "delivery_expired",
+            Error::IdempotencyConflict { .. } => "idempotency_conflict",
+            Error::Store { .. } => "store",
+        }
+    }
+}
+
+/// `Result` with courier's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryability() {
+        assert!(!Error::config("x").is_retryable());
+        assert!(Error::broker("memory", "publish", true, "boom").is_retryable());
+        assert!(!Error::broker("memory", "publish", false, "boom").is_retryable());
+        let e = Error::PayloadTooLarge {
+            backend: "sqs",
+            destination: "q".into(),
+            size: 2,
+            limit: 1,
+        };
+        assert!(!e.is_retryable());
+        assert_eq!(e.kind(), "payload_too_large");
+        assert!(e.to_string().contains("nothing was sent"));
+    }
+}

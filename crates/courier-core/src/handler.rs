@@ -1,0 +1,309 @@
+//! Handlers, their errors and the per-message context.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::BoxError;
+use crate::{DeliveryClient, Message, MessageId, Result};
+
+/// How a handler failed, which decides what the consume loop does with the message.
+///
+/// Any error type converts into [`HandlerError::Retryable`] with `?`.
+pub enum HandlerError {
+    /// Try again later (backoff), dead-letter after the retry policy's max attempts.
+    Retryable(BoxError),
+    /// Never going to work (bad data): dead-letter now.
+    Permanent(BoxError),
+    /// Not a failure of this message (e.g. another worker holds its idempotency lease, or the
+    /// idempotency store is down): redeliver after `after`, never dead-letter for it.
+    Defer {
+        /// Redelivery delay.
+        after: Duration,
+        /// Why (for logs).
+        reason: String,
+    },
+}
+
+impl HandlerError {
+    /// A retryable error.
+    pub fn retryable(e: impl Into<BoxError>) -> Self {
+        HandlerError::Retryable(e.into())
+    }
+
+    /// A permanent error (dead-letter now).
+    pub fn permanent(e: impl Into<BoxError>) -> Self {
+        HandlerError::Permanent(e.into())
+    }
+
+    /// Defer the message without counting it as a failure.
+    pub fn defer(after: Duration, reason: impl Into<String>) -> Self {
+        HandlerError::Defer {
+            after,
+            reason: reason.into(),
+        }
+    }
+
+    /// Short name of the variant.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandlerError::Retryable(_) => "retryable",
+            HandlerError::Permanent(_) => "permanent",
+            HandlerError::Defer { .. } => "defer",
+        }
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError::Retryable(e.into())
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandlerError::Retryable(e) => write!(f, "retryable: {e}"),
+            HandlerError::Permanent(e) => write!(f, "permanent: {e}"),
+            HandlerError::Defer { after, reason } => write!(f, "deferred for {after:?}: {reason}"),
+        }
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A message a handler publishes through its [`Context`].
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Destination.
+    pub destination: String,
+    /// The message.
+    pub message: Message,
+}
+
+/// Per-delivery context handed to a handler.
+///
+/// Messages published with [`Context::publish`] are staged and published by the consume loop
+/// only after the handler succeeded: atomically with the consumed position where the backend has
+/// transactions (Kafka exactly-once), otherwise confirmed before the input is acknowledged.
+pub struct Context {
+    attempt: u32,
+    source: String,
+    message_id: MessageId,
+    outputs: Vec<Outgoing>,
+    result: Option<Bytes>,
+    client: Option<Arc<dyn DeliveryClient>>,
+    atomic_outputs: bool,
+    trace_id: Option<String>,
+}
+
+impl Context {
+    /// A context for a delivery (used by the consume loop and by tests of handlers).
+    pub fn new(message_id: MessageId, attempt: u32, source: impl Into<String>) -> Self {
+        Context {
+            attempt,
+            source: source.into(),
+            message_id,
+            outputs: Vec::new(),
+            result: None,
+            client: None,
+            atomic_outputs: false,
+            trace_id: None,
+        }
+    }
+
+    /// Continue the trace of the input message (its `traceparent` header).
+    pub fn with_traceparent(mut self, traceparent: Option<&str>) -> Self {
+        self.trace_id = traceparent
+            .and_then(|tp| tp.split('-').nth(1))
+            .filter(|t| t.len() == 32)
+            .map(str::to_owned);
+        self
+    }
+
+    /// The trace id this delivery belongs to.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.trace_id.as_deref()
+    }
+
+    pub(crate) fn with_publisher(mut self, client: Arc<dyn DeliveryClient>, atomic: bool) -> Self {
+        self.client = Some(client);
+        self.atomic_outputs = atomic;
+        self
+    }
+
+    /// Attempt number of the delivery being handled (1-based).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Destination the message was consumed from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// A deterministic id derived from the input message id: give outputs such ids so that a
+    /// re-run of the handler after a redelivery publishes the *same* ids, which downstream dedup
+    /// absorbs.
+    pub fn derive_id(&self, suffix: &str) -> MessageId {
+        MessageId::from_string(format!("{}/{}", self.message_id, suffix))
+    }
+
+    /// Stage a message to publish when the handler succeeds. It inherits the input's trace (a
+    /// `traceparent` with the same trace id) unless it carries its own.
+    pub fn publish(&mut self, destination: impl Into<String>, mut message: Message) {
+        if let Some(trace) = &self.trace_id {
+            message
+                .headers
+                .entry(crate::header::TRACEPARENT.to_owned())
+                .or_insert_with(|| format!("00-{trace}-{:016x}-01", fastrand::u64(1..)));
+        }
+        self.outputs.push(Outgoing {
+            destination: destination.into(),
+            message,
+        });
+    }
+
+    /// Staged outputs.
+    pub fn outputs(&self) -> &[Outgoing] {
+        &self.outputs
+    }
+
+    /// Take the staged outputs (leaves none).
+    pub fn take_outputs(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// Publish staged outputs now, unless the backend commits them atomically with the ack (then
+    /// they stay staged). The idempotent layer calls this before it records a key as completed,
+    /// so a completed key always has its outputs published.
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.atomic_outputs || self.outputs.is_empty() {
+            return Ok(());
+        }
+        let Some(client) = self.client.clone() else {
+            return Ok(());
+        };
+        while let Some(out) = self.outputs.first().cloned() {
+            client.publish(&out.destination, out.message).await?;
+            self.outputs.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Attach a result value (the idempotency layer stores it with the completed key).
+    pub fn set_result(&mut self, value: impl Into<Bytes>) {
+        self.result = Some(value.into());
+    }
+
+    /// The result value, if the handler set one.
+    pub fn result(&self) -> Option<&Bytes> {
+        self.result.as_ref()
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("message_id", &self.message_id)
+            .field("attempt", &self.attempt)
+            .field("source", &self.source)
+            .field("outputs", &self.outputs.len())
+            .finish()
+    }
+}
+
+/// Handles one message at a time.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Process `message`. Return `Ok` only when its effects are done.
+    async fn handle(&self, message: &Message, cx: &mut Context) -> Result<(), HandlerError>;
+
+    /// Whether this handler absorbs duplicate deliveries itself (the idempotent layer says yes).
+    /// The consume loop refuses exactly-once with a handler that does not, unless the backend
+    /// commits outputs transactionally.
+    fn is_idempotent(&self) -> bool {
+        false
+    }
+}
+
+#[async_trait]
+impl<H: Handler + ?Sized> Handler for Arc<H> {
+    async fn handle(&self, message: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        (**self).handle(message, cx).await
+    }
+
+    fn is_idempotent(&self) -> bool {
+        (**self).is_idempotent()
+    }
+}
+
+/// Handles a batch of messages at once; the whole batch is settled together.
+#[async_trait]
+pub trait BatchHandler: Send + Sync + 'static {
+    /// Process all of `messages`. `Ok` settles every one of them; an error settles none of them
+    /// as done (they are retried or dead-lettered per the retry policy).
+    async fn handle_batch(
+        &self,
+        messages: &[Message],
+        cx: &mut Context,
+    ) -> Result<(), HandlerError>;
+}
+
+/// A handler made from an async closure over an owned message.
+pub struct HandlerFn<F>(F);
+
+/// Build a [`Handler`] from `|message: Message| async move { ... }`.
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    HandlerFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    async fn handle(&self, message: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        (self.0)(message.clone()).await
+    }
+}
+
+/// A batch handler made from an async closure over owned messages.
+pub struct BatchHandlerFn<F>(F);
+
+/// Build a [`BatchHandler`] from `|messages: Vec<Message>| async move { ... }`.
+pub fn batch_handler_fn<F, Fut>(f: F) -> BatchHandlerFn<F>
+where
+    F: Fn(Vec<Message>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    BatchHandlerFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> BatchHandler for BatchHandlerFn<F>
+where
+    F: Fn(Vec<Message>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    async fn handle_batch(
+        &self,
+        messages: &[Message],
+        _cx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        (self.0)(messages.to_vec()).await
+    }
+}

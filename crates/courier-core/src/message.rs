@@ -1,0 +1,350 @@
+//! The message envelope, receipts and received deliveries.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::handler::Outgoing;
+use crate::{Error, Result};
+
+/// Header names courier itself reads and writes.
+pub mod header {
+    /// Carries the courier id on brokers without a native id field (Kafka).
+    pub const ID: &str = "courier-id";
+    /// Attempt counter for brokers that do not count deliveries themselves (Kafka).
+    pub const ATTEMPT: &str = "courier-attempt";
+    /// Set on dead-lettered messages: the attempts that were made.
+    pub const DEAD_LETTER_ATTEMPTS: &str = "courier-dead-letter-attempts";
+    /// Set on dead-lettered messages: the last error.
+    pub const DEAD_LETTER_REASON: &str = "courier-dead-letter-reason";
+    /// Set on dead-lettered messages: where the message was consumed from.
+    pub const DEAD_LETTER_SOURCE: &str = "courier-dead-letter-source";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// The stable identity of a message: set once by the producer, kept across retries and
+/// redeliveries; it is the idempotency key. UUIDv7 by default (time ordered).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(String);
+
+impl MessageId {
+    /// A new UUIDv7 id.
+    pub fn new() -> Self {
+        MessageId(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// Use an id chosen by the application (e.g. a business key or an outbox row id).
+    pub fn from_string(id: impl Into<String>) -> Self {
+        MessageId(id.into())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({})", self.0)
+    }
+}
+
+impl From<&str> for MessageId {
+    fn from(s: &str) -> Self {
+        MessageId(s.to_owned())
+    }
+}
+
+impl From<String> for MessageId {
+    fn from(s: String) -> Self {
+        MessageId(s)
+    }
+}
+
+/// Message headers: string keys to string values, ordered for stable output.
+pub type Headers = BTreeMap<String, String>;
+
+/// The envelope courier sends and receives on every broker.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Stable id (the idempotency key).
+    pub id: MessageId,
+    /// Ordering key: Kafka record key, SQS FIFO `MessageGroupId`; per-key order is kept by
+    /// backends whose capabilities say so.
+    pub key: Option<String>,
+    /// Application headers.
+    pub headers: Headers,
+    /// The body.
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// A message with a fresh id and the given payload.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: MessageId::new(),
+            key: None,
+            headers: Headers::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Set the ordering key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Set the id (for example a business id, so producer retries dedup).
+    pub fn with_id(mut self, id: impl Into<MessageId>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Add a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Bytes the envelope occupies on a broker that stores id, key and headers beside the payload:
+    /// what payload limits are checked against.
+    pub fn encoded_len(&self) -> usize {
+        self.payload.len()
+            + self.id.as_str().len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("headers", &self.headers)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+/// Where a message sits on its broker, for logs and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Position {
+    /// Not known (e.g. at-most-once publish).
+    Unknown,
+    /// A sequence number (memory broker).
+    Sequence(u64),
+    /// Kafka partition and offset.
+    Offset {
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+    },
+    /// AMQP delivery tag on its channel.
+    DeliveryTag(u64),
+    /// SQS message id (and sequence number on FIFO queues).
+    SqsMessage {
+        /// The broker's message id.
+        message_id: String,
+        /// FIFO sequence number.
+        sequence_number: Option<String>,
+    },
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Unknown => f.write_str("-"),
+            Position::Sequence(s) => write!(f, "seq {s}"),
+            Position::Offset { partition, offset } => write!(f, "{partition}@{offset}"),
+            Position::DeliveryTag(t) => write!(f, "tag {t}"),
+            Position::SqsMessage {
+                message_id,
+                sequence_number,
+            } => match sequence_number {
+                Some(s) => write!(f, "{message_id} (seq {s})"),
+                None => f.write_str(message_id),
+            },
+        }
+    }
+}
+
+/// What a successful publish returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The courier id of the published message.
+    pub id: MessageId,
+    /// Where it was published.
+    pub destination: String,
+    /// Where the broker stored it, when the guarantee waits for that.
+    pub position: Position,
+    /// Whether the broker said it was a duplicate it had already stored (native dedup).
+    pub deduplicated: bool,
+}
+
+/// Why a delivery is dead-lettered.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Human-readable reason (the last error).
+    pub reason: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+/// Backend half of a [`Delivery`]: the operations that settle it on the broker.
+///
+/// Each method consumes the handle, so a delivery is settled at most once. Implementations
+/// must be safe to drop unsettled: the broker then redelivers the message (when the consumer
+/// closes, the visibility timeout passes, or the channel is gone).
+#[async_trait]
+pub trait Settle: Send + Sync {
+    /// Acknowledge: the message is done and must not be redelivered.
+    async fn ack(self: Box<Self>) -> Result<()>;
+
+    /// Negative-acknowledge: redeliver the message after `delay` (best effort: a backend without
+    /// delayed redelivery documents its behaviour in [`crate::Capabilities`]).
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<()>;
+
+    /// Move the message to the subscription's dead-letter destination and settle it, so it is not
+    /// redelivered. Must not lose the message: publish to the dead-letter destination is confirmed
+    /// before the original is acknowledged.
+    async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()>;
+
+    /// Whether [`Settle::ack_with_outputs`] commits outputs and the consumed position atomically
+    /// (Kafka transactions).
+    fn atomic_outputs(&self) -> bool {
+        false
+    }
+
+    /// Publish `outputs` and acknowledge in one atomic step. Only called when
+    /// [`Settle::atomic_outputs`] is true.
+    async fn ack_with_outputs(self: Box<Self>, outputs: Vec<Outgoing>) -> Result<()> {
+        let _ = outputs;
+        Err(Error::unsupported(
+            "courier",
+            "atomic handler outputs",
+            "this backend publishes handler outputs before acknowledging instead",
+        ))
+    }
+}
+
+/// A message received from a subscription, with what the broker knows about it and the handle
+/// that settles it.
+pub struct Delivery {
+    /// The envelope.
+    pub message: Message,
+    /// 1 for the first delivery, 2 for the first redelivery, ...
+    pub attempt: u32,
+    /// Where the message sits on the broker.
+    pub position: Position,
+    /// Where it was consumed from.
+    pub source: String,
+    /// When this process received it.
+    pub received_at: SystemTime,
+    settle: Box<dyn Settle>,
+}
+
+impl Delivery {
+    /// Build a delivery (used by backends).
+    pub fn new(
+        message: Message,
+        attempt: u32,
+        position: Position,
+        source: impl Into<String>,
+        settle: Box<dyn Settle>,
+    ) -> Self {
+        Delivery {
+            message,
+            attempt: attempt.max(1),
+            position,
+            source: source.into(),
+            received_at: SystemTime::now(),
+            settle,
+        }
+    }
+
+    /// Acknowledge the message.
+    pub async fn ack(self) -> Result<()> {
+        self.settle.ack().await
+    }
+
+    /// Ask for redelivery after `delay`.
+    pub async fn nack(self, delay: Duration) -> Result<()> {
+        self.settle.nack(delay).await
+    }
+
+    /// Move the message to the dead-letter destination with `reason`.
+    pub async fn dead_letter(self, reason: impl Into<String>) -> Result<()> {
+        let why = DeadLetter {
+            reason: reason.into(),
+            attempts: self.attempt,
+        };
+        self.settle.dead_letter(&self.message, why).await
+    }
+
+    /// Split into the envelope and the settle handle (used by the consume loop).
+    pub fn into_parts(self) -> (DeliveryInfo, Box<dyn Settle>) {
+        (
+            DeliveryInfo {
+                message: self.message,
+                attempt: self.attempt,
+                position: self.position,
+                source: self.source,
+                received_at: self.received_at,
+            },
+            self.settle,
+        )
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("attempt", &self.attempt)
+            .field("position", &self.position)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// The data part of a [`Delivery`].
+#[derive(Debug, Clone)]
+pub struct DeliveryInfo {
+    /// The envelope.
+    pub message: Message,
+    /// Attempt number (1-based).
+    pub attempt: u32,
+    /// Broker position.
+    pub position: Position,
+    /// Source destination.
+    pub source: String,
+    /// Receive time.
+    pub received_at: SystemTime,
+}

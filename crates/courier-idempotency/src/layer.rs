@@ -1,0 +1,334 @@
+//! The layer over a handler.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
+
+use courier_core::config::StoreFailurePolicy;
+use courier_core::{Context, Error, Handler, HandlerError, Message};
+
+use crate::store::{Begin, IdempotencyStore};
+
+/// Counters of the layer (shared; read them while the consumer runs).
+#[derive(Debug, Default)]
+pub struct IdempotencyStats {
+    /// Handler runs that began with a fresh lease.
+    pub begun: AtomicU64,
+    /// Keys completed.
+    pub completed: AtomicU64,
+    /// Duplicates acknowledged without running the handler.
+    pub duplicates_absorbed: AtomicU64,
+    /// Deliveries deferred because another worker held the lease.
+    pub in_progress_deferred: AtomicU64,
+    /// Same key, different payload.
+    pub conflicts: AtomicU64,
+    /// Leases found lost at extend/complete time.
+    pub leases_lost: AtomicU64,
+    /// Store errors.
+    pub store_errors: AtomicU64,
+    /// Messages processed without dedup because the store was down and the policy is fail-open.
+    pub processed_fail_open: AtomicU64,
+}
+
+impl IdempotencyStats {
+    /// Read a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+fn bump(c: &AtomicU64, metric: &'static str, store: &'static str) {
+    c.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(metric, "store" => store).increment(1);
+}
+
+/// The payload fingerprint recorded with a key: SHA-256 of key and payload (hex, 32 chars).
+pub fn fingerprint(message: &Message) -> String {
+    let mut h = Sha256::new();
+    h.update(message.key.as_deref().unwrap_or("").as_bytes());
+    h.update([0]);
+    h.update(&message.payload);
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The idempotent-consumer layer over a handler. See the crate docs.
+pub struct Idempotent<H> {
+    inner: H,
+    store: Arc<dyn IdempotencyStore>,
+    namespace: String,
+    lease: Duration,
+    ttl: Duration,
+    policy: StoreFailurePolicy,
+    store_retry: Duration,
+    complete_timeout: Duration,
+    stats: Arc<IdempotencyStats>,
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<H> std::fmt::Debug for Idempotent<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotent")
+            .field("store", &self.store.name())
+            .field("namespace", &self.namespace)
+            .field("lease", &self.lease)
+            .field("ttl", &self.ttl)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl<H: Handler> Idempotent<H> {
+    /// Wrap `inner`, recording keys in `store`. Defaults: namespace `default`, lease 30 s,
+    /// TTL 24 h, fail-closed.
+    pub fn new(inner: H, store: Arc<dyn IdempotencyStore>) -> Self {
+        Idempotent {
+            inner,
+            store,
+            namespace: "default".into(),
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(24 * 3600),
+            policy: StoreFailurePolicy::FailClosed,
+            store_retry: Duration::from_secs(1),
+            complete_timeout: Duration::from_secs(120),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Namespace keys (use the consumer group, so two groups each process every message once).
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+
+    /// Lease of an in-progress key: match the broker's redelivery window (SQS visibility
+    /// timeout, Kafka `max.poll.interval.ms`, RabbitMQ `consumer_timeout`). Extended every
+    /// third of it while the handler runs.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How long a completed key is remembered (the dedup window).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// What to do when the store fails.
+    pub fn on_store_error(mut self, policy: StoreFailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Redelivery delay used when the store is down (fail-closed).
+    pub fn store_retry_delay(mut self, d: Duration) -> Self {
+        self.store_retry = d;
+        self
+    }
+
+    /// How long to keep retrying `complete` after the handler succeeded while the store is
+    /// unreachable (default 2 minutes). Past it, the message is redelivered after the lease and
+    /// its effect may repeat.
+    pub fn complete_timeout(mut self, d: Duration) -> Self {
+        self.complete_timeout = d;
+        self
+    }
+
+    /// Apply an `[idempotency]` config section (TTL, lease, policy, namespace).
+    pub fn with_config(mut self, c: &courier_core::config::IdempotencyConfig) -> Self {
+        self.ttl = c.ttl;
+        if let Some(l) = c.lease {
+            self.lease = l;
+        }
+        self.policy = c.on_store_error;
+        if let Some(ns) = &c.namespace {
+            self.namespace = ns.clone();
+        }
+        self
+    }
+
+    /// The layer's counters.
+    pub fn stats(&self) -> Arc<IdempotencyStats> {
+        self.stats.clone()
+    }
+
+    fn key(&self, message: &Message) -> String {
+        format!("{}:{}", self.namespace, message.id)
+    }
+}
+
+#[async_trait]
+impl<H: Handler> Handler for Idempotent<H> {
+    async fn handle(&self, message: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        let store = self.store.name();
+        let key = self.key(message);
+        let fp = fingerprint(message);
+        let token = match self.store.begin(&key, &fp, self.lease).await {
+            Ok(Begin::Begun(t)) => t,
+            Ok(Begin::Completed { .. }) => {
+                bump(
+                    &self.stats.duplicates_absorbed,
+                    "courier_duplicates_absorbed_total",
+                    store,
+                );
+                debug!(%key, "duplicate absorbed");
+                return Ok(());
+            }
+            Ok(Begin::InProgress { retry_after }) => {
+                bump(
+                    &self.stats.in_progress_deferred,
+                    "courier_idempotency_in_progress_total",
+                    store,
+                );
+                return Err(HandlerError::defer(
+                    retry_after.max(Duration::from_millis(50)),
+                    format!("{key} is being processed by another worker"),
+                ));
+            }
+            Err(e @ Error::IdempotencyConflict { .. }) => {
+                bump(
+                    &self.stats.conflicts,
+                    "courier_idempotency_conflicts_total",
+                    store,
+                );
+                return Err(HandlerError::permanent(e));
+            }
+            Err(e) => {
+                bump(
+                    &self.stats.store_errors,
+                    "courier_idempotency_store_errors_total",
+                    store,
+                );
+                return match self.policy {
+                    StoreFailurePolicy::FailClosed => {
+                        warn!(%key, error = %e, "idempotency store unavailable: deferring (fail-closed)");
+                        Err(HandlerError::defer(
+                            self.store_retry,
+                            format!("idempotency store unavailable: {e}"),
+                        ))
+                    }
+                    StoreFailurePolicy::FailOpen => {
+                        bump(
+                            &self.stats.processed_fail_open,
+                            "courier_idempotency_fail_open_total",
+                            store,
+                        );
+                        warn!(%key, error = %e, "idempotency store unavailable: processing without dedup (fail-open)");
+                        self.inner.handle(message, cx).await
+                    }
+                };
+            }
+        };
+        bump(&self.stats.begun, "courier_idempotency_begun_total", store);
+
+        // Keep the lease alive while the handler runs. The guard stops the heartbeat when this
+        // future ends *or is dropped* (cancelled consumer, handler timeout), so an abandoned
+        // handler never keeps its lease forever.
+        let _heartbeat = AbortOnDrop({
+            let store = self.store.clone();
+            let key = key.clone();
+            let token = token.clone();
+            let lease = self.lease;
+            let stats = self.stats.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(lease / 3);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match store.extend(&key, &token, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            bump(
+                                &stats.leases_lost,
+                                "courier_idempotency_leases_lost_total",
+                                store.name(),
+                            );
+                            warn!(%key, "idempotency lease lost while the handler ran");
+                            return;
+                        }
+                        Err(e) => warn!(%key, error = %e, "extending the idempotency lease failed"),
+                    }
+                }
+            })
+        });
+        let outcome = self.inner.handle(message, cx).await;
+        drop(_heartbeat);
+
+        match outcome {
+            Ok(()) => {
+                // Outputs first: a completed key must always have its outputs published.
+                if let Err(e) = cx.flush().await {
+                    let _ = self.store.release(&key, &token).await;
+                    return Err(HandlerError::retryable(e));
+                }
+                // The effect happened: record it, waiting out a store outage (the delivery stays
+                // unsettled meanwhile, so nobody else runs it) rather than giving up and letting a
+                // redelivery repeat the effect.
+                let deadline = tokio::time::Instant::now() + self.complete_timeout;
+                let mut backoff = Duration::from_millis(20);
+                loop {
+                    match self
+                        .store
+                        .complete(&key, &token, &fp, cx.result().cloned(), self.ttl)
+                        .await
+                    {
+                        Ok(held) => {
+                            if !held {
+                                bump(
+                                    &self.stats.leases_lost,
+                                    "courier_idempotency_leases_lost_total",
+                                    store,
+                                );
+                            }
+                            bump(
+                                &self.stats.completed,
+                                "courier_idempotency_completed_total",
+                                store,
+                            );
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            bump(
+                                &self.stats.store_errors,
+                                "courier_idempotency_store_errors_total",
+                                store,
+                            );
+                            if tokio::time::Instant::now() + backoff > deadline {
+                                warn!(%key, error = %e, "handler succeeded but the key could not be completed in time; a redelivery after the lease expires may repeat the effect");
+                                return Err(HandlerError::defer(
+                                    self.lease,
+                                    format!("completing {key} failed: {e}"),
+                                ));
+                            }
+                            debug!(%key, error = %e, "completing the key failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(500));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if let Err(re) = self.store.release(&key, &token).await {
+                    debug!(%key, error = %re, "release failed; the lease will expire");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn is_idempotent(&self) -> bool {
+        true
+    }
+}

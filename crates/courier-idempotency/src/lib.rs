@@ -1,0 +1,42 @@
+//! # courier-idempotency
+//!
+//! The idempotent-consumer layer: turns at-least-once delivery into exactly-once *effects*.
+//!
+//! Wrap any [`Handler`](courier_core::Handler) in [`Idempotent`]. For each message the layer asks
+//! its [`IdempotencyStore`] to `begin(key, fingerprint, lease)`:
+//!
+//! - **Begun** — this worker holds a lease: run the handler (the lease is extended while it runs);
+//!   on success publish its staged outputs, then `complete` the key (fingerprint, optional result,
+//!   TTL) and let the consume loop acknowledge; on failure `release` the key and let the consume
+//!   loop retry.
+//! - **InProgress** — another worker holds a live lease: defer (redeliver later), never acknowledge.
+//! - **Completed** — a duplicate: acknowledge without running the handler (counted).
+//! - **Conflict** — same key, different payload: typed error, dead-lettered.
+//!
+//! Unlike a deduplicator that marks a key *before* the handler runs, a failed first attempt never
+//! makes the message look done: the key is only completed after the handler succeeded.
+
+mod layer;
+mod memory;
+mod store;
+
+pub use layer::{fingerprint, IdempotencyStats, Idempotent};
+pub use memory::MemoryStore;
+pub use store::{Begin, IdempotencyStore, LeaseToken};
+
+use std::sync::Arc;
+
+use courier_core::config::IdempotencyConfig;
+use courier_core::{Error, Result};
+
+/// Build the store an `[idempotency]` section names: `memory`, `redis://…` or `postgres://…`.
+pub async fn store_from_config(config: &IdempotencyConfig) -> Result<Arc<dyn IdempotencyStore>> {
+    let url = config.store.expose();
+    if url == "memory" {
+        return Ok(Arc::new(MemoryStore::default()));
+    }
+    Err(Error::config(format!(
+        "idempotency.store {} is not supported by this build",
+        config.store.redacted()
+    )))
+}

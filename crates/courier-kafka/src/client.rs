@@ -1,0 +1,459 @@
+//! The producer side, topics and transactions.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use courier_core::config::KafkaConfig;
+use courier_core::{
+    check_payload, header, Capabilities, Deliveries, DeliveryClient, Error, Explanation, Guarantee,
+    Message, Position, Receipt, Result, Subscription,
+};
+
+use crate::{settings, BACKEND};
+
+/// Classify a librdkafka error (retriable / abortable / fatal-fenced).
+pub(crate) fn kafka_err(operation: &'static str, e: KafkaError) -> Error {
+    if let KafkaError::Transaction(t) = &e {
+        if t.is_fatal() {
+            return Error::Fenced {
+                backend: BACKEND,
+                detail: t.to_string(),
+            };
+        }
+        return Error::broker(
+            BACKEND,
+            operation,
+            t.is_retriable() || t.txn_requires_abort(),
+            e,
+        );
+    }
+    let code = e.rdkafka_error_code();
+    if matches!(
+        code,
+        Some(RDKafkaErrorCode::ProducerFenced)
+            | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+            | Some(RDKafkaErrorCode::Fatal)
+    ) {
+        return Error::Fenced {
+            backend: BACKEND,
+            detail: e.to_string(),
+        };
+    }
+    let retryable = !matches!(
+        code,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+            | Some(RDKafkaErrorCode::InvalidConfig)
+            | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+    Error::broker(BACKEND, operation, retryable, e)
+}
+
+pub(crate) fn not_found(topic: &str) -> Error {
+    Error::DestinationNotFound {
+        backend: BACKEND,
+        destination: topic.to_owned(),
+        hint: "create the topic (DeliveryClient::create_destination) or set backend.auto_create = true".into(),
+    }
+}
+
+static TXN_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Shared producer state.
+pub(crate) struct Inner {
+    pub(crate) config: KafkaConfig,
+    pub(crate) guarantee: Guarantee,
+    pub(crate) producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Serialises transactions: librdkafka runs one at a time per producer.
+    pub(crate) txn: tokio::sync::Mutex<()>,
+    topics: Mutex<HashSet<String>>,
+    transactional_id: Option<String>,
+}
+
+/// A courier client of a Kafka cluster with one guarantee.
+pub struct KafkaClient {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KafkaClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaClient")
+            .field("bootstrap", &self.inner.config.bootstrap)
+            .field("guarantee", &self.inner.guarantee)
+            .field("transactional_id", &self.inner.transactional_id)
+            .finish()
+    }
+}
+
+/// Run a blocking librdkafka call off the async executor.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::broker(BACKEND, "blocking call", true, e))
+}
+
+pub(crate) fn record_headers(
+    m: &Message,
+    attempt: Option<u32>,
+    not_before_ms: Option<u64>,
+) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new().insert(Header {
+        key: header::ID,
+        value: Some(m.id.as_str()),
+    });
+    let attempt = attempt.map(|a| a.to_string());
+    if let Some(a) = &attempt {
+        h = h.insert(Header {
+            key: header::ATTEMPT,
+            value: Some(a.as_str()),
+        });
+    }
+    let nb = not_before_ms.map(|t| t.to_string());
+    if let Some(t) = &nb {
+        h = h.insert(Header {
+            key: crate::consume::NOT_BEFORE,
+            value: Some(t.as_str()),
+        });
+    }
+    for (k, v) in &m.headers {
+        h = h.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_str()),
+        });
+    }
+    h
+}
+
+impl KafkaClient {
+    pub(crate) async fn connect(config: KafkaConfig, guarantee: Guarantee) -> Result<Self> {
+        let transactional_id = (guarantee == Guarantee::ExactlyOnce).then(|| {
+            config.transactional_id.clone().unwrap_or_else(|| {
+                let host = std::env::var("HOSTNAME")
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "local".into());
+                format!(
+                    "{}-{host}-{}-{}",
+                    config.client_id,
+                    std::process::id(),
+                    TXN_SEQ.fetch_add(1, Ordering::Relaxed)
+                )
+            })
+        });
+        let ours = settings::producer(&config, guarantee, transactional_id.as_deref());
+        let producer: FutureProducer = settings::client_config(&config, &ours)
+            .create()
+            .map_err(|e| Error::config(format!("invalid Kafka producer settings: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = settings::client_config(
+            &config,
+            &settings::producer(&config, Guarantee::AtLeastOnce, None)[..2],
+        )
+        .create()
+        .map_err(|e| Error::config(format!("invalid Kafka settings: {e}")))?;
+        if transactional_id.is_some() {
+            let p = producer.clone();
+            let t = config.delivery_timeout.min(Duration::from_secs(60));
+            blocking(move || p.init_transactions(t))
+                .await?
+                .map_err(|e| kafka_err("init_transactions", e))?;
+        }
+        Ok(KafkaClient {
+            inner: Arc::new(Inner {
+                config,
+                guarantee,
+                producer,
+                admin,
+                txn: tokio::sync::Mutex::new(()),
+                topics: Mutex::new(HashSet::new()),
+                transactional_id,
+            }),
+        })
+    }
+}
+
+impl Inner {
+    /// Make sure `topic` exists (cached), creating it when auto_create is on.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        if self.topics.lock().contains(topic) {
+            return Ok(());
+        }
+        let producer = self.producer.clone();
+        let t = topic.to_owned();
+        let md = blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&t), Duration::from_secs(10))
+        })
+        .await?;
+        let exists = match md {
+            Ok(md) => md
+                .topics()
+                .iter()
+                .any(|x| x.name() == topic && x.error().is_none() && !x.partitions().is_empty()),
+            Err(e) => return Err(kafka_err("metadata", e)),
+        };
+        if exists {
+            self.topics.lock().insert(topic.to_owned());
+            return Ok(());
+        }
+        if self.config.auto_create {
+            return self.create_topic(topic).await;
+        }
+        Err(not_found(topic))
+    }
+
+    pub(crate) async fn create_topic(&self, topic: &str) -> Result<()> {
+        let nt = NewTopic::new(
+            topic,
+            self.config.partitions,
+            TopicReplication::Fixed(self.config.replication_factor),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let r = self
+            .admin
+            .create_topics(&[nt], &opts)
+            .await
+            .map_err(|e| kafka_err("create_topics", e))?;
+        for res in r {
+            match res {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(Error::broker(
+                        BACKEND,
+                        "create_topics",
+                        true,
+                        format!("{t}: {code}"),
+                    ))
+                }
+            }
+        }
+        // Wait (bounded) until the topic is visible in metadata.
+        for _ in 0..50 {
+            let producer = self.producer.clone();
+            let t = topic.to_owned();
+            if let Ok(Ok(md)) = blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&t), Duration::from_secs(5))
+            })
+            .await
+            {
+                if md
+                    .topics()
+                    .iter()
+                    .any(|x| x.name() == topic && x.error().is_none() && !x.partitions().is_empty())
+                {
+                    self.topics.lock().insert(topic.to_owned());
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(Error::Timeout {
+            operation: format!("topic {topic} to appear"),
+            after: Duration::from_secs(10),
+        })
+    }
+
+    /// Produce and wait for the broker's ack (no transaction handling here).
+    pub(crate) async fn produce(
+        &self,
+        topic: &str,
+        m: &Message,
+        attempt: Option<u32>,
+        not_before_ms: Option<u64>,
+    ) -> Result<Receipt> {
+        let headers = record_headers(m, attempt, not_before_ms);
+        let mut record = FutureRecord::to(topic)
+            .payload(&m.payload[..])
+            .headers(headers);
+        if let Some(k) = &m.key {
+            record = record.key(k.as_str());
+        }
+        if self.guarantee == Guarantee::AtMostOnce {
+            return match self.producer.send_result(record) {
+                Ok(_enqueued) => Ok(Receipt {
+                    id: m.id.clone(),
+                    destination: topic.to_owned(),
+                    position: Position::Unknown,
+                    deduplicated: false,
+                }),
+                Err((e, _)) => Err(kafka_err("produce", e)),
+            };
+        }
+        match self
+            .producer
+            .send(record, Timeout::After(self.config.delivery_timeout))
+            .await
+        {
+            Ok(d) => Ok(Receipt {
+                id: m.id.clone(),
+                destination: topic.to_owned(),
+                position: Position::Offset {
+                    partition: d.partition,
+                    offset: d.offset,
+                },
+                deduplicated: false,
+            }),
+            Err((e, _))
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) =>
+            {
+                self.topics.lock().remove(topic);
+                Err(not_found(topic))
+            }
+            Err((e, _)) => Err(kafka_err("produce", e)),
+        }
+    }
+
+    /// Run `body` inside a transaction; abort on failure (abortable errors are retryable).
+    pub(crate) async fn transaction<F, Fut, T>(&self, body: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let _guard = self.txn.lock().await;
+        let p = self.producer.clone();
+        blocking(move || p.begin_transaction())
+            .await?
+            .map_err(|e| kafka_err("begin_transaction", e))?;
+        let out = body().await;
+        let timeout = self.config.delivery_timeout.min(Duration::from_secs(60));
+        match out {
+            Ok(v) => {
+                let p = self.producer.clone();
+                match blocking(move || p.commit_transaction(timeout)).await? {
+                    Ok(()) => Ok(v),
+                    Err(e) => {
+                        let err = kafka_err("commit_transaction", e);
+                        if !matches!(err, Error::Fenced { .. }) {
+                            let p = self.producer.clone();
+                            let _ = blocking(move || p.abort_transaction(timeout)).await;
+                        }
+                        Err(err)
+                    }
+                }
+            }
+            Err(e) => {
+                let p = self.producer.clone();
+                let _ = blocking(move || p.abort_transaction(timeout)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Publish messages with the client's guarantee (one transaction for exactly-once).
+    pub(crate) async fn publish_all(
+        &self,
+        topic: &str,
+        messages: &[Message],
+    ) -> Result<Vec<Receipt>> {
+        self.ensure_topic(topic).await?;
+        if self.guarantee == Guarantee::ExactlyOnce {
+            return self
+                .transaction(|| async {
+                    let futs = messages.iter().map(|m| self.produce(topic, m, None, None));
+                    futures::future::try_join_all(futs).await
+                })
+                .await;
+        }
+        let futs = messages.iter().map(|m| self.produce(topic, m, None, None));
+        futures::future::try_join_all(futs).await
+    }
+}
+
+#[async_trait]
+impl DeliveryClient for KafkaClient {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn guarantee(&self) -> Guarantee {
+        self.inner.guarantee
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let k = &self.inner.config;
+        let mut c = Capabilities::baseline();
+        c.ordering_by_key = true;
+        c.consumer_groups = true;
+        c.transactions = self.inner.guarantee == Guarantee::ExactlyOnce;
+        c.max_payload = k.max_message_bytes;
+        c.delayed_redelivery = true;
+        c.detects_missing_destination = true;
+        c.settle_window = Duration::from_secs(2);
+        c.redelivery_after_crash = k.session_timeout + Duration::from_secs(5);
+        c
+    }
+
+    fn explain(&self) -> Explanation {
+        settings::explain(
+            &self.inner.config,
+            self.inner.guarantee,
+            self.inner.transactional_id.as_deref(),
+        )
+    }
+
+    async fn create_destination(&self, destination: &str) -> Result<()> {
+        if destination.is_empty() {
+            return Err(Error::config("topic name is empty"));
+        }
+        self.inner.create_topic(destination).await
+    }
+
+    async fn publish(&self, destination: &str, message: Message) -> Result<Receipt> {
+        check_payload(
+            BACKEND,
+            destination,
+            &message,
+            self.inner.config.max_message_bytes,
+        )?;
+        let mut r = self
+            .inner
+            .publish_all(destination, std::slice::from_ref(&message))
+            .await?;
+        Ok(r.remove(0))
+    }
+
+    async fn publish_batch(
+        &self,
+        destination: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Receipt>> {
+        for m in &messages {
+            check_payload(BACKEND, destination, m, self.inner.config.max_message_bytes)?;
+        }
+        self.inner.publish_all(destination, &messages).await
+    }
+
+    async fn subscribe(&self, sub: Subscription) -> Result<Deliveries> {
+        self.inner.ensure_topic(&sub.destination).await?;
+        let stream = crate::consume::KafkaStream::start(self.inner.clone(), sub)?;
+        Ok(Deliveries::new(Box::new(stream)))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let p = self.inner.producer.clone();
+        let t = self
+            .inner
+            .config
+            .delivery_timeout
+            .min(Duration::from_secs(30));
+        blocking(move || p.flush(t))
+            .await?
+            .map_err(|e| kafka_err("flush", e))
+    }
+}

@@ -1,0 +1,46 @@
+//! # courier-kafka
+//!
+//! The Kafka backend of courier, over librdkafka (rdkafka).
+//!
+//! | | at-most-once | at-least-once | exactly-once |
+//! |---|---|---|---|
+//! | producer | `acks=0`, `retries=0`, `enable.idempotence=false`; returns once enqueued | `acks=all`, `enable.idempotence=true`; returns on the broker's ack | + `transactional.id`; every publish / `publish_batch` is one transaction |
+//! | consumer | `enable.auto.commit=false`; the offset is committed (sync) **before** the handler | `enable.auto.commit=true`, `enable.auto.offset.store=false`: the offset is *stored* after the handler, only up to the first unprocessed message of the partition; committed on revoke and on close | `isolation.level=read_committed`, `enable.auto.commit=false`; handler outputs and the consumed offsets commit in one transaction (`send_offsets_to_transaction`) |
+//!
+//! The courier id travels as the `courier-id` header, the key as the record key, the attempt as
+//! `courier-attempt`. Kafka has no per-message nack: `nack(delay)` re-publishes the message to its topic
+//! with the next attempt number and a `courier-not-before` time, then settles the original (a retried
+//! message can therefore be overtaken by later messages of its key). External side effects of an
+//! exactly-once handler go through the idempotent layer; transactions cover Kafka→Kafka only.
+
+mod client;
+mod consume;
+mod settings;
+
+pub use client::KafkaClient;
+
+use courier_core::config::KafkaConfig;
+use courier_core::{BackendConfig, Config, Error, Explanation, Result};
+
+pub(crate) const BACKEND: &str = "kafka";
+
+fn section(config: &Config) -> Result<&KafkaConfig> {
+    match &config.backend {
+        BackendConfig::Kafka(k) => Ok(k),
+        other => Err(Error::config(format!(
+            "courier_kafka needs [backend] kind = \"kafka\", got {:?}",
+            other.kind()
+        ))),
+    }
+}
+
+/// Connect with the guarantee and settings of `config`.
+pub async fn connect(config: &Config) -> Result<KafkaClient> {
+    config.validate()?;
+    KafkaClient::connect(section(config)?.clone(), config.guarantee).await
+}
+
+/// The effective settings for `config`'s guarantee, without connecting.
+pub fn explain(config: &Config) -> Result<Explanation> {
+    Ok(settings::explain(section(config)?, config.guarantee, None))
+}

@@ -1,0 +1,1 @@
+//! Transactional outbox (PostgreSQL) and relay for courier.

@@ -1,0 +1,343 @@
+//! Consuming: a background task per subscription that (re)subscribes after connection loss and
+//! forwards deliveries through a channel (so `next()` is cancel safe), and the settle operations.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use courier_core::{
+    header, DeadLetter, Delivery, DeliveryStream, Error, Guarantee, Headers, Message, MessageId,
+    Position, Result, Settle, Subscription,
+};
+
+use crate::client::{broker_err, header_str, Link, Outbound, RabbitMqClient};
+
+pub(crate) struct RabbitStream {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct Ctx {
+    link: Arc<Link>,
+    guarantee: Guarantee,
+    sub: Subscription,
+    queue: String,
+    delay: String,
+    dlx: String,
+}
+
+impl RabbitStream {
+    pub(crate) async fn start(
+        link: Arc<Link>,
+        guarantee: Guarantee,
+        sub: Subscription,
+        queue: String,
+        delay: String,
+        dlx: String,
+    ) -> Result<Self> {
+        let ctx = Arc::new(Ctx {
+            link,
+            guarantee,
+            sub,
+            queue,
+            delay,
+            dlx,
+        });
+        // Subscribe once up front so errors (missing queue, access) surface from subscribe().
+        let first = open_consumer(&ctx).await?;
+        let (tx, rx) = mpsc::channel(1);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(ctx, first, tx, stop_rx));
+        Ok(RabbitStream {
+            rx,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+}
+
+async fn open_consumer(ctx: &Ctx) -> Result<(lapin::Channel, lapin::Consumer)> {
+    let ch = ctx.link.new_channel().await?;
+    let prefetch = ctx.sub.prefetch.min(ctx.link.config.prefetch).max(1);
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| broker_err("basic.qos", e))?;
+    let opts = BasicConsumeOptions {
+        no_ack: ctx.guarantee == Guarantee::AtMostOnce,
+        ..BasicConsumeOptions::default()
+    };
+    let tag = format!("courier-{:x}", fastrand_u64());
+    let consumer = ch
+        .basic_consume(
+            ctx.queue.as_str().into(),
+            tag.as_str().into(),
+            opts,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| broker_err("basic.consume", e))?;
+    Ok((ch, consumer))
+}
+
+fn fastrand_u64() -> u64 {
+    let mut h = DefaultHasher::new();
+    std::time::SystemTime::now().hash(&mut h);
+    std::thread::current().id().hash(&mut h);
+    h.finish()
+}
+
+async fn run(
+    ctx: Arc<Ctx>,
+    first: (lapin::Channel, lapin::Consumer),
+    tx: mpsc::Sender<Result<Delivery>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut current = Some(first);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (ch, mut consumer) = match current.take() {
+            Some(c) => c,
+            None => match open_consumer(&ctx).await {
+                Ok(c) => {
+                    backoff = Duration::from_millis(100);
+                    c
+                }
+                Err(e) => {
+                    warn!(queue = %ctx.queue, error = %e, "resubscribing failed; retrying");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        loop {
+            let item = tokio::select! {
+                _ = &mut stop => {
+                    let _ = ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    let _ = ch.close(200, "closed".into()).await;
+                    return;
+                }
+                _ = tx.closed() => {
+                    // The subscriber went away without closing: close the channel so the broker
+                    // redelivers whatever it had handed us.
+                    let _ = ch.close(200, "dropped".into()).await;
+                    return;
+                }
+                item = consumer.next() => item,
+            };
+            match item {
+                Some(Ok(d)) => {
+                    let delivery = convert(&ctx, &ch, d);
+                    if tx.send(Ok(delivery)).await.is_err() {
+                        let _ = ch.close(200, "dropped".into()).await;
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(queue = %ctx.queue, error = %e, "consumer stream error; resubscribing");
+                    break;
+                }
+                None => {
+                    debug!(queue = %ctx.queue, "consumer stream ended; resubscribing");
+                    break;
+                }
+            }
+        }
+        let _ = ch.close(200, "resubscribe".into()).await;
+    }
+}
+
+/// A stable id for messages published without `message_id` (e.g. by other clients).
+fn fallback_id(d: &lapin::message::Delivery) -> MessageId {
+    let mut h = DefaultHasher::new();
+    d.exchange.as_str().hash(&mut h);
+    d.routing_key.as_str().hash(&mut h);
+    d.data.hash(&mut h);
+    MessageId::from_string(format!("amqp-{:016x}", h.finish()))
+}
+
+fn convert(ctx: &Arc<Ctx>, ch: &lapin::Channel, d: lapin::message::Delivery) -> Delivery {
+    let mut headers = Headers::new();
+    let mut key = None;
+    let mut courier_attempt = None;
+    let mut delivery_count = 0u32;
+    if let Some(table) = d.properties.headers() {
+        for (k, v) in table.inner() {
+            let name = k.as_str();
+            match name {
+                "courier-key" => key = header_str(v),
+                h if h == header::ATTEMPT => {
+                    courier_attempt = header_str(v).and_then(|s| s.parse::<u32>().ok())
+                }
+                "x-delivery-count" => {
+                    delivery_count = header_str(v).and_then(|s| s.parse().ok()).unwrap_or(0)
+                }
+                // Broker bookkeeping, not application headers.
+                "x-death"
+                | "x-first-death-exchange"
+                | "x-first-death-queue"
+                | "x-first-death-reason"
+                | "x-last-death-exchange"
+                | "x-last-death-queue"
+                | "x-last-death-reason"
+                | "x-received-from" => {}
+                _ => {
+                    if let Some(s) = header_str(v) {
+                        headers.insert(name.to_owned(), s);
+                    }
+                }
+            }
+        }
+    }
+    let id = d
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| MessageId::from_string(s.as_str()))
+        .unwrap_or_else(|| fallback_id(&d));
+    let redeliveries = if delivery_count > 0 {
+        delivery_count
+    } else {
+        u32::from(d.redelivered)
+    };
+    let attempt = courier_attempt.unwrap_or(1) + redeliveries;
+    let message = Message {
+        id,
+        key,
+        headers,
+        payload: d.data.into(),
+    };
+    let settle = RabbitSettle {
+        ctx: ctx.clone(),
+        acker: d.acker,
+        channel: ch.clone(),
+        message: message.clone(),
+        attempt,
+    };
+    Delivery::new(
+        message,
+        attempt,
+        Position::DeliveryTag(d.delivery_tag),
+        ctx.sub.destination.clone(),
+        Box::new(settle),
+    )
+}
+
+#[async_trait]
+impl DeliveryStream for RabbitStream {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        Ok(())
+    }
+}
+
+struct RabbitSettle {
+    ctx: Arc<Ctx>,
+    acker: lapin::Acker,
+    channel: lapin::Channel,
+    message: Message,
+    attempt: u32,
+}
+
+impl RabbitSettle {
+    fn expired(&self, e: impl std::fmt::Display) -> Error {
+        Error::DeliveryExpired {
+            message_id: self.message.id.to_string(),
+            reason: format!("the channel it arrived on is gone ({e}); the broker redelivers it"),
+        }
+    }
+
+    async fn ack_now(&self) -> Result<()> {
+        if self.ctx.guarantee == Guarantee::AtMostOnce {
+            return Ok(()); // no_ack: settled on delivery
+        }
+        if !self.channel.status().connected() {
+            return Err(self.expired("channel closed"));
+        }
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.expired(e))
+    }
+
+    fn client(&self) -> RabbitMqClient {
+        RabbitMqClient::from_link(self.ctx.link.clone(), self.ctx.guarantee)
+    }
+}
+
+#[async_trait]
+impl Settle for RabbitSettle {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.ack_now().await
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<()> {
+        if self.ctx.guarantee == Guarantee::AtMostOnce {
+            return Ok(());
+        }
+        if delay.is_zero() {
+            return self
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| self.expired(e));
+        }
+        // Park a copy in the delay queue (confirmed), then settle the original.
+        let out = Outbound {
+            message: self.message.clone(),
+            attempt: Some(self.attempt + 1),
+            expiration: Some(delay),
+        };
+        self.client()
+            .send("", Some(&self.ctx.delay), &[out])
+            .await?;
+        self.ack_now().await
+    }
+
+    async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
+        let mut m = message.clone();
+        m.headers.insert(
+            header::DEAD_LETTER_ATTEMPTS.into(),
+            why.attempts.to_string(),
+        );
+        m.headers
+            .insert(header::DEAD_LETTER_REASON.into(), why.reason);
+        m.headers.insert(
+            header::DEAD_LETTER_SOURCE.into(),
+            self.ctx.sub.destination.clone(),
+        );
+        self.client()
+            .send(&self.ctx.dlx, None, &[Outbound::plain(m)])
+            .await?;
+        self.ack_now().await
+    }
+}

@@ -1,0 +1,46 @@
+//! The shared conformance suite against the real RabbitMQ (`RABBITMQ_URL`).
+
+use std::sync::Arc;
+
+use courier_core::config::{IdempotencyConfig, RabbitMqConfig, SecretUrl};
+use courier_core::{BackendConfig, Config, DeliveryClient, Guarantee, Result};
+use courier_testkit::{endpoints, TestBackend};
+
+/// Test helper: Rabbit;.
+pub struct Rabbit;
+
+/// Test helper: config.
+pub fn config(guarantee: Guarantee) -> Config {
+    Config {
+        guarantee,
+        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+            url: SecretUrl::new(endpoints::rabbitmq_url()),
+            ..RabbitMqConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: (guarantee == Guarantee::ExactlyOnce).then(IdempotencyConfig::default),
+    }
+}
+
+#[async_trait::async_trait]
+impl TestBackend for Rabbit {
+    fn name(&self) -> String {
+        "rabbitmq".into()
+    }
+
+    async fn client(&self, guarantee: Guarantee) -> Result<Arc<dyn DeliveryClient>> {
+        match courier_rabbitmq::connect(&config(guarantee)).await {
+            Ok(c) => Ok(Arc::new(c)),
+            Err(e) if e.kind() == "broker" || e.kind() == "timeout" => {
+                endpoints::unreachable("RabbitMQ", &endpoints::rabbitmq_url(), e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn backend() -> Rabbit {
+    Rabbit
+}
+
+courier_testkit::conformance_suite!(backend);

@@ -1,0 +1,801 @@
+//! The SQS client, publishing, receiving and settling.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
+use aws_sdk_sqs::types::{
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
+use base64::Engine as _;
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use courier_core::config::SqsConfig;
+use courier_core::{
+    header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream, Error,
+    Explanation, Guarantee, Headers, Message, MessageId, Position, Receipt, Result, Settle,
+    Subscription,
+};
+
+use crate::BACKEND;
+
+const ATTR_ID: &str = "courier-id";
+const ATTR_KEY: &str = "courier-key";
+const ATTR_HEADERS: &str = "courier-headers";
+const ATTR_ENCODING: &str = "courier-encoding";
+/// Entries per SendMessageBatch / DeleteMessageBatch.
+const BATCH: usize = 10;
+
+fn sdk_err<E: std::error::Error + Send + Sync + 'static>(
+    operation: &'static str,
+    e: SdkError<E>,
+) -> Error {
+    let retryable = matches!(
+        e,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
+    );
+    Error::broker(
+        BACKEND,
+        operation,
+        retryable,
+        DisplayErrorContext(e).to_string(),
+    )
+}
+
+/// A courier client of SQS with one guarantee.
+pub struct SqsClient {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    sdk: aws_sdk_sqs::Client,
+    config: SqsConfig,
+    guarantee: Guarantee,
+    has_store: bool,
+    urls: Mutex<HashMap<String, String>>,
+}
+
+impl fmt::Debug for SqsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqsClient")
+            .field("region", &self.inner.config.region)
+            .field("endpoint", &self.inner.config.endpoint)
+            .field("guarantee", &self.inner.guarantee)
+            .finish()
+    }
+}
+
+/// Whether SQS accepts `s` as a message body (XML 1.0 characters only).
+fn body_safe(s: &str) -> bool {
+    s.chars().all(|c| matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}'))
+}
+
+fn string_attr(v: &str) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(v)
+        .build()
+        .expect("data_type is set")
+}
+
+/// A `MessageDeduplicationId`: the courier id when SQS accepts it, else its SHA-256.
+fn dedup_id(id: &MessageId) -> String {
+    let s = id.as_str();
+    if !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic()) {
+        s.to_owned()
+    } else {
+        hex::encode(Sha256::digest(s.as_bytes()))
+    }
+}
+
+struct Encoded {
+    body: String,
+    attributes: HashMap<String, MessageAttributeValue>,
+    size: usize,
+}
+
+fn encode(m: &Message) -> Result<Encoded> {
+    let mut attributes = HashMap::new();
+    let (body, binary) = match std::str::from_utf8(&m.payload) {
+        Ok(s) if body_safe(s) && !s.is_empty() => (s.to_owned(), false),
+        _ => (
+            base64::engine::general_purpose::STANDARD.encode(&m.payload),
+            true,
+        ),
+    };
+    attributes.insert(ATTR_ID.to_owned(), string_attr(m.id.as_str()));
+    if let Some(k) = &m.key {
+        attributes.insert(ATTR_KEY.to_owned(), string_attr(k));
+    }
+    if !m.headers.is_empty() {
+        let json = serde_json::to_string(&m.headers)
+            .map_err(|e| Error::config(format!("headers: {e}")))?;
+        attributes.insert(ATTR_HEADERS.to_owned(), string_attr(&json));
+    }
+    if binary {
+        attributes.insert(ATTR_ENCODING.to_owned(), string_attr("base64"));
+    }
+    let size = body.len()
+        + attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.data_type().len() + v.string_value().map_or(0, str::len))
+            .sum::<usize>();
+    Ok(Encoded {
+        body,
+        attributes,
+        size,
+    })
+}
+
+fn decode(msg: &aws_sdk_sqs::types::Message) -> Message {
+    let attrs = msg.message_attributes();
+    let get = |name: &str| {
+        attrs
+            .and_then(|a| a.get(name))
+            .and_then(|v| v.string_value())
+            .map(str::to_owned)
+    };
+    let body = msg.body().unwrap_or_default();
+    let payload = match get(ATTR_ENCODING).as_deref() {
+        Some("base64") => base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap_or_else(|_| body.as_bytes().to_vec()),
+        _ => body.as_bytes().to_vec(),
+    };
+    let headers: Headers = get(ATTR_HEADERS)
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default();
+    // Messages from other producers: their own string attributes become headers.
+    let mut headers = headers;
+    if let Some(a) = attrs {
+        for (k, v) in a {
+            if !k.starts_with("courier-") {
+                if let Some(s) = v.string_value() {
+                    headers.entry(k.clone()).or_insert_with(|| s.to_owned());
+                }
+            }
+        }
+    }
+    let id = get(ATTR_ID)
+        .map(MessageId::from_string)
+        .unwrap_or_else(|| MessageId::from_string(msg.message_id().unwrap_or_default()));
+    Message {
+        id,
+        key: get(ATTR_KEY),
+        headers,
+        payload: payload.into(),
+    }
+}
+
+impl SqsClient {
+    pub(crate) async fn connect(
+        config: SqsConfig,
+        guarantee: Guarantee,
+        has_store: bool,
+    ) -> Result<Self> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = &config.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(e) = &config.endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        if let Some(p) = &config.profile {
+            loader = loader.profile_name(p);
+        }
+        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+                id,
+                secret.expose(),
+                None,
+                None,
+                "courier-config",
+            ));
+        }
+        loader = loader.retry_config(if guarantee == Guarantee::AtMostOnce {
+            aws_config::retry::RetryConfig::disabled()
+        } else {
+            aws_config::retry::RetryConfig::standard().with_max_attempts(5)
+        });
+        let shared = loader.load().await;
+        if shared.region().is_none() {
+            return Err(Error::config(
+                "no AWS region: set backend.region, or AWS_REGION / a profile with a region",
+            ));
+        }
+        let sdk = aws_sdk_sqs::Client::new(&shared);
+        Ok(SqsClient {
+            inner: Arc::new(Inner {
+                sdk,
+                config,
+                guarantee,
+                has_store,
+                urls: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn name(&self, destination: &str) -> String {
+        if self.config.fifo && !destination.ends_with(".fifo") {
+            format!("{destination}.fifo")
+        } else {
+            destination.to_owned()
+        }
+    }
+
+    fn dead_letter_name(&self, sub: &Subscription) -> String {
+        if let Some(d) = &sub.dead_letter {
+            return self.name(d);
+        }
+        let q = self.name(&sub.destination);
+        match q.strip_suffix(".fifo") {
+            Some(stem) => format!("{stem}-dlq.fifo"),
+            None => format!("{q}-dlq"),
+        }
+    }
+
+    async fn create(&self, name: &str) -> Result<String> {
+        let mut req = self.sdk.create_queue().queue_name(name).attributes(
+            QueueAttributeName::VisibilityTimeout,
+            self.config.visibility_timeout.as_secs().to_string(),
+        );
+        if name.ends_with(".fifo") {
+            req = req.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        if self.config.create_dead_letter_queue && !name.contains("-dlq") {
+            let dlq = match name.strip_suffix(".fifo") {
+                Some(stem) => format!("{stem}-dlq.fifo"),
+                None => format!("{name}-dlq"),
+            };
+            let dlq_url = Box::pin(self.create(&dlq)).await?;
+            let arn = self
+                .sdk
+                .get_queue_attributes()
+                .queue_url(&dlq_url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map_err(|e| sdk_err("get_queue_attributes", e))?
+                .attributes
+                .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+                .unwrap_or_default();
+            req = req.attributes(
+                QueueAttributeName::RedrivePolicy,
+                format!(
+                    r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{}"}}"#,
+                    self.config.max_receive_count
+                ),
+            );
+        }
+        let url = req
+            .send()
+            .await
+            .map_err(|e| sdk_err("create_queue", e))?
+            .queue_url
+            .unwrap_or_default();
+        self.urls.lock().insert(name.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    async fn url(&self, destination: &str) -> Result<String> {
+        let name = self.name(destination);
+        if let Some(u) = self.urls.lock().get(&name) {
+            return Ok(u.clone());
+        }
+        match self.sdk.get_queue_url().queue_name(&name).send().await {
+            Ok(r) => {
+                let u = r.queue_url.unwrap_or_default();
+                self.urls.lock().insert(name, u.clone());
+                Ok(u)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_queue_does_not_exist()) =>
+            {
+                if self.config.auto_create {
+                    self.create(&name).await
+                } else {
+                    Err(Error::DestinationNotFound {
+                        backend: BACKEND,
+                        destination: destination.to_owned(),
+                        hint: format!("queue {name:?} does not exist: create it (DeliveryClient::create_destination), set backend.auto_create = true, or check the region"),
+                    })
+                }
+            }
+            Err(e) => Err(sdk_err("get_queue_url", e)),
+        }
+    }
+
+    fn check(&self, destination: &str, m: &Message) -> Result<Encoded> {
+        let name = self.name(destination);
+        if self.guarantee == Guarantee::ExactlyOnce && !name.ends_with(".fifo") && !self.has_store {
+            return Err(Error::unsupported(
+                BACKEND,
+                format!("exactly-once on standard queue {name:?} without an idempotency store"),
+                "use a .fifo queue (backend.fifo = true) or configure [idempotency]",
+            ));
+        }
+        let enc = encode(m)?;
+        if enc.size > self.config.max_message_bytes {
+            return Err(Error::PayloadTooLarge {
+                backend: BACKEND,
+                destination: destination.to_owned(),
+                size: enc.size,
+                limit: self.config.max_message_bytes,
+            });
+        }
+        Ok(enc)
+    }
+
+    fn group_id(&self, m: &Message) -> String {
+        m.key
+            .clone()
+            .unwrap_or_else(|| self.config.default_group_id.clone())
+    }
+
+    async fn send(&self, destination: &str, m: &Message, enc: Encoded) -> Result<Receipt> {
+        let url = self.url(destination).await?;
+        let fifo = url.ends_with(".fifo");
+        let mut req = self
+            .sdk
+            .send_message()
+            .queue_url(&url)
+            .message_body(enc.body)
+            .set_message_attributes(Some(enc.attributes));
+        if fifo {
+            req = req
+                .message_group_id(self.group_id(m))
+                .message_deduplication_id(dedup_id(&m.id));
+        }
+        let out = req.send().await.map_err(|e| {
+            if e.as_service_error()
+                .is_some_and(|s| s.is_queue_does_not_exist())
+            {
+                self.urls.lock().remove(&self.name(destination));
+                Error::DestinationNotFound {
+                    backend: BACKEND,
+                    destination: destination.to_owned(),
+                    hint: "the queue was deleted".into(),
+                }
+            } else {
+                sdk_err("send_message", e)
+            }
+        })?;
+        Ok(Receipt {
+            id: m.id.clone(),
+            destination: destination.to_owned(),
+            position: Position::SqsMessage {
+                message_id: out.message_id.unwrap_or_default(),
+                sequence_number: out.sequence_number,
+            },
+            deduplicated: false,
+        })
+    }
+}
+
+#[async_trait]
+impl DeliveryClient for SqsClient {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn guarantee(&self) -> Guarantee {
+        self.inner.guarantee
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let c = &self.inner.config;
+        let mut caps = Capabilities::baseline();
+        caps.ordering_by_key = c.fifo;
+        caps.consumer_groups = false;
+        caps.native_dedup = c.fifo.then(|| Duration::from_secs(300));
+        caps.max_payload = c.max_message_bytes;
+        caps.native_dead_letter = c.create_dead_letter_queue;
+        caps.delayed_redelivery = true;
+        caps.detects_missing_destination = true;
+        caps.settle_window = Duration::from_secs(1);
+        caps.redelivery_after_crash = c.visibility_timeout;
+        caps
+    }
+
+    fn explain(&self) -> Explanation {
+        crate::explain_settings(&self.inner.config, self.inner.guarantee)
+    }
+
+    async fn create_destination(&self, destination: &str) -> Result<()> {
+        if destination.is_empty() {
+            return Err(Error::config("queue name is empty"));
+        }
+        let name = self.inner.name(destination);
+        self.inner.create(&name).await.map(|_| ())
+    }
+
+    async fn publish(&self, destination: &str, message: Message) -> Result<Receipt> {
+        let enc = self.inner.check(destination, &message)?;
+        self.inner.send(destination, &message, enc).await
+    }
+
+    async fn publish_batch(
+        &self,
+        destination: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Receipt>> {
+        let mut encoded = Vec::with_capacity(messages.len());
+        for m in &messages {
+            encoded.push(self.inner.check(destination, m)?);
+        }
+        let url = self.inner.url(destination).await?;
+        let fifo = url.ends_with(".fifo");
+        let mut receipts: Vec<Option<Receipt>> = vec![None; messages.len()];
+        // Chunks of at most 10 entries and at most the size limit in total.
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        let mut size = 0;
+        for (i, e) in encoded.iter().enumerate() {
+            let new_chunk = chunks.last().is_none_or(|c| {
+                c.len() == BATCH || size + e.size > self.inner.config.max_message_bytes
+            });
+            if new_chunk {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += e.size;
+            chunks.last_mut().expect("chunk").push(i);
+        }
+        let attempts = if self.inner.guarantee == Guarantee::AtMostOnce {
+            1
+        } else {
+            5
+        };
+        for chunk in chunks {
+            let mut pending = chunk;
+            for attempt in 0..attempts {
+                if pending.is_empty() {
+                    break;
+                }
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                let mut req = self.inner.sdk.send_message_batch().queue_url(&url);
+                for &i in &pending {
+                    let m = &messages[i];
+                    let e = &encoded[i];
+                    let mut entry = SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(e.body.clone())
+                        .set_message_attributes(Some(e.attributes.clone()));
+                    if fifo {
+                        entry = entry
+                            .message_group_id(self.inner.group_id(m))
+                            .message_deduplication_id(dedup_id(&m.id));
+                    }
+                    req = req.entries(entry.build().map_err(|e| Error::config(e.to_string()))?);
+                }
+                let out = match req.send().await {
+                    Ok(o) => o,
+                    Err(e) if attempt + 1 < attempts && !matches!(e, SdkError::ServiceError(_)) => {
+                        warn!(error = %DisplayErrorContext(&e), "send_message_batch failed; retrying the batch with the same ids");
+                        continue;
+                    }
+                    Err(e) => return Err(sdk_err("send_message_batch", e)),
+                };
+                for ok in out.successful() {
+                    if let Ok(i) = ok.id().parse::<usize>() {
+                        receipts[i] = Some(Receipt {
+                            id: messages[i].id.clone(),
+                            destination: destination.to_owned(),
+                            position: Position::SqsMessage {
+                                message_id: ok.message_id().to_owned(),
+                                sequence_number: ok.sequence_number().map(str::to_owned),
+                            },
+                            deduplicated: false,
+                        });
+                    }
+                }
+                let failed: Vec<usize> = out
+                    .failed()
+                    .iter()
+                    .filter_map(|f| f.id().parse().ok())
+                    .collect();
+                if let Some(f) = out.failed().iter().find(|f| f.sender_fault()) {
+                    return Err(Error::broker(
+                        BACKEND,
+                        "send_message_batch",
+                        false,
+                        format!(
+                            "entry rejected: {} {}",
+                            f.code(),
+                            f.message().unwrap_or_default()
+                        ),
+                    ));
+                }
+                pending = failed;
+            }
+            if !pending.is_empty() {
+                return Err(Error::broker(
+                    BACKEND,
+                    "send_message_batch",
+                    true,
+                    format!("{} entries not accepted after retries", pending.len()),
+                ));
+            }
+        }
+        Ok(receipts
+            .into_iter()
+            .map(|r| r.expect("all entries sent"))
+            .collect())
+    }
+
+    async fn subscribe(&self, sub: Subscription) -> Result<Deliveries> {
+        let url = self.inner.url(&sub.destination).await?;
+        let dlq = self.inner.dead_letter_name(&sub);
+        let (tx, rx) = mpsc::channel(1);
+        let inner = self.inner.clone();
+        let max = i32::from(sub.prefetch.clamp(1, 10));
+        let source = sub.destination.clone();
+        let task = tokio::spawn(poll(inner, url.clone(), source, dlq, max, tx));
+        Ok(Deliveries::new(Box::new(SqsStream {
+            rx,
+            task,
+            inner: self.inner.clone(),
+            url,
+        })))
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+async fn poll(
+    inner: Arc<Inner>,
+    url: String,
+    source: String,
+    dlq: String,
+    max: i32,
+    tx: mpsc::Sender<Result<Delivery>>,
+) {
+    let wait = inner.config.wait_time.as_secs().min(20) as i32;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let req = inner
+            .sdk
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(max)
+            .wait_time_seconds(wait)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SequenceNumber);
+        let out = tokio::select! {
+            _ = tx.closed() => return,
+            r = req.send() => r,
+        };
+        let messages = match out {
+            Ok(o) => {
+                backoff = Duration::from_millis(100);
+                o.messages.unwrap_or_default()
+            }
+            Err(e) => {
+                let err = sdk_err("receive_message", e);
+                debug!(error = %err, "receive failed; retrying");
+                if !err.is_retryable() && tx.send(Err(err)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut iter = messages.into_iter();
+        while let Some(m) = iter.next() {
+            let d = delivery(&inner, &url, &source, &dlq, m);
+            if tx.send(Ok(d)).await.is_err() {
+                // Subscriber gone: make the rest visible again at once.
+                for rest in iter {
+                    if let Some(h) = rest.receipt_handle() {
+                        let _ = inner
+                            .sdk
+                            .change_message_visibility()
+                            .queue_url(&url)
+                            .receipt_handle(h)
+                            .visibility_timeout(0)
+                            .send()
+                            .await;
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn delivery(
+    inner: &Arc<Inner>,
+    url: &str,
+    source: &str,
+    dlq: &str,
+    m: aws_sdk_sqs::types::Message,
+) -> Delivery {
+    let message = decode(&m);
+    let attempt = m
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let sequence = m
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::SequenceNumber))
+        .cloned();
+    let handle = m.receipt_handle().unwrap_or_default().to_owned();
+    let heartbeat = (inner.guarantee != Guarantee::AtMostOnce).then(|| {
+        let inner = inner.clone();
+        let url = url.to_owned();
+        let handle = handle.clone();
+        let vis = inner.config.visibility_timeout.max(Duration::from_secs(1));
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(vis / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let r = inner
+                    .sdk
+                    .change_message_visibility()
+                    .queue_url(&url)
+                    .receipt_handle(&handle)
+                    .visibility_timeout(vis.as_secs() as i32)
+                    .send()
+                    .await;
+                if let Err(e) = r {
+                    warn!(error = %DisplayErrorContext(&e), "visibility heartbeat failed");
+                }
+            }
+        }))
+    });
+    let settle = SqsSettle {
+        inner: inner.clone(),
+        url: url.to_owned(),
+        dlq: dlq.to_owned(),
+        source: source.to_owned(),
+        handle,
+        id: message.id.clone(),
+        _heartbeat: heartbeat,
+    };
+    Delivery::new(
+        message,
+        attempt,
+        Position::SqsMessage {
+            message_id: m.message_id().unwrap_or_default().to_owned(),
+            sequence_number: sequence,
+        },
+        source.to_owned(),
+        Box::new(settle),
+    )
+}
+
+/// Aborts a task when dropped (the heartbeat stops with its delivery).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct SqsStream {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    task: tokio::task::JoinHandle<()>,
+    inner: Arc<Inner>,
+    url: String,
+}
+
+#[async_trait]
+impl DeliveryStream for SqsStream {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.task.abort();
+        // Anything received but not handed out becomes visible again at once.
+        self.rx.close();
+        while let Some(Ok(d)) = self.rx.recv().await {
+            let (_, settle) = d.into_parts();
+            let _ = settle.nack(Duration::ZERO).await;
+        }
+        let _ = (&self.inner, &self.url);
+        Ok(())
+    }
+}
+
+impl Drop for SqsStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct SqsSettle {
+    inner: Arc<Inner>,
+    url: String,
+    dlq: String,
+    source: String,
+    handle: String,
+    id: MessageId,
+    _heartbeat: Option<AbortOnDrop>,
+}
+
+impl SqsSettle {
+    async fn delete(&self) -> Result<()> {
+        self.inner
+            .sdk
+            .delete_message()
+            .queue_url(&self.url)
+            .receipt_handle(&self.handle)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let text = DisplayErrorContext(&e).to_string();
+                if text.contains("ReceiptHandleIsInvalid") {
+                    Error::DeliveryExpired {
+                        message_id: self.id.to_string(),
+                        reason: "its receipt handle expired (visibility timeout passed)".into(),
+                    }
+                } else {
+                    sdk_err("delete_message", e)
+                }
+            })
+    }
+}
+
+#[async_trait]
+impl Settle for SqsSettle {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.delete().await
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<()> {
+        let SqsSettle {
+            inner,
+            url,
+            handle,
+            _heartbeat,
+            ..
+        } = *self;
+        drop(_heartbeat);
+        let secs = delay.as_secs_f64().ceil().min(43_200.0) as i32;
+        inner
+            .sdk
+            .change_message_visibility()
+            .queue_url(&url)
+            .receipt_handle(&handle)
+            .visibility_timeout(secs)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_err("change_message_visibility", e))
+    }
+
+    async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
+        let mut m = message.clone();
+        m.headers.insert(
+            header::DEAD_LETTER_ATTEMPTS.into(),
+            why.attempts.to_string(),
+        );
+        m.headers
+            .insert(header::DEAD_LETTER_REASON.into(), why.reason);
+        m.headers
+            .insert(header::DEAD_LETTER_SOURCE.into(), self.source.clone());
+        let enc = encode(&m)?;
+        self.inner.send(&self.dlq, &m, enc).await?;
+        self.delete().await
+    }
+}

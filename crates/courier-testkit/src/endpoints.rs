@@ -1,0 +1,61 @@
+//! Endpoints the tests read, from the environment with loopback defaults (same names as
+//! `scripts/services` and `docker-compose.yml`).
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// `KAFKA_BOOTSTRAP` (default `127.0.0.1:9092`).
+pub fn kafka_bootstrap() -> String {
+    var("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+}
+
+/// `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+pub fn rabbitmq_url() -> String {
+    var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+
+/// `SQS_ENDPOINT` (default `http://127.0.0.1:4566`).
+pub fn sqs_endpoint() -> String {
+    var("SQS_ENDPOINT", "http://127.0.0.1:4566")
+}
+
+/// `AWS_REGION` (default `us-east-1`).
+pub fn aws_region() -> String {
+    var("AWS_REGION", "us-east-1")
+}
+
+/// `REDIS_URL` (default `redis://127.0.0.1:6379`).
+pub fn redis_url() -> String {
+    var("REDIS_URL", "redis://127.0.0.1:6379")
+}
+
+/// `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/courier`).
+pub fn database_url() -> String {
+    var("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/courier")
+}
+
+/// Whether the tests run in CI (`CI=true`).
+pub fn in_ci() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+}
+
+/// Panic with a clear message that a service is unreachable. Tests never skip for that: a
+/// broker that is down is a failure (start it with `scripts/services up`).
+pub fn unreachable(service: &str, endpoint: &str, error: impl std::fmt::Display) -> ! {
+    panic!(
+        "{service} is not reachable at {endpoint}: {error}\n  run `scripts/services up` (or point the endpoint variable at a running {service})"
+    )
+}
+
+/// Multiply a test wait bound by `COURIER_TEST_TIME_SCALE` (default 1) for slow machines.
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    let f: f64 = std::env::var("COURIER_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    d.mul_f64(f.max(0.1))
+}

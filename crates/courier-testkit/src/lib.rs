@@ -1,0 +1,94 @@
+//! # courier-testkit (not published)
+//!
+//! The conformance suite every courier backend and every wrapper runs: scenario functions that
+//! take a [`TestBackend`] (a client factory) and consult its [`Capabilities`](courier_core::Capabilities),
+//! a delivery [`Ledger`] that counts **lost and duplicated** messages, and helpers for crash tests
+//! (re-executing the test binary as a worker process that can be SIGKILLed).
+//!
+//! ```ignore
+//! async fn backend() -> MyBackend { MyBackend::new() }
+//! courier_testkit::conformance_suite!(backend);
+//! ```
+
+pub mod endpoints;
+mod ledger;
+pub mod process;
+pub mod scenarios;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use courier_core::{DeliveryClient, Guarantee, Result};
+use courier_idempotency::{IdempotencyStore, MemoryStore};
+
+pub use ledger::{FileLedger, Ledger, LedgerReport, STALL};
+pub use scenarios::ScenarioError;
+
+/// A unique name: `prefix-` followed by 12 random hex characters.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
+
+/// What the conformance suite needs from a backend.
+#[async_trait]
+pub trait TestBackend: Send + Sync + 'static {
+    /// Name for reports.
+    fn name(&self) -> String;
+
+    /// A client with `guarantee` (a new connection per call is fine).
+    async fn client(&self, guarantee: Guarantee) -> Result<Arc<dyn DeliveryClient>>;
+
+    /// Create a fresh, uniquely named destination and return its name.
+    async fn fresh_destination(&self, client: &dyn DeliveryClient, prefix: &str) -> Result<String> {
+        let name = unique(prefix);
+        client.create_destination(&name).await?;
+        Ok(name)
+    }
+
+    /// The idempotency store exactly-once scenarios wrap their handlers with.
+    fn idempotency_store(&self) -> Arc<dyn IdempotencyStore> {
+        Arc::new(MemoryStore::default())
+    }
+}
+
+/// Generate one `#[tokio::test]` per conformance scenario, each calling `$factory().await` for a
+/// backend. Use it in a backend crate's `tests/conformance.rs`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($factory:path) => {
+        $crate::conformance_suite!(@tests $factory;
+            round_trip,
+            competing_consumers_no_loss,
+            nack_redelivers,
+            unsettled_redelivered_to_another_consumer,
+            settled_never_redelivered,
+            at_most_once_never_handles_twice,
+            per_key_order_across_consumers,
+            every_group_receives_everything,
+            destination_isolation,
+            close_flushes_pending_publishes,
+            oversize_payload_is_rejected_before_sending,
+            missing_destination_is_a_typed_error,
+            handler_errors_retry_then_dead_letter,
+            permanent_error_dead_letters_at_once,
+            batch_settles_only_after_success,
+            exactly_once_effects_with_idempotent_layer
+        );
+    };
+    (@tests $factory:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let backend = $factory().await;
+                if let Err(e) = $crate::scenarios::$name(&backend).await {
+                    panic!(
+                        "conformance scenario `{}` failed on {}: {e}",
+                        stringify!($name),
+                        $crate::TestBackend::name(&backend)
+                    );
+                }
+            }
+        )*
+    };
+}

@@ -1,0 +1,834 @@
+//! The conformance scenarios. Each takes a [`TestBackend`], consults its capabilities, and returns
+//! `Err` (with counts) when the backend broke the contract.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::join_all;
+use parking_lot::Mutex;
+
+use courier_core::{
+    header, BatchHandler, BatchOptions, Consumer, ConsumerHandle, Context, DeliveryClient, Error,
+    Guarantee, Handler, HandlerError, Message, RetryPolicy, Subscription,
+};
+use courier_idempotency::Idempotent;
+
+use crate::endpoints::scaled;
+use crate::{unique, Ledger, TestBackend};
+
+/// A broken contract, with what was observed.
+#[derive(Debug)]
+pub struct ScenarioError(pub String);
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+impl From<Error> for ScenarioError {
+    fn from(e: Error) -> Self {
+        ScenarioError(format!("unexpected courier error ({}): {e}", e.kind()))
+    }
+}
+
+/// Result of a scenario.
+pub type Outcome = Result<(), ScenarioError>;
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(ScenarioError(format!($($arg)*)));
+        }
+    };
+}
+
+fn wait() -> Duration {
+    scaled(Duration::from_secs(60))
+}
+
+fn fast_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy::attempts(max_attempts)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+/// A handler that records each message id in a ledger (optionally failing some attempts).
+struct Recorder {
+    ledger: Arc<Ledger>,
+    fail_first: u32,
+    attempts: Mutex<HashMap<String, u32>>,
+}
+
+impl Recorder {
+    fn new(ledger: Arc<Ledger>) -> Self {
+        Recorder {
+            ledger,
+            fail_first: 0,
+            attempts: Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, message: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        let n = {
+            let mut a = self.attempts.lock();
+            let n = a.entry(message.id.to_string()).or_default();
+            *n += 1;
+            *n
+        };
+        if n <= self.fail_first {
+            return Err(HandlerError::retryable(format!("injected failure {n}")));
+        }
+        self.ledger.handled(message.id.as_str());
+        Ok(())
+    }
+}
+
+async fn publish_all(
+    client: &dyn DeliveryClient,
+    dest: &str,
+    msgs: &[Message],
+    ledger: &Ledger,
+) -> Outcome {
+    for m in msgs {
+        client.publish(dest, m.clone()).await?;
+        ledger.sent(m.id.as_str());
+    }
+    Ok(())
+}
+
+async fn stop(handles: Vec<ConsumerHandle>) -> Outcome {
+    for h in handles {
+        h.shutdown().await?;
+    }
+    Ok(())
+}
+
+fn numbered(n: usize, prefix: &str) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message::new(format!("{prefix}-{i}")).with_header("seq", i.to_string()))
+        .collect()
+}
+
+/// Publish a message with id, key, headers and binary payload; receive it intact.
+pub async fn round_trip(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "round-trip").await?;
+    let mut deliveries = client
+        .subscribe(Subscription::new(&dest, unique("g")))
+        .await?;
+    let payload: Vec<u8> = (0..=255u8).chain(b"courier".iter().copied()).collect();
+    let sent = Message::new(Bytes::from(payload))
+        .with_key("customer-42")
+        .with_header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .with_header("x-tenant", "acme");
+    let receipt = client.publish(&dest, sent.clone()).await?;
+    ensure!(
+        receipt.id == sent.id,
+        "receipt id {} != message id {}",
+        receipt.id,
+        sent.id
+    );
+    let d = deliveries
+        .next_timeout(wait())
+        .await
+        .ok_or_else(|| ScenarioError("no delivery within the wait bound".into()))??;
+    ensure!(
+        d.message.id == sent.id,
+        "id changed: {} -> {}",
+        sent.id,
+        d.message.id
+    );
+    ensure!(
+        d.message.key == sent.key,
+        "key changed: {:?} -> {:?}",
+        sent.key,
+        d.message.key
+    );
+    ensure!(
+        d.message.payload == sent.payload,
+        "payload changed ({} -> {} bytes)",
+        sent.payload.len(),
+        d.message.payload.len()
+    );
+    for (k, v) in &sent.headers {
+        ensure!(
+            d.message.headers.get(k) == Some(v),
+            "header {k} lost or changed: {:?}",
+            d.message.headers.get(k)
+        );
+    }
+    ensure!(d.attempt == 1, "first delivery has attempt {}", d.attempt);
+    ensure!(d.source == dest, "source {} != {}", d.source, dest);
+    d.ack().await?;
+    deliveries.close().await?;
+    client.close().await?;
+    Ok(())
+}
+
+/// 5,000 messages from 20 concurrent publishers to 10 competing consumers: none lost.
+pub async fn competing_consumers_no_loss(b: &dyn TestBackend) -> Outcome {
+    let producer = b.client(Guarantee::AtLeastOnce).await?;
+    let consumer_client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*producer, "compete").await?;
+    let group = unique("g");
+    let ledger = Arc::new(Ledger::new());
+    let mut handles = Vec::new();
+    for _ in 0..10 {
+        handles.push(
+            Consumer::new(consumer_client.clone(), Subscription::new(&dest, &group))
+                .concurrency(4)
+                .retry(fast_retry(10))
+                .spawn(Recorder::new(ledger.clone()))
+                .await?,
+        );
+    }
+    let results = join_all((0..20).map(|p| {
+        let producer = producer.clone();
+        let dest = dest.clone();
+        let ledger = ledger.clone();
+        async move {
+            let msgs: Vec<Message> = (0..250)
+                .map(|i| Message::new(format!("p{p}-{i}")))
+                .collect();
+            publish_all(&*producer, &dest, &msgs, &ledger).await
+        }
+    }))
+    .await;
+    for r in results {
+        r?;
+    }
+    let (report, done) = ledger.wait_all_handled(wait() * 2).await;
+    stop(handles).await?;
+    ensure!(report.sent == 5000, "sent {} of 5000", report.sent);
+    ensure!(
+        done && report.lost == 0,
+        "messages lost under at-least-once: {report}"
+    );
+    ensure!(
+        report.unexpected == 0,
+        "handled ids that were never sent: {report}"
+    );
+    Ok(())
+}
+
+/// A nacked delivery comes back, with a higher attempt number.
+pub async fn nack_redelivers(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "nack").await?;
+    let mut deliveries = client
+        .subscribe(Subscription::new(&dest, unique("g")))
+        .await?;
+    let m = Message::new("nack me");
+    client.publish(&dest, m.clone()).await?;
+    let first = deliveries
+        .next_timeout(wait())
+        .await
+        .ok_or_else(|| ScenarioError("no first delivery".into()))??;
+    ensure!(first.message.id == m.id, "wrong message");
+    let first_attempt = first.attempt;
+    first.nack(Duration::from_millis(100)).await?;
+    let again = deliveries
+        .next_timeout(wait())
+        .await
+        .ok_or_else(|| ScenarioError("nacked message never came back".into()))??;
+    ensure!(again.message.id == m.id, "a different message came back");
+    ensure!(
+        again.attempt > first_attempt,
+        "attempt did not grow: {} then {}",
+        first_attempt,
+        again.attempt
+    );
+    again.ack().await?;
+    deliveries.close().await?;
+    Ok(())
+}
+
+/// A consumer that goes away without settling: the message is redelivered to another consumer.
+pub async fn unsettled_redelivered_to_another_consumer(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "unsettled").await?;
+    let group = unique("g");
+    let mut first = client.subscribe(Subscription::new(&dest, &group)).await?;
+    let m = Message::new("do not lose me");
+    client.publish(&dest, m.clone()).await?;
+    let d = first
+        .next_timeout(wait())
+        .await
+        .ok_or_else(|| ScenarioError("no delivery".into()))??;
+    ensure!(d.message.id == m.id, "wrong message");
+    drop(d); // never settled
+    first.close().await?;
+    let other_client = b.client(Guarantee::AtLeastOnce).await?;
+    let mut second = other_client
+        .subscribe(Subscription::new(&dest, &group))
+        .await?;
+    let bound = wait() + client.capabilities().redelivery_after_crash;
+    let again = second
+        .next_timeout(bound)
+        .await
+        .ok_or_else(|| ScenarioError("unsettled message was not redelivered (lost)".into()))??;
+    ensure!(again.message.id == m.id, "a different message arrived");
+    again.ack().await?;
+    second.close().await?;
+    Ok(())
+}
+
+/// Settled messages never come back (checked after the settle window, and after re-subscribing).
+pub async fn settled_never_redelivered(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let caps = client.capabilities();
+    let dest = b.fresh_destination(&*client, "settled").await?;
+    let group = unique("g");
+    let mut deliveries = client.subscribe(Subscription::new(&dest, &group)).await?;
+    let msgs = numbered(20, "settled");
+    for m in &msgs {
+        client.publish(&dest, m.clone()).await?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < msgs.len() {
+        let d = deliveries
+            .next_timeout(wait())
+            .await
+            .ok_or_else(|| ScenarioError(format!("only {} of 20 delivered", seen.len())))??;
+        if !seen.insert(d.message.id.clone()) {
+            return Err(ScenarioError(format!(
+                "settled message {} was delivered again (attempt {})",
+                d.message.id, d.attempt
+            )));
+        }
+        d.ack().await?;
+    }
+    if let Some(Ok(d)) = deliveries.next_timeout(caps.settle_window).await {
+        return Err(ScenarioError(format!(
+            "settled message {} was delivered again (attempt {})",
+            d.message.id, d.attempt
+        )));
+    }
+    deliveries.close().await?;
+    let mut again = client.subscribe(Subscription::new(&dest, &group)).await?;
+    let window = caps.settle_window + caps.redelivery_after_crash;
+    if let Some(Ok(d)) = again.next_timeout(window).await {
+        return Err(ScenarioError(format!(
+            "settled message {} came back after re-subscribing",
+            d.message.id
+        )));
+    }
+    again.close().await?;
+    Ok(())
+}
+
+/// At-most-once never hands the same id to the handler twice, even when the same message is
+/// published twice (a producer retry) — and without faults it loses nothing noticeable.
+pub async fn at_most_once_never_handles_twice(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtMostOnce).await?;
+    let dest = b.fresh_destination(&*client, "amo").await?;
+    let ledger = Arc::new(Ledger::new());
+    let handle = Consumer::new(client.clone(), Subscription::new(&dest, unique("g")))
+        .concurrency(4)
+        .spawn(Recorder::new(ledger.clone()))
+        .await?;
+    let msgs = numbered(200, "amo");
+    publish_all(&*client, &dest, &msgs, &ledger).await?;
+    for m in msgs.iter().step_by(4) {
+        client.publish(&dest, m.clone()).await?; // duplicate injection: same id again
+    }
+    let (report, _) = ledger.wait_all_handled(wait()).await;
+    // Give late duplicates the settle window to show up.
+    tokio::time::sleep(client.capabilities().settle_window).await;
+    let report_after = ledger.report();
+    handle.shutdown().await?;
+    ensure!(
+        report_after.duplicates == 0,
+        "at-most-once handled an id twice: {report_after}"
+    );
+    ensure!(
+        report.handled * 10 >= report.sent * 9,
+        "at-most-once lost more than 10% without faults: {report}"
+    );
+    Ok(())
+}
+
+/// Messages with the same key are handled in publish order, across several consumers.
+pub async fn per_key_order_across_consumers(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    if !client.capabilities().ordering_by_key {
+        return Ok(()); // capability absent: nothing promised
+    }
+    let dest = b.fresh_destination(&*client, "order").await?;
+    let group = unique("g");
+    let seen: Arc<Mutex<BTreeMap<String, Vec<usize>>>> = Arc::default();
+    let ledger = Arc::new(Ledger::new());
+    struct Ordered {
+        seen: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+        ledger: Arc<Ledger>,
+    }
+    #[async_trait]
+    impl Handler for Ordered {
+        async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+            let seq: usize = m
+                .headers
+                .get("seq")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(usize::MAX);
+            // Yield so that concurrent lanes really interleave.
+            tokio::task::yield_now().await;
+            self.seen
+                .lock()
+                .entry(m.key.clone().unwrap_or_default())
+                .or_default()
+                .push(seq);
+            self.ledger.handled(m.id.as_str());
+            Ok(())
+        }
+    }
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(
+            Consumer::new(client.clone(), Subscription::new(&dest, &group))
+                .concurrency(4)
+                .spawn(Ordered {
+                    seen: seen.clone(),
+                    ledger: ledger.clone(),
+                })
+                .await?,
+        );
+    }
+    let keys = ["k0", "k1", "k2", "k3", "k4"];
+    for i in 0..40 {
+        for k in keys {
+            let m = Message::new(format!("{k}-{i}"))
+                .with_key(k)
+                .with_header("seq", i.to_string());
+            client.publish(&dest, m.clone()).await?;
+            ledger.sent(m.id.as_str());
+        }
+    }
+    let (report, done) = ledger.wait_all_handled(wait()).await;
+    stop(handles).await?;
+    ensure!(done, "not all ordered messages arrived: {report}");
+    for (k, seqs) in seen.lock().iter() {
+        let expected: Vec<usize> = (0..40).collect();
+        ensure!(*seqs == expected, "key {k} handled out of order: {seqs:?}");
+    }
+    Ok(())
+}
+
+/// Two consumer groups each receive every message.
+pub async fn every_group_receives_everything(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    if !client.capabilities().consumer_groups {
+        return Ok(());
+    }
+    let dest = b.fresh_destination(&*client, "groups").await?;
+    let l1 = Arc::new(Ledger::new());
+    let l2 = Arc::new(Ledger::new());
+    let h1 = Consumer::new(client.clone(), Subscription::new(&dest, unique("g1")))
+        .concurrency(4)
+        .spawn(Recorder::new(l1.clone()))
+        .await?;
+    let h2 = Consumer::new(client.clone(), Subscription::new(&dest, unique("g2")))
+        .concurrency(4)
+        .spawn(Recorder::new(l2.clone()))
+        .await?;
+    for m in numbered(100, "groups") {
+        client.publish(&dest, m.clone()).await?;
+        l1.sent(m.id.as_str());
+        l2.sent(m.id.as_str());
+    }
+    let (r1, ok1) = l1.wait_all_handled(wait()).await;
+    let (r2, ok2) = l2.wait_all_handled(wait()).await;
+    stop(vec![h1, h2]).await?;
+    ensure!(
+        ok1 && ok2,
+        "a group missed messages: group1 {r1}; group2 {r2}"
+    );
+    Ok(())
+}
+
+/// Messages published to one destination never reach another's consumers.
+pub async fn destination_isolation(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let a = b.fresh_destination(&*client, "iso-a").await?;
+    let other = b.fresh_destination(&*client, "iso-b").await?;
+    let ledger = Arc::new(Ledger::new());
+    let h = Consumer::new(client.clone(), Subscription::new(&a, unique("g")))
+        .concurrency(2)
+        .spawn(Recorder::new(ledger.clone()))
+        .await?;
+    // The other destination has its own consumer (some brokers refuse messages nobody can receive).
+    let h_other = Consumer::new(client.clone(), Subscription::new(&other, unique("g")))
+        .spawn(Recorder::new(Arc::new(Ledger::new())))
+        .await?;
+    for m in numbered(10, "other") {
+        client.publish(&other, m).await?;
+    }
+    publish_all(&*client, &a, &numbered(10, "mine"), &ledger).await?;
+    let (report, done) = ledger.wait_all_handled(wait()).await;
+    tokio::time::sleep(client.capabilities().settle_window).await;
+    let after = ledger.report();
+    stop(vec![h, h_other]).await?;
+    ensure!(done, "own messages missing: {report}");
+    ensure!(
+        after.unexpected == 0,
+        "{} messages of another destination arrived",
+        after.unexpected
+    );
+    Ok(())
+}
+
+/// `close` flushes publishes the client accepted but had not yet delivered (at-most-once
+/// publishes return before the broker has them).
+pub async fn close_flushes_pending_publishes(b: &dyn TestBackend) -> Outcome {
+    let producer = b.client(Guarantee::AtMostOnce).await?;
+    let dest = b.fresh_destination(&*producer, "flush").await?;
+    let consumer_client = b.client(Guarantee::AtLeastOnce).await?;
+    let mut deliveries = consumer_client
+        .subscribe(Subscription::new(&dest, unique("g")))
+        .await?;
+    let msgs = numbered(200, "flush");
+    for m in &msgs {
+        producer.publish(&dest, m.clone()).await?;
+    }
+    producer.close().await?;
+    let mut got = std::collections::HashSet::new();
+    while got.len() < msgs.len() {
+        match deliveries.next_timeout(wait()).await {
+            Some(d) => {
+                let d = d?;
+                got.insert(d.message.id.clone());
+                d.ack().await?;
+            }
+            None => break,
+        }
+    }
+    deliveries.close().await?;
+    ensure!(
+        got.len() == msgs.len(),
+        "close did not flush: {} of {} arrived",
+        got.len(),
+        msgs.len()
+    );
+    Ok(())
+}
+
+/// An oversize payload fails with `PayloadTooLarge` and nothing is sent (single and batch).
+pub async fn oversize_payload_is_rejected_before_sending(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let limit = client.capabilities().max_payload;
+    let dest = b.fresh_destination(&*client, "oversize").await?;
+    let mut deliveries = client
+        .subscribe(Subscription::new(&dest, unique("g")))
+        .await?;
+    let big = Message::new(Bytes::from(vec![b'x'; limit + 1]));
+    match client.publish(&dest, big.clone()).await {
+        Err(Error::PayloadTooLarge { limit: l, .. }) => ensure!(
+            l == limit,
+            "error reports limit {l}, capability says {limit}"
+        ),
+        other => {
+            return Err(ScenarioError(format!(
+                "expected PayloadTooLarge, got {other:?}"
+            )))
+        }
+    }
+    let small = Message::new("small");
+    match client.publish_batch(&dest, vec![small.clone(), big]).await {
+        Err(Error::PayloadTooLarge { .. }) => {}
+        other => {
+            return Err(ScenarioError(format!(
+                "batch: expected PayloadTooLarge, got {other:?}"
+            )))
+        }
+    }
+    let marker = Message::new("marker");
+    client.publish(&dest, marker.clone()).await?;
+    let d = deliveries
+        .next_timeout(wait())
+        .await
+        .ok_or_else(|| ScenarioError("marker not delivered".into()))??;
+    ensure!(
+        d.message.id == marker.id,
+        "something of the rejected publishes was sent: got {}",
+        d.message.id
+    );
+    d.ack().await?;
+    deliveries.close().await?;
+    Ok(())
+}
+
+/// Publishing to a destination that does not exist is a typed error (when the backend can tell).
+pub async fn missing_destination_is_a_typed_error(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    if !client.capabilities().detects_missing_destination {
+        return Ok(());
+    }
+    let name = unique("missing");
+    match client.publish(&name, Message::new("x")).await {
+        Err(Error::DestinationNotFound { destination, .. }) => {
+            ensure!(destination == name, "error names {destination}, not {name}");
+            Ok(())
+        }
+        other => Err(ScenarioError(format!(
+            "expected DestinationNotFound, got {other:?}"
+        ))),
+    }
+}
+
+struct AlwaysFails {
+    calls: Arc<AtomicU32>,
+    permanent: bool,
+}
+
+#[async_trait]
+impl Handler for AlwaysFails {
+    async fn handle(&self, _m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.permanent {
+            Err(HandlerError::permanent("bad data"))
+        } else {
+            Err(HandlerError::retryable("downstream unavailable"))
+        }
+    }
+}
+
+async fn dead_letter_case(b: &dyn TestBackend, permanent: bool) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "dl-src").await?;
+    let dlq = b.fresh_destination(&*client, "dl-dlq").await?;
+    let mut dead = client
+        .subscribe(Subscription::new(&dlq, unique("dlq-reader")))
+        .await?;
+    let calls = Arc::new(AtomicU32::new(0));
+    let h = Consumer::new(
+        client.clone(),
+        Subscription::new(&dest, unique("g")).dead_letter(&dlq),
+    )
+    .retry(fast_retry(3))
+    .spawn(AlwaysFails {
+        calls: calls.clone(),
+        permanent,
+    })
+    .await?;
+    let m = Message::new("poison").with_header("x-tenant", "acme");
+    client.publish(&dest, m.clone()).await?;
+    let d = dead
+        .next_timeout(wait())
+        .await
+        .ok_or_else(|| ScenarioError("nothing reached the dead-letter destination".into()))??;
+    let expected = if permanent { 1 } else { 3 };
+    h.shutdown().await?;
+    ensure!(
+        d.message.id == m.id,
+        "dead-lettered id {} != {}",
+        d.message.id,
+        m.id
+    );
+    ensure!(
+        d.message.payload == m.payload,
+        "dead-lettered payload changed"
+    );
+    let attempts = d.message.headers.get(header::DEAD_LETTER_ATTEMPTS).cloned();
+    ensure!(
+        attempts.as_deref() == Some(&*expected.to_string()),
+        "attempt count header {attempts:?}, expected {expected}"
+    );
+    ensure!(
+        d.message.headers.contains_key(header::DEAD_LETTER_REASON),
+        "no reason header"
+    );
+    let n = calls.load(Ordering::SeqCst);
+    ensure!(n == expected, "handler ran {n} times, expected {expected}");
+    d.ack().await?;
+    dead.close().await?;
+    Ok(())
+}
+
+/// A failing handler is retried with backoff, then dead-lettered with the attempt count.
+pub async fn handler_errors_retry_then_dead_letter(b: &dyn TestBackend) -> Outcome {
+    dead_letter_case(b, false).await
+}
+
+/// A permanent handler error dead-letters after one attempt.
+pub async fn permanent_error_dead_letters_at_once(b: &dyn TestBackend) -> Outcome {
+    dead_letter_case(b, true).await
+}
+
+/// Batch mode: a batch that fails is redelivered whole; nothing is settled before success.
+pub async fn batch_settles_only_after_success(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "batch").await?;
+    let ledger = Arc::new(Ledger::new());
+    struct FailFirstBatch {
+        ledger: Arc<Ledger>,
+        failed: Mutex<Option<Vec<String>>>,
+    }
+    #[async_trait]
+    impl BatchHandler for FailFirstBatch {
+        async fn handle_batch(
+            &self,
+            ms: &[Message],
+            _cx: &mut Context,
+        ) -> Result<(), HandlerError> {
+            {
+                let mut f = self.failed.lock();
+                if f.is_none() {
+                    *f = Some(ms.iter().map(|m| m.id.to_string()).collect());
+                    return Err(HandlerError::retryable("first batch fails"));
+                }
+            }
+            for m in ms {
+                self.ledger.handled(m.id.as_str());
+            }
+            Ok(())
+        }
+    }
+    let handler = Arc::new(FailFirstBatch {
+        ledger: ledger.clone(),
+        failed: Mutex::new(None),
+    });
+    struct Shared(Arc<FailFirstBatch>);
+    #[async_trait]
+    impl BatchHandler for Shared {
+        async fn handle_batch(&self, ms: &[Message], cx: &mut Context) -> Result<(), HandlerError> {
+            self.0.handle_batch(ms, cx).await
+        }
+    }
+    let h = Consumer::new(client.clone(), Subscription::new(&dest, unique("g")))
+        .retry(fast_retry(5))
+        .spawn_batch(
+            Shared(handler.clone()),
+            BatchOptions {
+                max_size: 10,
+                max_wait: Duration::from_millis(100),
+            },
+        )
+        .await?;
+    publish_all(&*client, &dest, &numbered(50, "batch"), &ledger).await?;
+    let (report, done) = ledger.wait_all_handled(wait()).await;
+    h.shutdown().await?;
+    ensure!(done, "batch mode lost messages: {report}");
+    let failed = handler.failed.lock().clone().unwrap_or_default();
+    ensure!(!failed.is_empty(), "the failing batch never ran");
+    for id in failed {
+        ensure!(
+            ledger.count(&id) >= 1,
+            "message {id} of the failed batch was settled without success"
+        );
+    }
+    Ok(())
+}
+
+/// Exactly-once: with duplicate publishes (producer retries with the same id) and redeliveries,
+/// the idempotent layer leaves exactly one effect per id.
+pub async fn exactly_once_effects_with_idempotent_layer(b: &dyn TestBackend) -> Outcome {
+    let client = match b.client(Guarantee::ExactlyOnce).await {
+        Ok(c) => c,
+        Err(e @ Error::Unsupported { .. }) => {
+            return Err(ScenarioError(format!("backend refused exactly-once: {e}")))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let dest = b.fresh_destination(&*client, "eo").await?;
+    let group = unique("g");
+    let ledger = Arc::new(Ledger::new());
+    let mut handles = Vec::new();
+    let store = b.idempotency_store();
+    for _ in 0..3 {
+        let layer = Idempotent::new(
+            Recorder {
+                fail_first: 1,
+                ..Recorder::new(ledger.clone())
+            },
+            store.clone(),
+        )
+        .namespace(group.clone())
+        .lease(Duration::from_secs(10));
+        handles.push(
+            Consumer::new(client.clone(), Subscription::new(&dest, &group))
+                .concurrency(4)
+                .retry(fast_retry(10))
+                .spawn(layer)
+                .await?,
+        );
+    }
+    let msgs = numbered(300, "eo");
+    publish_all(&*client, &dest, &msgs, &ledger).await?;
+    for m in msgs.iter().step_by(3) {
+        client.publish(&dest, m.clone()).await?; // producer retry: same id again
+    }
+    let (report, done) = ledger.wait_all_handled(wait() * 2).await;
+    tokio::time::sleep(client.capabilities().settle_window).await;
+    let after = ledger.report();
+    stop(handles).await?;
+    ensure!(
+        done && report.lost == 0,
+        "exactly-once lost messages: {report}"
+    );
+    ensure!(
+        after.duplicates == 0,
+        "exactly-once produced duplicate effects: {after}"
+    );
+    Ok(())
+}
+
+/// Names of all scenarios, in suite order.
+pub const ALL: &[&str] = &[
+    "round_trip",
+    "competing_consumers_no_loss",
+    "nack_redelivers",
+    "unsettled_redelivered_to_another_consumer",
+    "settled_never_redelivered",
+    "at_most_once_never_handles_twice",
+    "per_key_order_across_consumers",
+    "every_group_receives_everything",
+    "destination_isolation",
+    "close_flushes_pending_publishes",
+    "oversize_payload_is_rejected_before_sending",
+    "missing_destination_is_a_typed_error",
+    "handler_errors_retry_then_dead_letter",
+    "permanent_error_dead_letters_at_once",
+    "batch_settles_only_after_success",
+    "exactly_once_effects_with_idempotent_layer",
+];
+
+/// Run one scenario by name.
+pub async fn run(name: &str, b: &dyn TestBackend) -> Outcome {
+    match name {
+        "round_trip" => round_trip(b).await,
+        "competing_consumers_no_loss" => competing_consumers_no_loss(b).await,
+        "nack_redelivers" => nack_redelivers(b).await,
+        "unsettled_redelivered_to_another_consumer" => {
+            unsettled_redelivered_to_another_consumer(b).await
+        }
+        "settled_never_redelivered" => settled_never_redelivered(b).await,
+        "at_most_once_never_handles_twice" => at_most_once_never_handles_twice(b).await,
+        "per_key_order_across_consumers" => per_key_order_across_consumers(b).await,
+        "every_group_receives_everything" => every_group_receives_everything(b).await,
+        "destination_isolation" => destination_isolation(b).await,
+        "close_flushes_pending_publishes" => close_flushes_pending_publishes(b).await,
+        "oversize_payload_is_rejected_before_sending" => {
+            oversize_payload_is_rejected_before_sending(b).await
+        }
+        "missing_destination_is_a_typed_error" => missing_destination_is_a_typed_error(b).await,
+        "handler_errors_retry_then_dead_letter" => handler_errors_retry_then_dead_letter(b).await,
+        "permanent_error_dead_letters_at_once" => permanent_error_dead_letters_at_once(b).await,
+        "batch_settles_only_after_success" => batch_settles_only_after_success(b).await,
+        "exactly_once_effects_with_idempotent_layer" => {
+            exactly_once_effects_with_idempotent_layer(b).await
+        }
+        other => Err(ScenarioError(format!("no scenario named {other}"))),
+    }
+}

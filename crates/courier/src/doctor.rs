@@ -1,0 +1,233 @@
+//! `courier doctor`, part one: what changes when a configuration moves to another broker.
+//!
+//! Each finding says what the other broker does differently for the configured guarantee and
+//! how to keep the guarantee (or why it cannot be kept) after the switch.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use courier_core::{BackendConfig, Config, Guarantee};
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth knowing.
+    Info,
+    /// The guarantee or an assumption weakens unless the fix is applied.
+    Warning,
+    /// The configuration will be refused or break the guarantee.
+    Error,
+}
+
+/// One thing `doctor` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// Severity.
+    pub severity: Severity,
+    /// The broker the finding is about (`kafka`, `rabbitmq`, `sqs`, `memory`).
+    pub backend: String,
+    /// What is different or wrong.
+    pub what: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self.severity {
+            Severity::Info => "info",
+            Severity::Warning => "warn",
+            Severity::Error => "FAIL",
+        };
+        write!(
+            f,
+            "[{s}] {}: {}\n       fix: {}",
+            self.backend, self.what, self.fix
+        )
+    }
+}
+
+/// The facts about a broker that decide whether a guarantee carries over.
+#[derive(Debug, Clone, Copy)]
+struct Traits {
+    name: &'static str,
+    ordering: &'static str,
+    consumer_groups: bool,
+    native_dedup: Option<Duration>,
+    transactions: bool,
+    max_payload: usize,
+    delayed_redelivery: bool,
+}
+
+const fn traits(name: &'static str) -> Traits {
+    match name.as_bytes() {
+        b"kafka" => Traits {
+            name: "kafka",
+            ordering: "per partition (the key picks the partition)",
+            consumer_groups: true,
+            native_dedup: None,
+            transactions: true,
+            max_payload: 1024 * 1024,
+            delayed_redelivery: false,
+        },
+        b"rabbitmq" => Traits {
+            name: "rabbitmq",
+            ordering: "none across competing consumers (only with a single active consumer)",
+            consumer_groups: true,
+            native_dedup: None,
+            transactions: false,
+            max_payload: 16 * 1024 * 1024,
+            delayed_redelivery: true,
+        },
+        b"sqs" => Traits {
+            name: "sqs",
+            ordering: "only on FIFO queues (per MessageGroupId = key)",
+            consumer_groups: false,
+            native_dedup: Some(Duration::from_secs(300)),
+            transactions: false,
+            max_payload: 1024 * 1024,
+            delayed_redelivery: true,
+        },
+        _ => Traits {
+            name: "memory",
+            ordering: "per key across consumers",
+            consumer_groups: true,
+            native_dedup: Some(Duration::from_secs(300)),
+            transactions: false,
+            max_payload: 1024 * 1024,
+            delayed_redelivery: true,
+        },
+    }
+}
+
+fn payload_limit(config: &Config) -> usize {
+    match &config.backend {
+        BackendConfig::Memory(m) => m.max_payload,
+        BackendConfig::Kafka(k) => k.max_message_bytes,
+        BackendConfig::Rabbitmq(r) => r.max_message_bytes,
+        BackendConfig::Sqs(s) => s.max_message_bytes,
+        _ => 1024 * 1024,
+    }
+}
+
+/// What changes for `config` on each of the other brokers.
+pub fn portability(config: &Config) -> Vec<Finding> {
+    let from = traits(config.backend.kind());
+    let g = config.guarantee;
+    let ttl = config.idempotency.as_ref().map(|i| i.ttl);
+    let mut out = Vec::new();
+    for to in ["memory", "kafka", "rabbitmq", "sqs"].map(traits) {
+        if to.name == from.name {
+            continue;
+        }
+        let mut add = |severity, what: String, fix: &str| {
+            out.push(Finding {
+                severity,
+                backend: to.name.into(),
+                what,
+                fix: fix.into(),
+            })
+        };
+        if from.ordering != to.ordering {
+            add(
+                if to.name == "rabbitmq" { Severity::Warning } else { Severity::Info },
+                format!("ordering by key: {} here, {} there", from.ordering, to.ordering),
+                match to.name {
+                    "sqs" => "use a queue name ending in .fifo; keys become MessageGroupIds",
+                    "rabbitmq" => "do not rely on per-key order, or run one consumer per queue (single active consumer)",
+                    _ => "keys keep their meaning; check the partition count for parallelism",
+                },
+            );
+        }
+        if from.consumer_groups && !to.consumer_groups {
+            add(
+                Severity::Warning,
+                "no consumer groups: every subscriber of a queue competes; a second group does not get its own copy".into(),
+                "give each group its own queue (fan out with SNS → SQS subscriptions)",
+            );
+        }
+        if g == Guarantee::ExactlyOnce {
+            match (to.native_dedup, ttl) {
+                (Some(window), Some(ttl)) if ttl < window => add(
+                    Severity::Warning,
+                    format!("broker dedup window {window:?} is longer than the idempotency TTL {ttl:?}"),
+                    "raise [idempotency] ttl to at least the broker's window",
+                ),
+                (Some(window), _) if to.name == "sqs" => add(
+                    Severity::Info,
+                    format!("SQS FIFO drops re-sent ids for {window:?} only; later duplicates reach the idempotent layer"),
+                    "keep [idempotency] configured; use a .fifo queue (a standard queue without a store is refused)",
+                ),
+                (None, None) => add(
+                    Severity::Error,
+                    "exactly-once without an [idempotency] store: this broker has no dedup of its own".into(),
+                    "add an [idempotency] section (redis:// or postgres://)",
+                ),
+                _ => {}
+            }
+            if from.transactions && !to.transactions {
+                add(
+                    Severity::Warning,
+                    "no transactions: handler outputs are published before the ack, not atomically with it".into(),
+                    "give outputs deterministic ids (Context::derive_id) so downstream dedup absorbs re-publishes",
+                );
+            }
+        }
+        let limit = payload_limit(config);
+        if to.max_payload < limit {
+            add(
+                Severity::Warning,
+                format!("payload limit {} bytes there, {limit} configured here", to.max_payload),
+                "keep messages under the smaller limit (store large bodies elsewhere and send a reference)",
+            );
+        }
+        if !to.delayed_redelivery && from.delayed_redelivery {
+            add(
+                Severity::Info,
+                "no native delayed redelivery: retries are re-published with their delay by courier".into(),
+                "nothing to do; retried messages may overtake later ones of the same key",
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moving_exactly_once_off_memory_without_a_store_is_flagged() {
+        let c = Config::memory().with_guarantee(Guarantee::ExactlyOnce);
+        let f = portability(&c);
+        assert!(
+            f.iter()
+                .any(|f| f.backend == "kafka" && f.severity == Severity::Error),
+            "{f:#?}"
+        );
+        assert!(f
+            .iter()
+            .any(|f| f.backend == "sqs" && f.what.contains("consumer groups")));
+        assert!(f
+            .iter()
+            .any(|f| f.backend == "rabbitmq" && f.what.contains("ordering")));
+    }
+
+    #[test]
+    fn short_ttl_against_sqs_window() {
+        let mut c =
+            Config::from_url("kafka://127.0.0.1:9092?guarantee=exactly-once&idempotency=memory")
+                .unwrap();
+        c.idempotency.as_mut().unwrap().ttl = Duration::from_secs(60);
+        let f = portability(&c);
+        assert!(
+            f.iter()
+                .any(|f| f.backend == "sqs" && f.what.contains("longer than the idempotency TTL")),
+            "{f:#?}"
+        );
+        assert!(f.iter().any(|f| f.what.contains("no transactions")));
+    }
+}

@@ -1,0 +1,256 @@
+//! Tracing spans, metrics and W3C trace-context propagation around any backend.
+//!
+//! [`crate::connect`] wraps every client in [`Instrumented`], so each backend gets the same
+//! observability without code of its own:
+//!
+//! | span | fields |
+//! |---|---|
+//! | `courier.publish` | backend, destination, message_id, trace_id |
+//! | `courier.receive` (event) | backend, destination, message_id, attempt |
+//! | `courier.handle`, `courier.retry`, `courier.dead_letter` (consume loop) | message_id, destination, attempt |
+//! | `courier.settle` | backend, destination, message_id, op (ack / nack / dead_letter) |
+//!
+//! Metrics (through the `metrics` facade; plug in any exporter): `courier_published_total`,
+//! `courier_publish_errors_total`, `courier_delivered_total`, `courier_redelivered_total`,
+//! `courier_settled_total{op}`, and from the consume loop `courier_handled_total`,
+//! `courier_handler_errors_total`, `courier_retried_total`, `courier_deferred_total`,
+//! `courier_dead_lettered_total`, `courier_dropped_total`, `courier_in_flight`,
+//! `courier_handler_seconds`; from the idempotent layer `courier_duplicates_absorbed_total` and
+//! friends; from the outbox `courier_outbox_*`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tracing::{info_span, Instrument};
+
+use courier_core::{
+    header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
+    Explanation, Guarantee, Message, Outgoing, Receipt, Result, Settle, Subscription,
+};
+
+/// A new W3C `traceparent` value with a random trace id and span id.
+pub fn new_traceparent() -> String {
+    format!(
+        "00-{:032x}-{:016x}-01",
+        fastrand::u128(1..),
+        fastrand::u64(1..)
+    )
+}
+
+/// The trace id of a `traceparent` value, if it is well formed.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_v, t) = (parts.next()?, parts.next()?);
+    (t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit())).then_some(t)
+}
+
+fn ensure_traceparent(m: &mut Message) -> String {
+    m.headers
+        .entry(header::TRACEPARENT.to_owned())
+        .or_insert_with(new_traceparent)
+        .clone()
+}
+
+/// A client wrapped with spans, metrics and trace-context propagation.
+pub struct Instrumented {
+    inner: Box<dyn DeliveryClient>,
+}
+
+impl Instrumented {
+    /// Wrap `inner`.
+    pub fn new(inner: Box<dyn DeliveryClient>) -> Self {
+        Instrumented { inner }
+    }
+}
+
+impl std::fmt::Debug for Instrumented {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instrumented")
+            .field("backend", &self.inner.backend())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl DeliveryClient for Instrumented {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    fn guarantee(&self) -> Guarantee {
+        self.inner.guarantee()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn explain(&self) -> Explanation {
+        self.inner.explain()
+    }
+
+    async fn create_destination(&self, destination: &str) -> Result<()> {
+        self.inner.create_destination(destination).await
+    }
+
+    async fn publish(&self, destination: &str, mut message: Message) -> Result<Receipt> {
+        let backend = self.inner.backend();
+        let tp = ensure_traceparent(&mut message);
+        let span = info_span!("courier.publish", backend, destination, message_id = %message.id, trace_id = trace_id(&tp).unwrap_or(""));
+        let r = self
+            .inner
+            .publish(destination, message)
+            .instrument(span)
+            .await;
+        count_publish(backend, destination, &r, 1);
+        r
+    }
+
+    async fn publish_batch(
+        &self,
+        destination: &str,
+        mut messages: Vec<Message>,
+    ) -> Result<Vec<Receipt>> {
+        let backend = self.inner.backend();
+        for m in &mut messages {
+            ensure_traceparent(m);
+        }
+        let n = messages.len() as u64;
+        let span = info_span!("courier.publish_batch", backend, destination, size = n);
+        let r = self
+            .inner
+            .publish_batch(destination, messages)
+            .instrument(span)
+            .await;
+        count_publish(backend, destination, &r, n);
+        r
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries> {
+        let destination = subscription.destination.clone();
+        let inner = self.inner.subscribe(subscription).await?;
+        Ok(Deliveries::new(Box::new(InstrumentedStream {
+            inner,
+            backend: self.inner.backend(),
+            destination,
+        })))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+fn count_publish<T>(backend: &'static str, destination: &str, r: &Result<T>, n: u64) {
+    match r {
+        Ok(_) => metrics::counter!("courier_published_total", "backend" => backend, "destination" => destination.to_owned()).increment(n),
+        Err(e) => metrics::counter!("courier_publish_errors_total", "backend" => backend, "destination" => destination.to_owned(), "kind" => e.kind()).increment(n),
+    }
+}
+
+struct InstrumentedStream {
+    inner: Deliveries,
+    backend: &'static str,
+    destination: String,
+}
+
+#[async_trait]
+impl DeliveryStream for InstrumentedStream {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        let d = match self.inner.next().await? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        let (info, settle) = d.into_parts();
+        metrics::counter!("courier_delivered_total", "backend" => self.backend, "destination" => self.destination.clone()).increment(1);
+        if info.attempt > 1 {
+            metrics::counter!("courier_redelivered_total", "backend" => self.backend, "destination" => self.destination.clone()).increment(1);
+        }
+        tracing::debug!(
+            name: "courier.receive",
+            backend = self.backend,
+            destination = %self.destination,
+            message_id = %info.message.id,
+            attempt = info.attempt,
+            "received"
+        );
+        let settle = InstrumentedSettle {
+            inner: settle,
+            backend: self.backend,
+            destination: self.destination.clone(),
+            message_id: info.message.id.to_string(),
+        };
+        Some(Ok(Delivery::new(
+            info.message,
+            info.attempt,
+            info.position,
+            info.source,
+            Box::new(settle),
+        )))
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+struct InstrumentedSettle {
+    inner: Box<dyn Settle>,
+    backend: &'static str,
+    destination: String,
+    message_id: String,
+}
+
+impl InstrumentedSettle {
+    fn span(&self, op: &'static str) -> tracing::Span {
+        info_span!("courier.settle", backend = self.backend, destination = %self.destination, message_id = %self.message_id, op)
+    }
+
+    fn count(&self, op: &'static str) {
+        metrics::counter!("courier_settled_total", "backend" => self.backend, "destination" => self.destination.clone(), "op" => op).increment(1);
+    }
+}
+
+#[async_trait]
+impl Settle for InstrumentedSettle {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        let span = self.span("ack");
+        self.count("ack");
+        self.inner.ack().instrument(span).await
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<()> {
+        let span = self.span("nack");
+        self.count("nack");
+        self.inner.nack(delay).instrument(span).await
+    }
+
+    async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
+        let span = self.span("dead_letter");
+        self.count("dead_letter");
+        self.inner.dead_letter(message, why).instrument(span).await
+    }
+
+    fn atomic_outputs(&self) -> bool {
+        self.inner.atomic_outputs()
+    }
+
+    async fn ack_with_outputs(self: Box<Self>, outputs: Vec<Outgoing>) -> Result<()> {
+        let span = self.span("ack_with_outputs");
+        self.count("ack");
+        self.inner.ack_with_outputs(outputs).instrument(span).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_shape() {
+        let tp = new_traceparent();
+        assert_eq!(tp.len(), 55, "{tp}");
+        assert!(trace_id(&tp).is_some());
+        assert_eq!(trace_id("garbage"), None);
+    }
+}

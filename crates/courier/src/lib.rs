@@ -1,0 +1,168 @@
+//! # courier
+//!
+//! Send and receive messages over Kafka, RabbitMQ, AWS SQS or an embedded in-memory broker with
+//! an explicit delivery guarantee — at-most-once, at-least-once or exactly-once — configured once
+//! and switched between brokers by configuration alone.
+//!
+//! ```no_run
+//! # async fn demo() -> courier::Result<()> {
+//! use courier::{Config, Message, Subscription, handler_fn};
+//! let config = Config::from_env()?;                 // COURIER_CONFIG / COURIER_URL, else memory
+//! let client = courier::connect(&config).await?;    // Box<dyn DeliveryClient>
+//! let client: std::sync::Arc<dyn courier::DeliveryClient> = client.into();
+//! client.create_destination("orders").await?;
+//! client.publish("orders", Message::new("order #1").with_key("customer-7")).await?;
+//! let consumer = courier::consumer(
+//!     &config,
+//!     client.clone(),
+//!     Subscription::new("orders", "billing"),
+//!     handler_fn(|m| async move { println!("{}", m.id); Ok(()) }),
+//! ).await?;
+//! consumer.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Backends are cargo features (`kafka`, `rabbitmq`, `sqs`; `memory` is always there), and
+//! `outbox` adds the transactional outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod doctor;
+pub mod instrument;
+
+pub use courier_core::*;
+pub use courier_idempotency as idempotency;
+pub use courier_memory as memory;
+
+#[cfg(feature = "kafka")]
+pub use courier_kafka as kafka;
+#[cfg(feature = "outbox")]
+pub use courier_outbox as outbox;
+#[cfg(feature = "rabbitmq")]
+pub use courier_rabbitmq as rabbitmq;
+#[cfg(feature = "sqs")]
+pub use courier_sqs as sqs;
+
+use courier_idempotency::{IdempotencyStore, Idempotent};
+
+fn not_compiled(kind: &str) -> Error {
+    Error::config(format!(
+        "backend {kind:?} is not compiled in: enable the cargo feature `{kind}` of the courier crate"
+    ))
+}
+
+/// Connect to the broker `config` selects, with its guarantee. The client is wrapped in
+/// [`instrument::Instrumented`]: tracing spans, metrics and `traceparent` propagation.
+pub async fn connect(config: &Config) -> Result<Box<dyn DeliveryClient>> {
+    Ok(Box::new(instrument::Instrumented::new(
+        connect_raw(config).await?,
+    )))
+}
+
+/// Connect without the instrumentation wrapper.
+pub async fn connect_raw(config: &Config) -> Result<Box<dyn DeliveryClient>> {
+    config.validate()?;
+    match &config.backend {
+        BackendConfig::Memory(_) => Ok(Box::new(courier_memory::connect(config).await?)),
+        #[cfg(feature = "kafka")]
+        BackendConfig::Kafka(_) => Ok(Box::new(courier_kafka::connect(config).await?)),
+        #[cfg(feature = "rabbitmq")]
+        BackendConfig::Rabbitmq(_) => Ok(Box::new(courier_rabbitmq::connect(config).await?)),
+        #[cfg(feature = "sqs")]
+        BackendConfig::Sqs(_) => Ok(Box::new(courier_sqs::connect(config).await?)),
+        #[allow(unreachable_patterns)]
+        other => Err(not_compiled(other.kind())),
+    }
+}
+
+/// The effective broker settings `config` compiles into, without connecting.
+pub fn explain(config: &Config) -> Result<Explanation> {
+    config.validate()?;
+    let mut e = match &config.backend {
+        BackendConfig::Memory(_) => courier_memory::explain(config)?,
+        #[cfg(feature = "kafka")]
+        BackendConfig::Kafka(_) => courier_kafka::explain(config)?,
+        #[cfg(feature = "rabbitmq")]
+        BackendConfig::Rabbitmq(_) => courier_rabbitmq::explain(config)?,
+        #[cfg(feature = "sqs")]
+        BackendConfig::Sqs(_) => courier_sqs::explain(config)?,
+        #[allow(unreachable_patterns)]
+        other => return Err(not_compiled(other.kind())),
+    };
+    let c = &config.consumer;
+    e = e
+        .set(
+            "consume loop",
+            "concurrency",
+            c.concurrency,
+            "handlers at once; same key never concurrently, in order",
+        )
+        .set(
+            "consume loop",
+            "retry",
+            format!(
+                "{} attempts, {:?}..{:?} x{} ±{}%",
+                c.retry.max_attempts,
+                c.retry.initial_backoff,
+                c.retry.max_backoff,
+                c.retry.multiplier,
+                (c.retry.jitter * 100.0) as u32
+            ),
+            "then dead-lettered with the attempt count and last error",
+        );
+    e = match &config.idempotency {
+        Some(i) => e.set(
+            "idempotency",
+            "store",
+            i.store.redacted(),
+            format!("duplicates absorbed for {:?}; store outage: {:?}", i.ttl, i.on_store_error),
+        ),
+        None if config.guarantee == Guarantee::ExactlyOnce => {
+            e.note("exactly-once needs the idempotent layer: add an [idempotency] section (or the backend's transactions cover only broker-to-broker effects)")
+        }
+        None => e,
+    };
+    Ok(e)
+}
+
+/// The idempotency store an `[idempotency]` section describes.
+pub async fn idempotency_store(
+    config: &config::IdempotencyConfig,
+) -> Result<Arc<dyn IdempotencyStore>> {
+    courier_idempotency::store_from_config(config).await
+}
+
+/// Start a consumer as `config` says: the `[consumer]` settings, and — when the config has an
+/// `[idempotency]` section or the guarantee is exactly-once — the idempotent layer around
+/// `handler` (namespaced by the subscription's group, lease = the broker's redelivery window).
+pub async fn consumer<H: Handler>(
+    config: &Config,
+    client: Arc<dyn DeliveryClient>,
+    subscription: Subscription,
+    handler: H,
+) -> Result<ConsumerHandle> {
+    let c = Consumer::new(client.clone(), subscription.clone()).with_config(&config.consumer);
+    let wants_layer = config.idempotency.is_some() || config.guarantee == Guarantee::ExactlyOnce;
+    if !wants_layer {
+        return c.spawn(handler).await;
+    }
+    let section = config.idempotency.clone().unwrap_or_default();
+    let store = idempotency_store(&section).await?;
+    let lease = section.lease.unwrap_or_else(|| {
+        client
+            .capabilities()
+            .redelivery_after_crash
+            .max(Duration::from_secs(30))
+    });
+    let layer = Idempotent::new(handler, store)
+        .with_config(&section)
+        .namespace(
+            section
+                .namespace
+                .clone()
+                .unwrap_or_else(|| subscription.group.clone()),
+        )
+        .lease(lease);
+    c.spawn(layer).await
+}

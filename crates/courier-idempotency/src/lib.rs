@@ -13,16 +13,27 @@
 //! - **Completed** — a duplicate: acknowledge without running the handler (counted).
 //! - **Conflict** — same key, different payload: typed error, dead-lettered.
 //!
+//! Stores: [`MemoryStore`] (one process), [`RedisStore`] (Lua scripts make claim, extend,
+//! complete and release atomic) and [`PostgresStore`]. With PostgreSQL there is also a
+//! transactional mode, [`TransactionalIdempotent`]: the handler gets the database transaction,
+//! and the dedup row commits together with its business writes.
+//!
 //! Unlike a deduplicator that marks a key *before* the handler runs, a failed first attempt never
 //! makes the message look done: the key is only completed after the handler succeeded.
 
 mod layer;
 mod memory;
+mod postgres;
+mod redis;
 mod store;
+mod transactional;
 
 pub use layer::{fingerprint, IdempotencyStats, Idempotent};
 pub use memory::MemoryStore;
+pub use postgres::{PostgresStore, DEFAULT_TABLE};
+pub use redis::RedisStore;
 pub use store::{Begin, IdempotencyStore, LeaseToken};
+pub use transactional::{TransactionalIdempotent, TxHandler};
 
 use std::sync::Arc;
 
@@ -35,8 +46,14 @@ pub async fn store_from_config(config: &IdempotencyConfig) -> Result<Arc<dyn Ide
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::default()));
     }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Ok(Arc::new(RedisStore::connect(url).await?));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PostgresStore::connect(url).await?));
+    }
     Err(Error::config(format!(
-        "idempotency.store {} is not supported by this build",
+        "idempotency.store {} is not a store courier knows: use memory, redis://host:6379 or postgres://user@host/db",
         config.store.redacted()
     )))
 }

@@ -69,27 +69,41 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("prefix", &self.prefix).finish()
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
 fn store_err(operation: &'static str, e: impl Into<courier_core::BoxError>) -> Error {
-    Error::Store { store: "redis", operation, source: e.into() }
+    Error::Store {
+        store: "redis",
+        operation,
+        source: e.into(),
+    }
 }
 
 impl RedisStore {
     /// Connect to `url` (credentials in it are never printed).
     pub async fn connect(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| Error::config(format!("invalid redis URL: {e}")))?;
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::config(format!("invalid redis URL: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(1);
-        let conn = tokio::time::timeout(Duration::from_secs(5), ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|_| store_err("connect", "timed out"))?
-            .map_err(|e| store_err("connect", e))?;
-        Ok(RedisStore { conn, prefix: "courier:idem:".into(), op_timeout: Duration::from_secs(2) })
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| store_err("connect", "timed out"))?
+        .map_err(|e| store_err("connect", e))?;
+        Ok(RedisStore {
+            conn,
+            prefix: "courier:idem:".into(),
+            op_timeout: Duration::from_secs(2),
+        })
     }
 
     /// Prefix of the Redis keys (default `courier:idem:`).
@@ -98,7 +112,13 @@ impl RedisStore {
         self
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, script: &str, key: &str, args: &[Vec<u8>]) -> Result<T> {
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        script: &str,
+        key: &str,
+        args: &[Vec<u8>],
+    ) -> Result<T> {
         let script = Script::new(script);
         let mut inv = script.key(format!("{}{key}", self.prefix));
         for a in args {
@@ -125,47 +145,97 @@ impl IdempotencyStore for RedisStore {
     async fn begin(&self, key: &str, fingerprint: &str, lease: Duration) -> Result<Begin> {
         let token = LeaseToken::new();
         let out: Vec<Vec<u8>> = self
-            .run("begin", BEGIN, key, &[fingerprint.as_bytes().to_vec(), token.0.as_bytes().to_vec(), ms(lease)])
+            .run(
+                "begin",
+                BEGIN,
+                key,
+                &[
+                    fingerprint.as_bytes().to_vec(),
+                    token.0.as_bytes().to_vec(),
+                    ms(lease),
+                ],
+            )
             .await?;
-        let tag = out.first().map(|t| String::from_utf8_lossy(t).into_owned()).unwrap_or_default();
+        let tag = out
+            .first()
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .unwrap_or_default();
         match tag.as_str() {
             "begun" => Ok(Begin::Begun(token)),
             "conflict" => Err(Error::IdempotencyConflict {
                 key: key.to_owned(),
-                stored: out.get(1).map(|f| String::from_utf8_lossy(f).into_owned()).unwrap_or_default(),
+                stored: out
+                    .get(1)
+                    .map(|f| String::from_utf8_lossy(f).into_owned())
+                    .unwrap_or_default(),
                 received: fingerprint.to_owned(),
             }),
             "completed" => Ok(Begin::Completed {
-                result: (out.get(1).map(Vec::as_slice) == Some(b"1")).then(|| Bytes::from(out.get(2).cloned().unwrap_or_default())),
+                result: (out.get(1).map(Vec::as_slice) == Some(b"1"))
+                    .then(|| Bytes::from(out.get(2).cloned().unwrap_or_default())),
             }),
             "progress" => {
-                let pttl: i64 = out.get(1).and_then(|v| String::from_utf8_lossy(v).parse().ok()).unwrap_or(100);
-                Ok(Begin::InProgress { retry_after: Duration::from_millis(pttl.max(1) as u64) })
+                let pttl: i64 = out
+                    .get(1)
+                    .and_then(|v| String::from_utf8_lossy(v).parse().ok())
+                    .unwrap_or(100);
+                Ok(Begin::InProgress {
+                    retry_after: Duration::from_millis(pttl.max(1) as u64),
+                })
             }
-            other => Err(store_err("begin", format!("unexpected script reply {other:?}"))),
+            other => Err(store_err(
+                "begin",
+                format!("unexpected script reply {other:?}"),
+            )),
         }
     }
 
     async fn extend(&self, key: &str, token: &LeaseToken, lease: Duration) -> Result<bool> {
-        let n: i64 = self.run("extend", EXTEND, key, &[token.0.as_bytes().to_vec(), ms(lease)]).await?;
+        let n: i64 = self
+            .run(
+                "extend",
+                EXTEND,
+                key,
+                &[token.0.as_bytes().to_vec(), ms(lease)],
+            )
+            .await?;
         Ok(n == 1)
     }
 
-    async fn complete(&self, key: &str, token: &LeaseToken, fingerprint: &str, result: Option<Bytes>, ttl: Duration) -> Result<bool> {
-        let has = if result.is_some() { b"1".to_vec() } else { b"0".to_vec() };
+    async fn complete(
+        &self,
+        key: &str,
+        token: &LeaseToken,
+        fingerprint: &str,
+        result: Option<Bytes>,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let has = if result.is_some() {
+            b"1".to_vec()
+        } else {
+            b"0".to_vec()
+        };
         let n: i64 = self
             .run(
                 "complete",
                 COMPLETE,
                 key,
-                &[token.0.as_bytes().to_vec(), fingerprint.as_bytes().to_vec(), ms(ttl), has, result.map(|r| r.to_vec()).unwrap_or_default()],
+                &[
+                    token.0.as_bytes().to_vec(),
+                    fingerprint.as_bytes().to_vec(),
+                    ms(ttl),
+                    has,
+                    result.map(|r| r.to_vec()).unwrap_or_default(),
+                ],
             )
             .await?;
         Ok(n == 1)
     }
 
     async fn release(&self, key: &str, token: &LeaseToken) -> Result<()> {
-        let _: i64 = self.run("release", RELEASE, key, &[token.0.as_bytes().to_vec()]).await?;
+        let _: i64 = self
+            .run("release", RELEASE, key, &[token.0.as_bytes().to_vec()])
+            .await?;
         Ok(())
     }
 }

@@ -1,0 +1,264 @@
+//! The store contract, run against every store: memory, Redis (127.0.0.1:6379) and
+//! PostgreSQL (DATABASE_URL). A store that cannot be reached fails the test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier_core::Error;
+use courier_idempotency::{
+    Begin, IdempotencyStore, LeaseToken, MemoryStore, PostgresStore, RedisStore,
+};
+use courier_testkit::endpoints::{database_url, redis_url, unreachable};
+use courier_testkit::unique;
+
+async fn memory() -> Arc<dyn IdempotencyStore> {
+    Arc::new(MemoryStore::default())
+}
+
+async fn redis() -> Arc<dyn IdempotencyStore> {
+    let url = redis_url();
+    match RedisStore::connect(&url).await {
+        Ok(s) => Arc::new(s.with_prefix(unique("test:"))),
+        Err(e) => unreachable("Redis", &url, e),
+    }
+}
+
+async fn postgres() -> Arc<dyn IdempotencyStore> {
+    let url = database_url();
+    match PostgresStore::connect(&url).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => unreachable("PostgreSQL", &url, e),
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+fn begun(b: Begin) -> LeaseToken {
+    match b {
+        Begin::Begun(t) => t,
+        other => panic!("expected Begun, got {other:?}"),
+    }
+}
+
+async fn claim_complete_and_absorb(s: Arc<dyn IdempotencyStore>) {
+    let key = unique("k");
+    let t = begun(s.begin(&key, "fp1", LEASE).await.unwrap());
+    // A second worker sees it in progress, with about the lease left.
+    match s.begin(&key, "fp1", LEASE).await.unwrap() {
+        Begin::InProgress { retry_after } => assert!(retry_after <= LEASE, "{retry_after:?}"),
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    assert!(s
+        .complete(&key, &t, "fp1", Some(Bytes::from_static(b"receipt-7")), TTL)
+        .await
+        .unwrap());
+    match s.begin(&key, "fp1", LEASE).await.unwrap() {
+        Begin::Completed { result } => assert_eq!(result.as_deref(), Some(&b"receipt-7"[..])),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    // Completing again (a stale worker) does not overwrite the completion.
+    assert!(!s.complete(&key, &t, "fp1", None, TTL).await.unwrap());
+    match s.begin(&key, "fp1", LEASE).await.unwrap() {
+        Begin::Completed { result } => assert_eq!(result.as_deref(), Some(&b"receipt-7"[..])),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+}
+
+async fn completed_without_result(s: Arc<dyn IdempotencyStore>) {
+    let key = unique("k");
+    let t = begun(s.begin(&key, "fp", LEASE).await.unwrap());
+    assert!(s.complete(&key, &t, "fp", None, TTL).await.unwrap());
+    assert_eq!(
+        s.begin(&key, "fp", LEASE).await.unwrap(),
+        Begin::Completed { result: None }
+    );
+}
+
+async fn different_payload_is_a_conflict(s: Arc<dyn IdempotencyStore>) {
+    let key = unique("k");
+    let t = begun(s.begin(&key, "fp-a", LEASE).await.unwrap());
+    let e = s.begin(&key, "fp-b", LEASE).await.unwrap_err();
+    assert!(matches!(e, Error::IdempotencyConflict { .. }), "{e}");
+    assert_eq!(e.kind(), "idempotency_conflict");
+    s.complete(&key, &t, "fp-a", None, TTL).await.unwrap();
+    let e = s.begin(&key, "fp-b", LEASE).await.unwrap_err();
+    assert!(matches!(e, Error::IdempotencyConflict { .. }), "{e}");
+}
+
+async fn release_lets_a_retry_begin(s: Arc<dyn IdempotencyStore>) {
+    let key = unique("k");
+    let t = begun(s.begin(&key, "fp", LEASE).await.unwrap());
+    // Releasing with someone else's token changes nothing.
+    s.release(&key, &LeaseToken::new()).await.unwrap();
+    assert!(matches!(
+        s.begin(&key, "fp", LEASE).await.unwrap(),
+        Begin::InProgress { .. }
+    ));
+    s.release(&key, &t).await.unwrap();
+    begun(s.begin(&key, "fp", LEASE).await.unwrap());
+}
+
+async fn expired_lease_is_taken_over(s: Arc<dyn IdempotencyStore>) {
+    let key = unique("k");
+    let short = Duration::from_millis(300);
+    let dead = begun(s.begin(&key, "fp", short).await.unwrap());
+    // Poll until the lease has expired (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let alive = loop {
+        match s.begin(&key, "fp", LEASE).await.unwrap() {
+            Begin::Begun(t) => break t,
+            Begin::InProgress { retry_after } => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "lease never expired"
+                );
+                tokio::time::sleep(retry_after.min(Duration::from_millis(100))).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // The dead worker's token no longer extends or completes as the holder.
+    assert!(!s.extend(&key, &dead, LEASE).await.unwrap());
+    assert!(s.extend(&key, &alive, LEASE).await.unwrap());
+    assert!(s.complete(&key, &alive, "fp", None, TTL).await.unwrap());
+    assert!(matches!(
+        s.begin(&key, "fp", LEASE).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+}
+
+async fn extend_keeps_the_lease(s: Arc<dyn IdempotencyStore>) {
+    let key = unique("k");
+    let lease = Duration::from_millis(600);
+    let t = begun(s.begin(&key, "fp", lease).await.unwrap());
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            s.extend(&key, &t, lease).await.unwrap(),
+            "lease lost while extended"
+        );
+    }
+    assert!(matches!(
+        s.begin(&key, "fp", lease).await.unwrap(),
+        Begin::InProgress { .. }
+    ));
+}
+
+async fn completed_key_expires_after_ttl(s: Arc<dyn IdempotencyStore>) {
+    let key = unique("k");
+    let t = begun(s.begin(&key, "fp", LEASE).await.unwrap());
+    s.complete(&key, &t, "fp", None, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match s.begin(&key, "fp", LEASE).await.unwrap() {
+            Begin::Begun(_) => break,
+            Begin::Completed { .. } => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "completed key never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+async fn one_winner_under_contention(s: Arc<dyn IdempotencyStore>) {
+    for _ in 0..5 {
+        let key = unique("k");
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let s = s.clone();
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                s.begin(&key, "fp", LEASE).await.unwrap()
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            if matches!(t.await.unwrap(), Begin::Begun(_)) {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1, "exactly one worker may win a key");
+    }
+}
+
+macro_rules! contract {
+    ($store:ident) => {
+        mod $store {
+            contract!(@t $store; claim_complete_and_absorb, completed_without_result,
+                different_payload_is_a_conflict, release_lets_a_retry_begin,
+                expired_lease_is_taken_over, extend_keeps_the_lease,
+                completed_key_expires_after_ttl, one_winner_under_contention);
+        }
+    };
+    (@t $store:ident; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                super::$case(super::$store().await).await;
+            }
+        )*
+    };
+}
+
+contract!(memory);
+contract!(redis);
+contract!(postgres);
+
+#[tokio::test]
+async fn postgres_cleanup_deletes_expired_rows() {
+    let url = database_url();
+    let store = PostgresStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| unreachable("PostgreSQL", &url, e));
+    let key = unique("gone");
+    let t = begun(store.begin(&key, "fp", LEASE).await.unwrap());
+    store
+        .complete(&key, &t, "fp", None, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let deleted = store.cleanup(100_000).await.unwrap();
+    assert!(deleted >= 1, "cleanup deleted {deleted}");
+    let n: i64 = sqlx_count(&store, &key).await;
+    assert_eq!(n, 0);
+}
+
+async fn sqlx_count(store: &PostgresStore, key: &str) -> i64 {
+    use sqlx::Row;
+    sqlx::query("SELECT count(*) AS n FROM courier_idempotency WHERE key = $1")
+        .bind(key)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get("n")
+}
+
+#[tokio::test]
+async fn unknown_store_url_is_a_config_error() {
+    let cfg = courier_core::config::IdempotencyConfig {
+        store: courier_core::config::SecretUrl::new("mongodb://u:pw@h/db"),
+        ..Default::default()
+    };
+    let Err(e) = courier_idempotency::store_from_config(&cfg).await else {
+        panic!("an unknown store URL was accepted");
+    };
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+    assert!(!e.to_string().contains("pw@"), "{e}");
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_a_store_error_quickly() {
+    let e = RedisStore::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "store", "{e}");
+    assert!(e.is_retryable());
+}

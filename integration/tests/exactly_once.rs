@@ -16,7 +16,7 @@ use courier::{
     HandlerError, Message, Result, RetryPolicy, Subscription,
 };
 use courier_testkit::endpoints::{self, database_url, redis_url, unreachable};
-use courier_testkit::process::{kill9, spawn_worker, worker_role};
+use courier_testkit::process::{kill9, spawn_worker, wait_rabbitmq_queue_empty, worker_role};
 use courier_testkit::{scenarios, unique, Ledger, TestBackend};
 use sqlx::postgres::Postgres;
 use sqlx::{Row, Transaction};
@@ -312,28 +312,6 @@ fn tx_worker_entry() {
     });
 }
 
-/// Poll `rabbitmqctl list_queues` (ready + unacknowledged) until `queue` is empty, bounded.
-async fn wait_queue_empty(queue: &str, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        let out = tokio::process::Command::new("rabbitmqctl")
-            .args(["-q", "list_queues", "name", "messages"])
-            .output()
-            .await
-            .expect("rabbitmqctl runs");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let depth = text.lines().find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some(queue)).then(|| f.next().and_then(|n| n.parse::<u64>().ok()))?
-        });
-        if depth == Some(0) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    false
-}
-
 async fn payments(pool: &sqlx::PgPool, run: &str) -> (usize, usize) {
     let row = sqlx::query(
         "SELECT count(*) AS rows, count(DISTINCT message_id) AS ids FROM courier_test_payments WHERE run = $1",
@@ -425,7 +403,7 @@ async fn postgres_transactional_mode_survives_sigkill_between_commit_and_ack() {
     )
     .unwrap();
     let queue = format!("{dest}.{group}");
-    let drained = wait_queue_empty(&queue, Duration::from_secs(60)).await;
+    let drained = wait_rabbitmq_queue_empty(&queue, Duration::from_secs(60)).await;
     kill9(&mut child);
     assert!(drained, "queue {queue} never drained");
 

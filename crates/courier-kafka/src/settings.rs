@@ -57,6 +57,11 @@ pub(crate) fn producer(
             id.to_owned(),
             "stable per instance: fences zombies",
         ));
+        s.push((
+            "transaction.timeout.ms".into(),
+            k.delivery_timeout.as_millis().max(1000).to_string(),
+            "librdkafka requires it >= delivery.timeout.ms (the broker caps it at transaction.max.timeout.ms)",
+        ));
     }
     s
 }

@@ -41,3 +41,29 @@ pub fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Messages (ready + unacknowledged) in a RabbitMQ queue, read with `rabbitmqctl list_queues`.
+pub async fn rabbitmq_queue_depth(queue: &str) -> Option<u64> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "messages"])
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some(queue)).then(|| f.next().and_then(|n| n.parse::<u64>().ok()))?
+    })
+}
+
+/// Wait (bounded) until a RabbitMQ queue holds no message, ready or unacknowledged.
+pub async fn wait_rabbitmq_queue_empty(queue: &str, timeout: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if rabbitmq_queue_depth(queue).await == Some(0) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    false
+}

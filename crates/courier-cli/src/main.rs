@@ -121,6 +121,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The transactional outbox: backlog and lag, or run a relay.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// Prove the guarantee: publish and consume under injected faults, count loss and duplicate
     /// effects, exit non-zero on a violation.
     Verify {
@@ -148,6 +153,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum OutboxCommand {
+    /// Backlog, lag (age of the oldest unpublished row), published and failed rows.
+    Status {
+        /// PostgreSQL holding the outbox table.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the outbox through the configured broker until interrupted (Ctrl-C).
+    Relay {
+        #[command(flatten)]
+        target: Target,
+        /// PostgreSQL holding the outbox table.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Rows claimed per round.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+    },
+}
+
+async fn outbox_pool(url: &str) -> Result<sqlx::PgPool> {
+    let redacted = courier::config::redact_url(url);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to the outbox database {redacted}"))
 }
 
 fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
@@ -218,6 +257,54 @@ async fn run(cli: Cli) -> Result<()> {
             if fatal {
                 std::process::exit(3);
             }
+        }
+        Command::Outbox {
+            command: OutboxCommand::Status { database_url, json },
+        } => {
+            let pool = outbox_pool(&database_url).await?;
+            let st = courier::outbox::status(&pool).await?;
+            if json {
+                let v = serde_json::json!({
+                    "backlog": st.backlog,
+                    "lag_seconds": st.oldest_pending.map(|d| d.as_secs_f64()),
+                    "published": st.published,
+                    "published_last_minute": st.published_last_minute,
+                    "failed": st.failed,
+                    "backlog_by_destination": st.backlog_by_destination,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{st}");
+            }
+        }
+        Command::Outbox {
+            command:
+                OutboxCommand::Relay {
+                    target,
+                    database_url,
+                    batch_size,
+                },
+        } => {
+            let config = target.load()?;
+            let pool = outbox_pool(&database_url).await?;
+            let client: std::sync::Arc<dyn courier::DeliveryClient> =
+                std::sync::Arc::from(courier::connect(&config).await?);
+            let relay = courier::outbox::Relay::new(pool, client.clone())
+                .batch_size(batch_size)
+                .spawn()
+                .await?;
+            eprintln!(
+                "courier outbox relay: publishing through {} ({}); Ctrl-C stops",
+                config.backend.kind(),
+                config.guarantee
+            );
+            tokio::signal::ctrl_c().await?;
+            let stats = relay.shutdown().await?;
+            client.close().await?;
+            eprintln!(
+                "published {} rows",
+                stats.published.load(std::sync::atomic::Ordering::Relaxed)
+            );
         }
         Command::Verify {
             target,

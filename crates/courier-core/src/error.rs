@@ -115,8 +115,8 @@ pub enum Error {
         /// Fingerprint of the new message.
         received: String,
     },
-    /// The idempotency store failed.
-    #[error("idempotency store {store} error during {operation}: {source}")]
+    /// A store courier keeps state in (idempotency store, outbox database) failed.
+    #[error("{store} store error during {operation}: {source}")]
     Store {
         /// Store name.
         store: &'static str,

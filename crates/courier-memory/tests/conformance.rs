@@ -155,3 +155,17 @@ mod broken_brokers_are_caught {
         );
     }
 }
+
+/// The suite with every handler behind the idempotent layer (memory store).
+mod through_the_layer {
+    use super::*;
+    use courier_testkit::Layered;
+
+    async fn layered() -> Layered<Memory> {
+        Layered {
+            inner: with_faults("memory", MemoryFaults::default()),
+            store: Arc::new(courier_idempotency::MemoryStore::default()),
+        }
+    }
+    courier_testkit::conformance_suite!(layered);
+}

@@ -213,7 +213,12 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus> {
     )
     .fetch_one(pool)
     .await
-    .map_err(db_err("status"))?;
+    .map_err(|e| match &e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Error::config(
+            "this database has no courier_outbox table: create it with courier_outbox::migrate (a relay does at start)",
+        ),
+        _ => db_err("status")(e),
+    })?;
     let by_dest = sqlx::query(
         "SELECT destination, count(*) AS n FROM courier_outbox
          WHERE published_at IS NULL AND failed_at IS NULL GROUP BY destination ORDER BY n DESC LIMIT 20",

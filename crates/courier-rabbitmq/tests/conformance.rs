@@ -44,3 +44,14 @@ async fn backend() -> Rabbit {
 }
 
 courier_testkit::conformance_suite!(backend);
+
+/// The same suite with every handler behind the idempotent layer (Redis store).
+mod through_the_layer {
+    async fn backend() -> courier_testkit::Layered<super::Rabbit> {
+        courier_testkit::Layered {
+            inner: super::Rabbit,
+            store: courier_testkit::stores::redis().await,
+        }
+    }
+    courier_testkit::conformance_suite!(backend);
+}

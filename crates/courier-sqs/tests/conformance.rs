@@ -79,3 +79,14 @@ mod fifo {
     }
     courier_testkit::conformance_suite!(backend);
 }
+
+/// The standard-queue suite with every handler behind the idempotent layer (PostgreSQL store).
+mod standard_through_the_layer {
+    async fn backend() -> courier_testkit::Layered<super::Sqs> {
+        courier_testkit::Layered {
+            inner: super::Sqs { fifo: false },
+            store: courier_testkit::stores::postgres().await,
+        }
+    }
+    courier_testkit::conformance_suite!(backend);
+}

@@ -14,6 +14,7 @@ pub mod endpoints;
 mod ledger;
 pub mod process;
 pub mod scenarios;
+pub mod stores;
 
 use std::sync::Arc;
 
@@ -49,6 +50,48 @@ pub trait TestBackend: Send + Sync + 'static {
     /// The idempotency store exactly-once scenarios wrap their handlers with.
     fn idempotency_store(&self) -> Arc<dyn IdempotencyStore> {
         Arc::new(MemoryStore::default())
+    }
+
+    /// When `Some`, every scenario that runs a handler runs it through the idempotent layer
+    /// with this store (see [`Layered`]).
+    fn layer_store(&self) -> Option<Arc<dyn IdempotencyStore>> {
+        None
+    }
+}
+
+/// Any backend with every scenario's handlers wrapped in the idempotent layer over `store`:
+/// `conformance_suite!` on a `Layered` backend proves the layer keeps the whole contract.
+pub struct Layered<B> {
+    /// The backend.
+    pub inner: B,
+    /// The store the layer records keys in.
+    pub store: Arc<dyn IdempotencyStore>,
+}
+
+#[async_trait]
+impl<B: TestBackend> TestBackend for Layered<B> {
+    fn name(&self) -> String {
+        format!(
+            "{} through the idempotent layer ({})",
+            self.inner.name(),
+            self.store.name()
+        )
+    }
+
+    async fn client(&self, guarantee: Guarantee) -> Result<Arc<dyn DeliveryClient>> {
+        self.inner.client(guarantee).await
+    }
+
+    async fn fresh_destination(&self, client: &dyn DeliveryClient, prefix: &str) -> Result<String> {
+        self.inner.fresh_destination(client, prefix).await
+    }
+
+    fn idempotency_store(&self) -> Arc<dyn IdempotencyStore> {
+        self.store.clone()
+    }
+
+    fn layer_store(&self) -> Option<Arc<dyn IdempotencyStore>> {
+        Some(self.store.clone())
     }
 }
 

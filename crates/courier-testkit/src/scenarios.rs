@@ -59,6 +59,28 @@ fn fast_retry(max_attempts: u32) -> RetryPolicy {
         .backoff(Duration::from_millis(20), Duration::from_millis(200))
 }
 
+/// Start `consumer` with `handler` — through the idempotent layer (namespaced by `group`) when
+/// the backend asks for it, so the same scenarios prove the layer changes nothing they check.
+async fn launch<H: Handler>(
+    b: &dyn TestBackend,
+    consumer: Consumer,
+    group: &str,
+    handler: H,
+) -> courier_core::Result<ConsumerHandle> {
+    match b.layer_store() {
+        Some(store) => {
+            consumer
+                .spawn(
+                    Idempotent::new(handler, store)
+                        .namespace(group)
+                        .lease(Duration::from_secs(5)),
+                )
+                .await
+        }
+        None => consumer.spawn(handler).await,
+    }
+}
+
 /// A handler that records each message id in a ledger (optionally failing some attempts).
 struct Recorder {
     ledger: Arc<Ledger>,
@@ -188,11 +210,15 @@ pub async fn competing_consumers_no_loss(b: &dyn TestBackend) -> Outcome {
     let mut handles = Vec::new();
     for _ in 0..10 {
         handles.push(
-            Consumer::new(consumer_client.clone(), Subscription::new(&dest, &group))
-                .concurrency(4)
-                .retry(fast_retry(10))
-                .spawn(Recorder::new(ledger.clone()))
-                .await?,
+            launch(
+                b,
+                Consumer::new(consumer_client.clone(), Subscription::new(&dest, &group))
+                    .concurrency(4)
+                    .retry(fast_retry(10)),
+                &group,
+                Recorder::new(ledger.clone()),
+            )
+            .await?,
         );
     }
     let results = join_all((0..20).map(|p| {
@@ -336,10 +362,14 @@ pub async fn at_most_once_never_handles_twice(b: &dyn TestBackend) -> Outcome {
     let client = b.client(Guarantee::AtMostOnce).await?;
     let dest = b.fresh_destination(&*client, "amo").await?;
     let ledger = Arc::new(Ledger::new());
-    let handle = Consumer::new(client.clone(), Subscription::new(&dest, unique("g")))
-        .concurrency(4)
-        .spawn(Recorder::new(ledger.clone()))
-        .await?;
+    let group = unique("g");
+    let handle = launch(
+        b,
+        Consumer::new(client.clone(), Subscription::new(&dest, &group)).concurrency(4),
+        &group,
+        Recorder::new(ledger.clone()),
+    )
+    .await?;
     let msgs = numbered(200, "amo");
     publish_all(&*client, &dest, &msgs, &ledger).await?;
     for m in msgs.iter().step_by(4) {
@@ -397,13 +427,16 @@ pub async fn per_key_order_across_consumers(b: &dyn TestBackend) -> Outcome {
     let mut handles = Vec::new();
     for _ in 0..3 {
         handles.push(
-            Consumer::new(client.clone(), Subscription::new(&dest, &group))
-                .concurrency(4)
-                .spawn(Ordered {
+            launch(
+                b,
+                Consumer::new(client.clone(), Subscription::new(&dest, &group)).concurrency(4),
+                &group,
+                Ordered {
                     seen: seen.clone(),
                     ledger: ledger.clone(),
-                })
-                .await?,
+                },
+            )
+            .await?,
         );
     }
     let keys = ["k0", "k1", "k2", "k3", "k4"];
@@ -435,14 +468,21 @@ pub async fn every_group_receives_everything(b: &dyn TestBackend) -> Outcome {
     let dest = b.fresh_destination(&*client, "groups").await?;
     let l1 = Arc::new(Ledger::new());
     let l2 = Arc::new(Ledger::new());
-    let h1 = Consumer::new(client.clone(), Subscription::new(&dest, unique("g1")))
-        .concurrency(4)
-        .spawn(Recorder::new(l1.clone()))
-        .await?;
-    let h2 = Consumer::new(client.clone(), Subscription::new(&dest, unique("g2")))
-        .concurrency(4)
-        .spawn(Recorder::new(l2.clone()))
-        .await?;
+    let (g1, g2) = (unique("g1"), unique("g2"));
+    let h1 = launch(
+        b,
+        Consumer::new(client.clone(), Subscription::new(&dest, &g1)).concurrency(4),
+        &g1,
+        Recorder::new(l1.clone()),
+    )
+    .await?;
+    let h2 = launch(
+        b,
+        Consumer::new(client.clone(), Subscription::new(&dest, &g2)).concurrency(4),
+        &g2,
+        Recorder::new(l2.clone()),
+    )
+    .await?;
     for m in numbered(100, "groups") {
         client.publish(&dest, m.clone()).await?;
         l1.sent(m.id.as_str());
@@ -464,10 +504,14 @@ pub async fn destination_isolation(b: &dyn TestBackend) -> Outcome {
     let a = b.fresh_destination(&*client, "iso-a").await?;
     let other = b.fresh_destination(&*client, "iso-b").await?;
     let ledger = Arc::new(Ledger::new());
-    let h = Consumer::new(client.clone(), Subscription::new(&a, unique("g")))
-        .concurrency(2)
-        .spawn(Recorder::new(ledger.clone()))
-        .await?;
+    let group = unique("g");
+    let h = launch(
+        b,
+        Consumer::new(client.clone(), Subscription::new(&a, &group)).concurrency(2),
+        &group,
+        Recorder::new(ledger.clone()),
+    )
+    .await?;
     // The other destination has its own consumer (some brokers refuse messages nobody can receive).
     let h_other = Consumer::new(client.clone(), Subscription::new(&other, unique("g")))
         .spawn(Recorder::new(Arc::new(Ledger::new())))
@@ -612,15 +656,20 @@ async fn dead_letter_case(b: &dyn TestBackend, permanent: bool) -> Outcome {
         .subscribe(Subscription::new(&dlq, unique("dlq-reader")))
         .await?;
     let calls = Arc::new(AtomicU32::new(0));
-    let h = Consumer::new(
-        client.clone(),
-        Subscription::new(&dest, unique("g")).dead_letter(&dlq),
+    let group = unique("g");
+    let h = launch(
+        b,
+        Consumer::new(
+            client.clone(),
+            Subscription::new(&dest, &group).dead_letter(&dlq),
+        )
+        .retry(fast_retry(3)),
+        &group,
+        AlwaysFails {
+            calls: calls.clone(),
+            permanent,
+        },
     )
-    .retry(fast_retry(3))
-    .spawn(AlwaysFails {
-        calls: calls.clone(),
-        permanent,
-    })
     .await?;
     let m = Message::new("poison").with_header("x-tenant", "acme");
     client.publish(&dest, m.clone()).await?;

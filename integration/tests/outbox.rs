@@ -292,7 +292,7 @@ async fn two_relays_publish_10000_rows_once_in_key_order() {
         per_relay.iter().all(|&n| n > 0),
         "both relays must work: {per_relay:?}"
     );
-    let counts = seen.ids.lock();
+    let counts = seen.ids.lock().clone();
     assert!(
         ids.iter().all(|id| counts.get(id) == Some(&1)),
         "a row was lost or published twice"

@@ -154,7 +154,7 @@ impl PostgresStore {
                 tick.tick().await;
                 loop {
                     match store.cleanup(10_000).await {
-                        Ok(n) if n == 10_000 => continue,
+                        Ok(10_000) => continue,
                         Ok(n) => {
                             if n > 0 {
                                 tracing::debug!(deleted = n, "idempotency cleanup");

@@ -41,7 +41,10 @@ async fn run(client: &Arc<dyn DeliveryClient>, store: Option<Arc<dyn Idempotency
     let dest = format!("bench-idem-{}", uuid::Uuid::now_v7().simple());
     let group = "bench";
     client.create_destination(&dest).await.unwrap();
-    let sub = client.subscribe(Subscription::new(&dest, group)).await.unwrap();
+    let sub = client
+        .subscribe(Subscription::new(&dest, group))
+        .await
+        .unwrap();
     sub.close().await.unwrap();
     for chunk in 0..MESSAGES / 500 {
         let batch = (chunk * 500..(chunk + 1) * 500)
@@ -103,7 +106,10 @@ async fn main() {
     for (name, store) in [
         ("redis layer", redis),
         ("postgres layer", postgres),
-        ("memory layer", Arc::new(MemoryStore::default()) as Arc<dyn IdempotencyStore>),
+        (
+            "memory layer",
+            Arc::new(MemoryStore::default()) as Arc<dyn IdempotencyStore>,
+        ),
     ] {
         let r = run(&client, Some(store)).await;
         println!("{name:<17} {r:>9.0} msg/s   ratio {:.2}", r / base);

@@ -17,7 +17,7 @@ use courier::{
     Message, Receipt, Result, Subscription,
 };
 use courier_testkit::endpoints::{self, database_url, unreachable};
-use courier_testkit::process::{kill9, spawn_worker, wait_rabbitmq_queue_empty, worker_role};
+use courier_testkit::process::{kill9, spawn_worker, worker_role};
 use courier_testkit::{unique, Ledger};
 use parking_lot::Mutex;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -447,10 +447,7 @@ async fn relay_sigkilled_between_publish_and_mark_loses_nothing_duplicates_absor
         }
     }
     let (report, done) = ledger.wait_all_handled(Duration::from_secs(60)).await;
-    // Every published copy, duplicates included, must have been consumed (and absorbed).
-    let drained = wait_rabbitmq_queue_empty(&format!("{dest}.g"), Duration::from_secs(60)).await;
     consumer.shutdown().await.unwrap();
-    assert!(drained, "the queue never drained");
     let r = ledger.report();
     let dups = absorbed.duplicates_absorbed.load(Ordering::Relaxed);
     println!("relay SIGKILL: {kills} kills, {r}, duplicates absorbed {dups}");

@@ -233,38 +233,48 @@ impl<H: Handler> Handler for Idempotent<H> {
         };
         bump(&self.stats.begun, "courier_idempotency_begun_total", store);
 
-        // Keep the lease alive while the handler runs. The guard stops the heartbeat when this
-        // future ends *or is dropped* (cancelled consumer, handler timeout), so an abandoned
-        // handler never keeps its lease forever.
-        let _heartbeat = AbortOnDrop({
-            let store = self.store.clone();
-            let key = key.clone();
-            let token = token.clone();
-            let lease = self.lease;
-            let stats = self.stats.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(lease / 3);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    match store.extend(&key, &token, lease).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            bump(
-                                &stats.leases_lost,
-                                "courier_idempotency_leases_lost_total",
-                                store.name(),
-                            );
-                            warn!(%key, "idempotency lease lost while the handler ran");
-                            return;
+        // Keep the lease alive while the handler runs. Most handlers finish well within a
+        // third of the lease, so the heartbeat task only starts when one does not. The guard
+        // stops it when this future ends *or is dropped* (cancelled consumer, handler timeout),
+        // so an abandoned handler never keeps its lease forever.
+        let outcome = {
+            let handler = self.inner.handle(message, cx);
+            tokio::pin!(handler);
+            tokio::select! {
+            biased;
+            r = &mut handler => r,
+            _ = tokio::time::sleep(self.lease / 3) => {
+                let _heartbeat = AbortOnDrop({
+                    let store = self.store.clone();
+                    let key = key.clone();
+                    let token = token.clone();
+                    let lease = self.lease;
+                    let stats = self.stats.clone();
+                    tokio::spawn(async move {
+                        // The first extension is due now: a third of the lease has passed.
+                        let mut tick = tokio::time::interval(lease / 3);
+                        loop {
+                            tick.tick().await;
+                            match store.extend(&key, &token, lease).await {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    bump(
+                                        &stats.leases_lost,
+                                        "courier_idempotency_leases_lost_total",
+                                        store.name(),
+                                    );
+                                    warn!(%key, "idempotency lease lost while the handler ran");
+                                    return;
+                                }
+                                Err(e) => warn!(%key, error = %e, "extending the idempotency lease failed"),
+                            }
                         }
-                        Err(e) => warn!(%key, error = %e, "extending the idempotency lease failed"),
-                    }
-                }
-            })
-        });
-        let outcome = self.inner.handle(message, cx).await;
-        drop(_heartbeat);
+                    })
+                });
+                handler.await
+            }
+            }
+        };
 
         match outcome {
             Ok(()) => {

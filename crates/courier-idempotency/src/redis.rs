@@ -65,6 +65,15 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     op_timeout: Duration,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+/// The scripts, hashed once (EVALSHA; loaded on first use).
+struct Scripts {
+    begin: Script,
+    extend: Script,
+    complete: Script,
+    release: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -103,6 +112,12 @@ impl RedisStore {
             conn,
             prefix: "courier:idem:".into(),
             op_timeout: Duration::from_secs(2),
+            scripts: std::sync::Arc::new(Scripts {
+                begin: Script::new(BEGIN),
+                extend: Script::new(EXTEND),
+                complete: Script::new(COMPLETE),
+                release: Script::new(RELEASE),
+            }),
         })
     }
 
@@ -115,11 +130,10 @@ impl RedisStore {
     async fn run<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
-        script: &str,
+        script: &Script,
         key: &str,
         args: &[Vec<u8>],
     ) -> Result<T> {
-        let script = Script::new(script);
         let mut inv = script.key(format!("{}{key}", self.prefix));
         for a in args {
             inv.arg(a.as_slice());
@@ -147,7 +161,7 @@ impl IdempotencyStore for RedisStore {
         let out: Vec<Vec<u8>> = self
             .run(
                 "begin",
-                BEGIN,
+                &self.scripts.begin,
                 key,
                 &[
                     fingerprint.as_bytes().to_vec(),
@@ -194,7 +208,7 @@ impl IdempotencyStore for RedisStore {
         let n: i64 = self
             .run(
                 "extend",
-                EXTEND,
+                &self.scripts.extend,
                 key,
                 &[token.0.as_bytes().to_vec(), ms(lease)],
             )
@@ -218,7 +232,7 @@ impl IdempotencyStore for RedisStore {
         let n: i64 = self
             .run(
                 "complete",
-                COMPLETE,
+                &self.scripts.complete,
                 key,
                 &[
                     token.0.as_bytes().to_vec(),
@@ -234,7 +248,12 @@ impl IdempotencyStore for RedisStore {
 
     async fn release(&self, key: &str, token: &LeaseToken) -> Result<()> {
         let _: i64 = self
-            .run("release", RELEASE, key, &[token.0.as_bytes().to_vec()])
+            .run(
+                "release",
+                &self.scripts.release,
+                key,
+                &[token.0.as_bytes().to_vec()],
+            )
             .await?;
         Ok(())
     }

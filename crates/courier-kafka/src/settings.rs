@@ -55,7 +55,7 @@ pub(crate) fn producer(
         s.push((
             "transactional.id".into(),
             id.to_owned(),
-            "stable per instance: fences zombies",
+            "set [backend] transactional_id to a name stable per instance (e.g. the pod name) so a restart fences its predecessor and aborts its open transaction; the default <client.id>-<host>-<pid>-<n> is unique but not stable",
         ));
         s.push((
             "transaction.timeout.ms".into(),

@@ -82,7 +82,11 @@ pub(crate) fn explain_settings(r: &RabbitMqConfig, g: Guarantee) -> Explanation 
             "producer",
             "mandatory",
             confirmed,
-            "an unroutable message comes back as an Unroutable error, not a silent drop",
+            if confirmed {
+                "an unroutable message comes back as an Unroutable error, not a silent drop"
+            } else {
+                "at-most-once waits for nothing, so a returned message could not be reported"
+            },
         )
         .set(
             "producer",

@@ -163,12 +163,22 @@ fn decode(msg: &aws_sdk_sqs::types::Message) -> Message {
             }
         }
     }
+    // Messages from other producers: a FIFO producer's MessageDeduplicationId is its idempotency
+    // id and its MessageGroupId its ordering key; otherwise SQS's own MessageId.
+    let system =
+        |name: MessageSystemAttributeName| msg.attributes().and_then(|a| a.get(&name)).cloned();
+    let foreign = get(ATTR_ID).is_none();
     let id = get(ATTR_ID)
+        .or_else(|| system(MessageSystemAttributeName::MessageDeduplicationId))
         .map(MessageId::from_string)
         .unwrap_or_else(|| MessageId::from_string(msg.message_id().unwrap_or_default()));
     Message {
         id,
-        key: get(ATTR_KEY),
+        key: get(ATTR_KEY).or_else(|| {
+            foreign
+                .then(|| system(MessageSystemAttributeName::MessageGroupId))
+                .flatten()
+        }),
         headers,
         payload: payload.into(),
     }
@@ -574,7 +584,9 @@ async fn poll(
             .wait_time_seconds(wait)
             .message_attribute_names("All")
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .message_system_attribute_names(MessageSystemAttributeName::SequenceNumber);
+            .message_system_attribute_names(MessageSystemAttributeName::SequenceNumber)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageDeduplicationId)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId);
         let out = tokio::select! {
             _ = tx.closed() => return,
             r = req.send() => r,

@@ -42,28 +42,41 @@ pub fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Messages (ready + unacknowledged) in a RabbitMQ queue, read with `rabbitmqctl list_queues`.
-pub async fn rabbitmq_queue_depth(queue: &str) -> Option<u64> {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "messages"])
-        .output()
+/// `(ready messages, consumers)` of a RabbitMQ queue, exact (a passive `queue.declare` on
+/// `RABBITMQ_URL`). Messages delivered to a consumer and not yet acknowledged are not counted;
+/// once a dead consumer's count has dropped to zero its unacknowledged messages are ready again.
+pub async fn rabbitmq_queue_state(queue: &str) -> (u32, u32) {
+    use lapin::options::QueueDeclareOptions;
+    let url = crate::endpoints::rabbitmq_url();
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
         .await
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        (f.next() == Some(queue)).then(|| f.next().and_then(|n| n.parse::<u64>().ok()))?
-    })
+        .unwrap_or_else(|e| crate::endpoints::unreachable("RabbitMQ", &url, e));
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue} does not exist: {e}"));
+    let state = (q.message_count(), q.consumer_count());
+    let _ = conn.close(200, "".into()).await;
+    state
 }
 
-/// Wait (bounded) until a RabbitMQ queue holds no message, ready or unacknowledged.
-pub async fn wait_rabbitmq_queue_empty(queue: &str, timeout: std::time::Duration) -> bool {
+/// Wait (bounded) until a RabbitMQ queue has no consumer (a killed consumer's connection is
+/// gone and its unacknowledged messages are back in the queue).
+pub async fn wait_rabbitmq_no_consumers(queue: &str, timeout: std::time::Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
-        if rabbitmq_queue_depth(queue).await == Some(0) {
+        if rabbitmq_queue_state(queue).await.1 == 0 {
             return true;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     false
 }

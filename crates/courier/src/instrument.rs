@@ -131,8 +131,7 @@ impl DeliveryClient for Instrumented {
         let inner = self.inner.subscribe(subscription).await?;
         Ok(Deliveries::new(Box::new(InstrumentedStream {
             inner,
-            backend: self.inner.backend(),
-            destination,
+            metrics: std::sync::Arc::new(StreamMetrics::new(self.inner.backend(), &destination)),
         })))
     }
 
@@ -148,10 +147,35 @@ fn count_publish<T>(backend: &'static str, destination: &str, r: &Result<T>, n: 
     }
 }
 
+/// Counter handles of one subscription, registered once (not per message).
+struct StreamMetrics {
+    backend: &'static str,
+    destination: std::sync::Arc<str>,
+    delivered: metrics::Counter,
+    redelivered: metrics::Counter,
+    ack: metrics::Counter,
+    nack: metrics::Counter,
+    dead_letter: metrics::Counter,
+}
+
+impl StreamMetrics {
+    fn new(backend: &'static str, destination: &str) -> Self {
+        let settled = |op: &'static str| metrics::counter!("courier_settled_total", "backend" => backend, "destination" => destination.to_owned(), "op" => op);
+        StreamMetrics {
+            backend,
+            destination: destination.into(),
+            delivered: metrics::counter!("courier_delivered_total", "backend" => backend, "destination" => destination.to_owned()),
+            redelivered: metrics::counter!("courier_redelivered_total", "backend" => backend, "destination" => destination.to_owned()),
+            ack: settled("ack"),
+            nack: settled("nack"),
+            dead_letter: settled("dead_letter"),
+        }
+    }
+}
+
 struct InstrumentedStream {
     inner: Deliveries,
-    backend: &'static str,
-    destination: String,
+    metrics: std::sync::Arc<StreamMetrics>,
 }
 
 #[async_trait]
@@ -162,23 +186,23 @@ impl DeliveryStream for InstrumentedStream {
             Err(e) => return Some(Err(e)),
         };
         let (info, settle) = d.into_parts();
-        metrics::counter!("courier_delivered_total", "backend" => self.backend, "destination" => self.destination.clone()).increment(1);
+        let m = &self.metrics;
+        m.delivered.increment(1);
         if info.attempt > 1 {
-            metrics::counter!("courier_redelivered_total", "backend" => self.backend, "destination" => self.destination.clone()).increment(1);
+            m.redelivered.increment(1);
         }
         tracing::debug!(
             name: "courier.receive",
-            backend = self.backend,
-            destination = %self.destination,
+            backend = m.backend,
+            destination = %m.destination,
             message_id = %info.message.id,
             attempt = info.attempt,
             "received"
         );
         let settle = InstrumentedSettle {
             inner: settle,
-            backend: self.backend,
-            destination: self.destination.clone(),
-            message_id: info.message.id.to_string(),
+            metrics: m.clone(),
+            message_id: info.message.id.clone(),
         };
         Some(Ok(Delivery::new(
             info.message,
@@ -196,18 +220,13 @@ impl DeliveryStream for InstrumentedStream {
 
 struct InstrumentedSettle {
     inner: Box<dyn Settle>,
-    backend: &'static str,
-    destination: String,
-    message_id: String,
+    metrics: std::sync::Arc<StreamMetrics>,
+    message_id: courier_core::MessageId,
 }
 
 impl InstrumentedSettle {
     fn span(&self, op: &'static str) -> tracing::Span {
-        info_span!("courier.settle", backend = self.backend, destination = %self.destination, message_id = %self.message_id, op)
-    }
-
-    fn count(&self, op: &'static str) {
-        metrics::counter!("courier_settled_total", "backend" => self.backend, "destination" => self.destination.clone(), "op" => op).increment(1);
+        info_span!("courier.settle", backend = self.metrics.backend, destination = %self.metrics.destination, message_id = %self.message_id, op)
     }
 }
 
@@ -215,19 +234,19 @@ impl InstrumentedSettle {
 impl Settle for InstrumentedSettle {
     async fn ack(self: Box<Self>) -> Result<()> {
         let span = self.span("ack");
-        self.count("ack");
+        self.metrics.ack.increment(1);
         self.inner.ack().instrument(span).await
     }
 
     async fn nack(self: Box<Self>, delay: Duration) -> Result<()> {
         let span = self.span("nack");
-        self.count("nack");
+        self.metrics.nack.increment(1);
         self.inner.nack(delay).instrument(span).await
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
         let span = self.span("dead_letter");
-        self.count("dead_letter");
+        self.metrics.dead_letter.increment(1);
         self.inner.dead_letter(message, why).instrument(span).await
     }
 
@@ -237,7 +256,7 @@ impl Settle for InstrumentedSettle {
 
     async fn ack_with_outputs(self: Box<Self>, outputs: Vec<Outgoing>) -> Result<()> {
         let span = self.span("ack_with_outputs");
-        self.count("ack");
+        self.metrics.ack.increment(1);
         self.inner.ack_with_outputs(outputs).instrument(span).await
     }
 }

@@ -27,40 +27,55 @@ pub fn config(bootstrap: &str, guarantee: Guarantee) -> Config {
     }
 }
 
-type TopicRequest = (
-    String,
-    std::sync::mpsc::Sender<std::result::Result<(), String>>,
-);
+/// The mock cluster type owned by the mock thread.
+pub type Cluster =
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+type MockCommand = Box<dyn FnOnce(&Cluster) + Send>;
 
 struct Mock {
     bootstrap: String,
-    topics: std::sync::Mutex<std::sync::mpsc::Sender<TopicRequest>>,
+    commands: std::sync::Mutex<std::sync::mpsc::Sender<MockCommand>>,
 }
 
 /// A MockCluster with 3 brokers living for the rest of the test process. It is not `Send`, so a
-/// dedicated thread owns it and creates topics on request (the mock has no CreateTopics API).
+/// dedicated thread owns it and runs commands on it (create topics — the mock has no
+/// CreateTopics API —, inject request errors, take brokers down and up).
 fn mock() -> &'static Mock {
     static MOCK: OnceLock<Mock> = OnceLock::new();
     MOCK.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
-        let (req_tx, req_rx) = std::sync::mpsc::channel::<TopicRequest>();
+        let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<MockCommand>();
         std::thread::spawn(move || {
             let cluster = rdkafka::mocking::MockCluster::new(3).expect("mock cluster");
             tx.send(cluster.bootstrap_servers())
                 .expect("send bootstrap");
-            for (topic, reply) in req_rx {
-                let _ = reply.send(
-                    cluster
-                        .create_topic(&topic, 3, 1)
-                        .map_err(|e| e.to_string()),
-                );
+            for command in cmd_rx {
+                command(&cluster);
             }
         });
         Mock {
             bootstrap: rx.recv().expect("mock cluster bootstrap"),
-            topics: std::sync::Mutex::new(req_tx),
+            commands: std::sync::Mutex::new(cmd_tx),
         }
     })
+}
+
+/// Run `f` on the mock cluster (in its owning thread) and return its result.
+pub fn mock_do(
+    f: impl FnOnce(&Cluster) -> std::result::Result<(), String> + Send + 'static,
+) -> std::result::Result<(), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let command: MockCommand = Box::new(move |c| {
+        let _ = tx.send(f(c));
+    });
+    mock()
+        .commands
+        .lock()
+        .unwrap()
+        .send(command)
+        .map_err(|e| e.to_string())?;
+    rx.recv().map_err(|e| e.to_string())?
 }
 
 fn mock_bootstrap_if_started() -> String {
@@ -81,16 +96,10 @@ pub fn mock_bootstrap() -> String {
     mock().bootstrap.clone()
 }
 
-/// Test helper: mock_create_topic.
+/// Create a topic (3 partitions) on the mock cluster.
 pub fn mock_create_topic(topic: &str) -> std::result::Result<(), String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    mock()
-        .topics
-        .lock()
-        .unwrap()
-        .send((topic.to_owned(), tx))
-        .map_err(|e| e.to_string())?;
-    rx.recv().map_err(|e| e.to_string())?
+    let topic = topic.to_owned();
+    mock_do(move |c| c.create_topic(&topic, 3, 1).map_err(|e| e.to_string()))
 }
 
 /// Test helper: Kafka.

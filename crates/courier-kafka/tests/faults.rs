@@ -1,0 +1,385 @@
+//! Kafka under faults: on librdkafka's MockCluster, injected produce errors (transport,
+//! NOT_ENOUGH_REPLICAS, request timeouts) and a broker down/up during a 10,000-message run lose
+//! nothing and leave no duplicate in the log (idempotent producer); on the Kafka-protocol broker
+//! of the stack, consumer processes SIGKILLed mid-handler lose nothing (at-least-once) and
+//! exactly-once consume-transform-produce gives every input its output.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_core::{
+    Consumer, Context, DeliveryClient, Guarantee, Handler, HandlerError, Message, Subscription,
+};
+use courier_testkit::process::{kill9, spawn_worker, worker_role};
+use courier_testkit::{unique, FileLedger, Ledger};
+use parking_lot::Mutex;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+/// Counts deliveries per id (a duplicate in the log shows up as a second delivery).
+struct Count {
+    ledger: Arc<Ledger>,
+    raw: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+#[courier_core::async_trait]
+impl Handler for Count {
+    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        *self.raw.lock().entry(m.id.to_string()).or_default() += 1;
+        self.ledger.handled(m.id.as_str());
+        Ok(())
+    }
+    fn is_idempotent(&self) -> bool {
+        true // exactly-once here is the producer's: the test counts what the log holds
+    }
+}
+
+async fn faults_on_mock(guarantee: Guarantee) {
+    const N: usize = 10_000;
+    let boot = common::mock_bootstrap();
+    let topic = unique("faults");
+    common::mock_create_topic(&topic).unwrap();
+    let producer: Arc<dyn DeliveryClient> = Arc::new(
+        courier_kafka::connect(&common::config(&boot, guarantee))
+            .await
+            .unwrap(),
+    );
+    let consumer_client: Arc<dyn DeliveryClient> = Arc::new(
+        courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
+            .await
+            .unwrap(),
+    );
+    let ledger = Arc::new(Ledger::new());
+    let raw = Arc::new(Mutex::new(HashMap::new()));
+    let h = Consumer::new(consumer_client.clone(), Subscription::new(&topic, "g"))
+        .concurrency(8)
+        .spawn(Count {
+            ledger: ledger.clone(),
+            raw: raw.clone(),
+        })
+        .await
+        .unwrap();
+
+    let publisher = {
+        let producer = producer.clone();
+        let ledger = ledger.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut failures = 0;
+            for chunk in 0..N / 100 {
+                let batch: Vec<Message> = (chunk * 100..(chunk + 1) * 100)
+                    .map(|i| Message::new(format!("m{i}")).with_key(format!("k{}", i % 32)))
+                    .collect();
+                // The application's retry of a failed publish keeps the ids.
+                loop {
+                    match producer.publish_batch(&topic, batch.clone()).await {
+                        Ok(_) => break,
+                        Err(e) => {
+                            assert!(e.is_retryable(), "non-retryable publish error: {e}");
+                            failures += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                for m in &batch {
+                    ledger.sent(m.id.as_str());
+                }
+            }
+            failures
+        })
+    };
+
+    // Faults, spread over the run.
+    let wait = |target: usize| {
+        let ledger = ledger.clone();
+        async move {
+            let (r, ok) = ledger
+                .wait_until(Duration::from_secs(120), |r| r.sent >= target)
+                .await;
+            assert!(ok, "stalled before {target} sent: {r}");
+        }
+    };
+    wait(N / 5).await;
+    common::mock_do(|c| {
+        c.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__TRANSPORT,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__TRANSPORT,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+            ],
+        );
+        Ok(())
+    })
+    .unwrap();
+    wait(N / 2).await;
+    common::mock_do(|c| c.broker_down(2).map_err(|e| e.to_string())).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself
+    common::mock_do(|c| c.broker_up(2).map_err(|e| e.to_string())).unwrap();
+    wait(N * 3 / 4).await;
+    common::mock_do(|c| {
+        c.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__TRANSPORT,
+            ],
+        );
+        Ok(())
+    })
+    .unwrap();
+
+    let failures = publisher.await.unwrap();
+    let (report, done) = ledger.wait_all_handled(Duration::from_secs(120)).await;
+    // Let a duplicate, if the log held one, arrive.
+    let _ = ledger
+        .wait_until(Duration::from_secs(2), |r| r.duplicates > 0)
+        .await;
+    h.shutdown().await.unwrap();
+    let r = ledger.report();
+    println!("{guarantee} under produce errors and a broker outage: {r}; publish calls that failed: {failures}");
+    assert!(
+        done && report.lost == 0,
+        "{guarantee}: lost messages: {report}"
+    );
+    assert_eq!(r.duplicates, 0, "{guarantee}: duplicates in the log: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_least_once_survives_produce_errors_and_a_broker_outage() {
+    faults_on_mock(Guarantee::AtLeastOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_survives_produce_errors_and_a_broker_outage() {
+    faults_on_mock(Guarantee::ExactlyOnce).await;
+}
+
+// ---- SIGKILLed consumer processes (the stack's broker) ----------------------------------------
+
+/// At-least-once: record the input. Exactly-once: publish its output through the context (one
+/// transaction with the consumed offsets), and record the input.
+struct Work {
+    ledger: FileLedger,
+    output: Option<String>,
+}
+
+#[courier_core::async_trait]
+impl Handler for Work {
+    async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
+        if let Some(out) = &self.output {
+            cx.publish(
+                out.clone(),
+                Message::new(m.id.to_string()).with_id(cx.derive_id("out")),
+            );
+        }
+        self.ledger
+            .handled(m.id.as_str())
+            .map_err(HandlerError::retryable)?;
+        Ok(())
+    }
+    fn is_idempotent(&self) -> bool {
+        self.output.is_some()
+    }
+}
+
+#[test]
+fn kafka_worker_entry() {
+    if worker_role().is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let topic = std::env::var("TOPIC").unwrap();
+        let output = std::env::var("OUTPUT").ok().filter(|s| !s.is_empty());
+        let g = if output.is_some() {
+            Guarantee::ExactlyOnce
+        } else {
+            Guarantee::AtLeastOnce
+        };
+        let boot = courier_testkit::endpoints::kafka_bootstrap();
+        let mut config = common::config(&boot, g);
+        if let courier_core::BackendConfig::Kafka(k) = &mut config.backend {
+            // One transactional id per worker slot, stable across restarts: the new worker's
+            // init_transactions fences the killed one and aborts its open transaction (which
+            // would otherwise hold back read_committed readers until the broker times it out).
+            k.transactional_id = Some(format!("courier-kill-{topic}"));
+        }
+        let c = Arc::new(courier_kafka::connect(&config).await.unwrap());
+        let _h = Consumer::new(c, Subscription::new(&topic, "g"))
+            .concurrency(8)
+            .spawn(Work {
+                ledger: FileLedger::new(std::env::var("LEDGER").unwrap()),
+                output,
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(180)).await;
+    });
+}
+
+/// Inputs whose output is in the output topic (read by a plain at-least-once consumer).
+async fn outputs(
+    client: Arc<dyn DeliveryClient>,
+    topic: &str,
+    inputs: &[Message],
+) -> HashMap<String, usize> {
+    let seen = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let ledger = Arc::new(Ledger::new());
+    for m in inputs {
+        ledger.sent(m.id.as_str());
+    }
+    struct Out(Arc<Mutex<HashMap<String, usize>>>, Arc<Ledger>);
+    #[courier_core::async_trait]
+    impl Handler for Out {
+        async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+            let input = String::from_utf8_lossy(&m.payload).into_owned();
+            *self.0.lock().entry(input.clone()).or_default() += 1;
+            self.1.handled(input);
+            Ok(())
+        }
+    }
+    let h = Consumer::new(client, Subscription::new(topic, unique("check")))
+        .spawn(Out(seen.clone(), ledger.clone()))
+        .await
+        .unwrap();
+    // No early give-up on a stall: the last worker first waits out the killed member's session.
+    let _ = ledger
+        .wait_until(Duration::from_secs(120), |r| r.lost == 0)
+        .await;
+    h.shutdown().await.unwrap();
+    let s = seen.lock().clone();
+    s
+}
+
+/// One SIGKILL test at a time: they share the broker and both cores.
+static KILL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn kill_consumers(exactly_once: bool) {
+    let _serial = KILL_TESTS.lock().await;
+    // Exactly-once commits one transaction per message: fewer, so workers make progress
+    // between kills.
+    let n: usize = if exactly_once { 600 } else { 2_000 };
+    let boot = courier_testkit::endpoints::kafka_bootstrap();
+    let g = if exactly_once {
+        Guarantee::ExactlyOnce
+    } else {
+        Guarantee::AtLeastOnce
+    };
+    let c: Arc<dyn DeliveryClient> = Arc::new(
+        courier_kafka::connect(&common::config(&boot, g))
+            .await
+            .unwrap_or_else(|e| courier_testkit::endpoints::unreachable("Kafka", &boot, e)),
+    );
+    let topic = unique("kill-in");
+    c.create_destination(&topic).await.unwrap();
+    let output = if exactly_once {
+        let o = unique("kill-out");
+        c.create_destination(&o).await.unwrap();
+        o
+    } else {
+        String::new()
+    };
+    let dir = std::env::temp_dir().join(unique("courier-kafka-kill"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ledger = FileLedger::new(dir.join("ledger"));
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| Message::new(format!("m{i}")).with_key(format!("k{}", i % 16)))
+        .collect();
+    // Publish for about 40 s while workers come and go, so every worker has work when killed.
+    let publisher = {
+        let (c, topic, ledger, msgs) = (c.clone(), topic.clone(), ledger.clone(), msgs.clone());
+        tokio::spawn(async move {
+            for chunk in msgs.chunks(n / 40) {
+                c.publish_batch(&topic, chunk.to_vec()).await.unwrap();
+                for m in chunk {
+                    ledger.sent(m.id.as_str()).unwrap();
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let envs = [
+        ("TOPIC", topic.as_str()),
+        ("OUTPUT", output.as_str()),
+        ("LEDGER", ledger.path().to_str().unwrap()),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut kills = 0;
+    while !publisher.is_finished() || ledger.report().unwrap().lost > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "inputs never processed after {kills} kills: {}",
+            ledger.report().unwrap()
+        );
+        let mut child = spawn_worker("kafka_worker_entry", "consumer", &envs).unwrap();
+        // Wait until this worker handles something (it has joined the group), then kill it
+        // 2-6 s later, in the middle of its work.
+        let before = ledger.report().unwrap().handlings;
+        let t = tokio::time::Instant::now();
+        while ledger.report().unwrap().handlings == before && t.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(2_000..6_000))).await;
+        kill9(&mut child);
+        kills += 1;
+    }
+    let r = ledger.report().unwrap();
+    println!("kafka {g}, {kills} SIGKILLs: {r}");
+    assert!(kills >= 3, "too few kills ({kills})");
+    assert_eq!(r.lost, 0, "{r}");
+    if exactly_once {
+        // The ledger records a handler run, not a committed transaction: a last worker, not
+        // killed, processes whatever the killed ones left uncommitted. Then every input must
+        // have its output.
+        let mut last = spawn_worker("kafka_worker_entry", "consumer", &envs).unwrap();
+        let reader: Arc<dyn DeliveryClient> = Arc::new(
+            courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
+                .await
+                .unwrap(),
+        );
+        let outs = outputs(reader, &output, &msgs).await;
+        kill9(&mut last);
+        let missing: Vec<_> = msgs
+            .iter()
+            .filter(|m| !outs.contains_key(m.id.as_str()))
+            .collect();
+        if !missing.is_empty() {
+            let text = std::fs::read_to_string(ledger.path()).unwrap_or_default();
+            let handled_by_index: Vec<(usize, usize)> = missing
+                .iter()
+                .map(|m| {
+                    let i = msgs.iter().position(|x| x.id == m.id).unwrap();
+                    (
+                        i,
+                        text.lines().filter(|l| *l == format!("H {}", m.id)).count(),
+                    )
+                })
+                .collect();
+            println!("missing outputs (input index, handler runs): {handled_by_index:?}");
+        }
+        assert!(
+            missing.is_empty(),
+            "{} inputs have no output",
+            missing.len()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_consumers_at_least_once_lose_nothing() {
+    kill_consumers(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_consume_transform_produce_gives_every_input_its_output() {
+    kill_consumers(true).await;
+}

@@ -1,0 +1,306 @@
+//! RabbitMQ under faults, on the real broker: connections closed by the broker mid-run, a broker
+//! restart (`stop_app` / `start_app`) mid-run, consumer processes SIGKILLed mid-handler, and
+//! publishing to an exchange nothing is bound to.
+//!
+//! The tests that disturb the broker hold a lock, so they never overlap each other; this file is
+//! its own test binary, so no other test runs while they do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_core::config::{RabbitMqConfig, SecretUrl};
+use courier_core::{
+    BackendConfig, Config, Consumer, Context, DeliveryClient, Error, Guarantee, Handler,
+    HandlerError, Message, Subscription,
+};
+use courier_testkit::process::{
+    kill9, rabbitmq_queue_state, spawn_worker, wait_rabbitmq_no_consumers, worker_role,
+};
+use courier_testkit::{endpoints, unique, FileLedger, Ledger};
+
+static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(guarantee: Guarantee) -> Config {
+    Config {
+        guarantee,
+        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+            url: SecretUrl::new(endpoints::rabbitmq_url()),
+            ..RabbitMqConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: None,
+    }
+}
+
+async fn client(guarantee: Guarantee) -> Arc<dyn DeliveryClient> {
+    match courier_rabbitmq::connect(&config(guarantee)).await {
+        Ok(c) => Arc::new(c),
+        Err(e) => endpoints::unreachable("RabbitMQ", &endpoints::rabbitmq_url(), e),
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts the RabbitMQ app again when a test ends, however it ends.
+struct StartAppOnDrop;
+
+impl Drop for StartAppOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .status();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "await_startup", "--timeout", "60"])
+            .status();
+    }
+}
+
+struct Record(Arc<Ledger>);
+
+#[courier_core::async_trait]
+impl Handler for Record {
+    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        self.0.handled(m.id.as_str());
+        Ok(())
+    }
+}
+
+/// Publish `n` messages, retrying each (same id) until the broker confirms it: what an
+/// at-least-once producer does. Returns the number of retries needed.
+async fn publish_all(
+    client: Arc<dyn DeliveryClient>,
+    dest: String,
+    ledger: Arc<Ledger>,
+    n: usize,
+) -> usize {
+    let mut retries = 0;
+    for i in 0..n {
+        let m = Message::new(format!("payment {i}")).with_key(format!("k{}", i % 16));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match client.publish(&dest, m.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("publish failed for good: {e}"),
+            }
+        }
+        ledger.sent(m.id.as_str());
+    }
+    retries
+}
+
+/// 10,000 messages at-least-once while `fault` runs three times, at 20%, 50% and 80% handled.
+async fn run_with_fault(name: &str, fault: impl Fn()) {
+    const N: usize = 10_000;
+    let producer = client(Guarantee::AtLeastOnce).await;
+    let consumer_client = client(Guarantee::AtLeastOnce).await;
+    let dest = unique(name);
+    producer.create_destination(&dest).await.unwrap();
+    let ledger = Arc::new(Ledger::new());
+    let handles = {
+        let mut v = Vec::new();
+        for _ in 0..2 {
+            v.push(
+                Consumer::new(consumer_client.clone(), Subscription::new(&dest, "g"))
+                    .concurrency(8)
+                    .spawn(Record(ledger.clone()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        v
+    };
+    let publisher = tokio::spawn(publish_all(
+        producer.clone(),
+        dest.clone(),
+        ledger.clone(),
+        N,
+    ));
+    for share in [0.2, 0.5, 0.8] {
+        let target = (N as f64 * share) as usize;
+        let (r, ok) = ledger
+            .wait_until(Duration::from_secs(120), |r| r.handled >= target)
+            .await;
+        assert!(ok, "{name}: stalled before {target} handled: {r}");
+        fault();
+    }
+    let retries = publisher.await.unwrap();
+    let (report, done) = ledger.wait_all_handled(Duration::from_secs(180)).await;
+    for h in handles {
+        let _ = h.shutdown().await;
+    }
+    println!("{name}: {report}; publish retries {retries}");
+    assert!(
+        done && report.lost == 0,
+        "{name}: at-least-once lost messages: {report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_closed_by_the_broker_mid_run_lose_nothing() {
+    let _lock = BROKER.lock().await;
+    run_with_fault("cut", || {
+        rabbitmqctl(&["-q", "close_all_connections", "courier fault test"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_restart_mid_run_loses_nothing() {
+    let _lock = BROKER.lock().await;
+    let _guard = StartAppOnDrop;
+    run_with_fault("restart", || {
+        rabbitmqctl(&["-q", "stop_app"]);
+        rabbitmqctl(&["-q", "start_app"]);
+        rabbitmqctl(&["-q", "await_startup", "--timeout", "60"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishing_where_nothing_is_bound_is_a_typed_unroutable_error() {
+    let _lock = BROKER.lock().await;
+    let c = client(Guarantee::AtLeastOnce).await;
+    let dest = unique("unbound");
+    c.create_destination(&dest).await.unwrap(); // an exchange, with no queue bound to it
+    let e = c
+        .publish(&dest, Message::new("to nowhere"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unroutable { .. }), "{e}");
+    assert!(!e.is_retryable());
+    let e = c
+        .publish_batch(&dest, vec![Message::new("a"), Message::new("b")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unroutable { .. }), "{e}");
+}
+
+// ---- consumer processes SIGKILLed mid-handler ------------------------------------------------
+
+struct FileRecord(FileLedger);
+
+#[courier_core::async_trait]
+impl Handler for FileRecord {
+    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        // Take a moment, so kills land inside handlers.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..4))).await;
+        self.0
+            .handled(m.id.as_str())
+            .map_err(HandlerError::retryable)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn consumer_worker_entry() {
+    if worker_role().is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dest = std::env::var("DEST").unwrap();
+        let ledger = FileLedger::new(std::env::var("LEDGER").unwrap());
+        let g: Guarantee = std::env::var("GUARANTEE").unwrap().parse().unwrap();
+        let c = client(g).await;
+        let _h = Consumer::new(c, Subscription::new(&dest, "g"))
+            .concurrency(8)
+            .spawn(FileRecord(ledger))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    });
+}
+
+/// Publish N messages, then run consumer processes, SIGKILLing each after a short while, until
+/// the queue is empty. Returns the ledger report and the number of kills.
+async fn kill_consumers(guarantee: Guarantee) -> (courier_testkit::LedgerReport, usize) {
+    const N: usize = 3_000;
+    let c = client(guarantee).await;
+    let dest = unique("kill");
+    c.create_destination(&dest).await.unwrap();
+    drop(c.subscribe(Subscription::new(&dest, "g")).await.unwrap()); // declare the queue
+    let dir = std::env::temp_dir().join(unique("courier-rmq-kill"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ledger = FileLedger::new(dir.join("ledger"));
+    // Publish while the workers come and go, so every worker gets fresh messages (an
+    // at-most-once consumer takes everything that is ready at once).
+    let publisher = {
+        let (dest, ledger) = (dest.clone(), ledger.clone());
+        tokio::spawn(async move {
+            let confirmed = client(Guarantee::AtLeastOnce).await;
+            for i in 0..N {
+                let m = Message::new(format!("m{i}"));
+                confirmed.publish(&dest, m.clone()).await.unwrap();
+                ledger.sent(m.id.as_str()).unwrap();
+                if i % 100 == 99 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+    };
+    let queue = format!("{dest}.g");
+    let envs = [
+        ("DEST", dest.as_str()),
+        ("LEDGER", ledger.path().to_str().unwrap()),
+        ("GUARANTEE", guarantee.as_str()),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut kills = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue never drained after {kills} kills"
+        );
+        let mut child = spawn_worker("consumer_worker_entry", "consumer", &envs).unwrap();
+        // Let it handle some messages, then kill it mid-flight.
+        let before = ledger.report().unwrap().handlings;
+        let t = tokio::time::Instant::now();
+        while ledger.report().unwrap().handlings < before + 300
+            && t.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill9(&mut child);
+        kills += 1;
+        // Once the dead consumer is gone, what it had not acknowledged is ready again.
+        assert!(wait_rabbitmq_no_consumers(&queue, Duration::from_secs(30)).await);
+        if publisher.is_finished() && rabbitmq_queue_state(&queue).await.0 == 0 {
+            break;
+        }
+    }
+    let report = ledger.report().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (report, kills)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_consumers_at_least_once_lose_nothing() {
+    let _lock = BROKER.lock().await;
+    let (r, kills) = kill_consumers(Guarantee::AtLeastOnce).await;
+    println!("at-least-once, {kills} SIGKILLs: {r}");
+    assert!(kills >= 3, "too few kills ({kills})");
+    assert_eq!(r.lost, 0, "at-least-once lost messages: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_consumers_at_most_once_never_handle_twice() {
+    let _lock = BROKER.lock().await;
+    let (r, kills) = kill_consumers(Guarantee::AtMostOnce).await;
+    println!("at-most-once, {kills} SIGKILLs: {r}");
+    assert!(kills >= 3, "too few kills ({kills})");
+    assert_eq!(r.duplicates, 0, "at-most-once handled a message twice: {r}");
+}

@@ -1,0 +1,376 @@
+//! SQS on LocalStack under faults and against a reference client: consumer processes SIGKILLed
+//! mid-handler (redelivered after the visibility timeout, nothing lost), a handler slower than
+//! the visibility timeout (the heartbeat keeps it invisible: not redelivered), FIFO dedup of a
+//! re-sent id with per-group order across consumers, and interop with `boto3`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_core::config::{Secret, SqsConfig};
+use courier_core::{
+    BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee, Handler, HandlerError,
+    Message, Subscription,
+};
+use courier_testkit::process::{kill9, spawn_worker, worker_role};
+use courier_testkit::{endpoints, unique, FileLedger, Ledger};
+use parking_lot::Mutex;
+
+fn config(fifo: bool, visibility: Duration) -> Config {
+    Config {
+        guarantee: Guarantee::AtLeastOnce,
+        backend: BackendConfig::Sqs(SqsConfig {
+            region: Some(endpoints::aws_region()),
+            endpoint: Some(endpoints::sqs_endpoint()),
+            access_key_id: Some(
+                std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "test".into()),
+            ),
+            secret_access_key: Some(Secret::new(
+                std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "test".into()),
+            )),
+            visibility_timeout: visibility,
+            wait_time: Duration::from_secs(1),
+            fifo,
+            ..SqsConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: None,
+    }
+}
+
+async fn client(fifo: bool, visibility: Duration) -> Arc<dyn DeliveryClient> {
+    match courier_sqs::connect(&config(fifo, visibility)).await {
+        Ok(c) => Arc::new(c),
+        Err(e) => endpoints::unreachable("LocalStack SQS", &endpoints::sqs_endpoint(), e),
+    }
+}
+
+async fn fresh(c: &dyn DeliveryClient, name: String) -> String {
+    match c.create_destination(&name).await {
+        Ok(()) => name,
+        Err(e) => endpoints::unreachable("LocalStack SQS", &endpoints::sqs_endpoint(), e),
+    }
+}
+
+/// Records handlings (and the attempt each ran as), optionally sleeping first.
+struct Slow {
+    ledger: Arc<Ledger>,
+    sleep: Duration,
+    attempts: Arc<Mutex<Vec<u32>>>,
+}
+
+#[courier_core::async_trait]
+impl Handler for Slow {
+    async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        self.attempts.lock().push(cx.attempt());
+        tokio::time::sleep(self.sleep).await;
+        self.ledger.handled(m.id.as_str());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handler_slower_than_the_visibility_timeout_is_not_redelivered() {
+    let visibility = Duration::from_secs(2);
+    let c = client(false, visibility).await;
+    let q = fresh(&*c, unique("hb")).await;
+    let ledger = Arc::new(Ledger::new());
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let h = Consumer::new(c.clone(), Subscription::new(&q, "g"))
+        .concurrency(4)
+        .spawn(Slow {
+            ledger: ledger.clone(),
+            sleep: visibility * 3,
+            attempts: attempts.clone(),
+        })
+        .await
+        .unwrap();
+    let m = Message::new("slow work");
+    ledger.sent(m.id.as_str());
+    c.publish(&q, m).await.unwrap();
+    let (r, ok) = ledger.wait_all_handled(Duration::from_secs(60)).await;
+    assert!(ok, "{r}");
+    // A redelivery would have started while the handler ran (after 2 s) or right after it.
+    let _ = ledger.wait_until(visibility * 2, |r| r.handlings > 1).await;
+    h.shutdown().await.unwrap();
+    let attempts = attempts.lock().clone();
+    assert_eq!(
+        attempts,
+        vec![1],
+        "the heartbeat must keep the message invisible: {attempts:?}"
+    );
+    assert_eq!(ledger.report().duplicates, 0);
+}
+
+/// Records arrival order per key.
+struct Order {
+    ledger: Arc<Ledger>,
+    seen: Arc<Mutex<HashMap<String, Vec<u32>>>>,
+}
+
+#[courier_core::async_trait]
+impl Handler for Order {
+    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        let n: u32 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+        self.seen
+            .lock()
+            .entry(m.key.clone().unwrap())
+            .or_default()
+            .push(n);
+        self.ledger.handled(m.id.as_str());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifo_drops_a_resent_id_and_keeps_group_order_across_consumers() {
+    let c = client(true, Duration::from_secs(5)).await;
+    let q = fresh(&*c, format!("{}.fifo", unique("dedup"))).await;
+    let ledger = Arc::new(Ledger::new());
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(
+            Consumer::new(c.clone(), Subscription::new(&q, "g"))
+                .concurrency(4)
+                .spawn(Order {
+                    ledger: ledger.clone(),
+                    seen: seen.clone(),
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    for i in 0..60u32 {
+        let m = Message::new(i.to_string()).with_key(format!("group-{}", i % 3));
+        ledger.sent(m.id.as_str());
+        c.publish(&q, m.clone()).await.unwrap();
+        // A producer retry after a lost response: the same id again, within 5 minutes.
+        c.publish(&q, m).await.unwrap();
+    }
+    let (r, ok) = ledger.wait_all_handled(Duration::from_secs(90)).await;
+    assert!(ok, "{r}");
+    let _ = ledger
+        .wait_until(Duration::from_secs(3), |r| r.duplicates > 0)
+        .await;
+    for h in handles {
+        h.shutdown().await.unwrap();
+    }
+    let r = ledger.report();
+    assert_eq!(r.duplicates, 0, "a re-sent id was delivered twice: {r}");
+    for (group, order) in seen.lock().iter() {
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{group} out of order: {order:?}"
+        );
+    }
+}
+
+// ---- consumer processes SIGKILLed mid-handler ------------------------------------------------
+
+struct FileRecord(FileLedger);
+
+#[courier_core::async_trait]
+impl Handler for FileRecord {
+    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
+        self.0
+            .handled(m.id.as_str())
+            .map_err(HandlerError::retryable)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn sqs_worker_entry() {
+    if worker_role().is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let q = std::env::var("QUEUE").unwrap();
+        let ledger = FileLedger::new(std::env::var("LEDGER").unwrap());
+        let c = client(false, Duration::from_secs(2)).await;
+        let _h = Consumer::new(c, Subscription::new(&q, "g"))
+            .concurrency(8)
+            .spawn(FileRecord(ledger))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_consumers_at_least_once_lose_nothing() {
+    const N: usize = 600;
+    let c = client(false, Duration::from_secs(2)).await;
+    let q = fresh(&*c, unique("kill")).await;
+    let dir = std::env::temp_dir().join(unique("courier-sqs-kill"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ledger = FileLedger::new(dir.join("ledger"));
+    let msgs: Vec<Message> = (0..N).map(|i| Message::new(format!("m{i}"))).collect();
+    for chunk in msgs.chunks(10) {
+        c.publish_batch(&q, chunk.to_vec()).await.unwrap();
+        for m in chunk {
+            ledger.sent(m.id.as_str()).unwrap();
+        }
+    }
+    let envs = [
+        ("QUEUE", q.as_str()),
+        ("LEDGER", ledger.path().to_str().unwrap()),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut kills = 0;
+    while ledger.report().unwrap().lost > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages never redelivered after {kills} kills: {}",
+            ledger.report().unwrap()
+        );
+        let mut child = spawn_worker("sqs_worker_entry", "consumer", &envs).unwrap();
+        let before = ledger.report().unwrap().handlings;
+        let t = tokio::time::Instant::now();
+        while ledger.report().unwrap().handlings < before + 100
+            && ledger.report().unwrap().lost > 0
+            && t.elapsed() < Duration::from_secs(20)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill9(&mut child);
+        kills += 1;
+    }
+    let r = ledger.report().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("sqs at-least-once, {kills} SIGKILLs: {r}");
+    assert!(kills >= 3, "too few kills ({kills})");
+    assert_eq!(r.lost, 0, "{r}");
+}
+
+// ---- boto3 -----------------------------------------------------------------------------------
+
+fn python() -> String {
+    let cache = std::env::var("COURIER_CACHE").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/courier",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let py = format!("{cache}/interop-venv/bin/python");
+    if !std::path::Path::new(&py).exists() {
+        panic!("boto3 is not installed at {py}: run `scripts/services up` (it installs pika and boto3)");
+    }
+    py
+}
+
+fn boto3(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env(
+            "AWS_ACCESS_KEY_ID",
+            std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "test".into()),
+        )
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "test".into()),
+        )
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "boto3 script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const BOTO3_RECEIVE: &str = r#"
+import json, sys, time, boto3
+sqs = boto3.client("sqs", endpoint_url=sys.argv[1], region_name=sys.argv[2])
+url = sqs.get_queue_url(QueueName=sys.argv[3])["QueueUrl"]
+deadline = time.time() + 20
+while True:
+    r = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, WaitTimeSeconds=1,
+                            MessageAttributeNames=["All"], AttributeNames=["All"])
+    if r.get("Messages"):
+        break
+    if time.time() > deadline:
+        sys.exit("nothing received")
+m = r["Messages"][0]
+print(json.dumps({"body": m["Body"],
+                  "attributes": {k: v.get("StringValue") for k, v in m.get("MessageAttributes", {}).items()},
+                  "system": m.get("Attributes", {})}))
+"#;
+
+const BOTO3_SEND_FIFO: &str = r#"
+import sys, boto3
+sqs = boto3.client("sqs", endpoint_url=sys.argv[1], region_name=sys.argv[2])
+url = sqs.get_queue_url(QueueName=sys.argv[3])["QueueUrl"]
+for i in range(3):
+    sqs.send_message(QueueUrl=url, MessageBody="boto3 %d" % i, MessageGroupId="customer-9",
+                     MessageDeduplicationId="boto3-id-%d" % i,
+                     MessageAttributes={"tenant": {"DataType": "String", "StringValue": "acme"}})
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_reads_what_courier_publishes() {
+    for fifo in [false, true] {
+        let c = client(fifo, Duration::from_secs(5)).await;
+        let name = if fifo {
+            format!("{}.fifo", unique("boto"))
+        } else {
+            unique("boto")
+        };
+        let q = fresh(&*c, name).await;
+        let m = Message::new("from courier")
+            .with_key("customer-7")
+            .with_header("tenant", "acme");
+        c.publish(&q, m.clone()).await.unwrap();
+        let out = boto3(
+            BOTO3_RECEIVE,
+            &[&endpoints::sqs_endpoint(), &endpoints::aws_region(), &q],
+        );
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["body"], "from courier", "{v}");
+        assert_eq!(v["attributes"]["courier-id"], m.id.as_str(), "{v}");
+        assert_eq!(v["attributes"]["courier-key"], "customer-7", "{v}");
+        let headers: serde_json::Value =
+            serde_json::from_str(v["attributes"]["courier-headers"].as_str().unwrap()).unwrap();
+        assert_eq!(headers["tenant"], "acme", "{v}");
+        if fifo {
+            assert_eq!(v["system"]["MessageDeduplicationId"], m.id.as_str(), "{v}");
+            assert_eq!(v["system"]["MessageGroupId"], "customer-7", "{v}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_consumes_boto3_fifo_messages_with_their_ids_and_groups() {
+    let c = client(true, Duration::from_secs(5)).await;
+    let q = fresh(&*c, format!("{}.fifo", unique("boto"))).await;
+    boto3(
+        BOTO3_SEND_FIFO,
+        &[&endpoints::sqs_endpoint(), &endpoints::aws_region(), &q],
+    );
+    let mut sub = c.subscribe(Subscription::new(&q, "g")).await.unwrap();
+    for i in 0..3 {
+        let d = sub
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("courier never received boto3's message")
+            .unwrap();
+        assert_eq!(
+            d.message.id.as_str(),
+            format!("boto3-id-{i}"),
+            "the producer's dedup id is the id"
+        );
+        assert_eq!(d.message.key.as_deref(), Some("customer-9"));
+        assert_eq!(&d.message.payload[..], format!("boto3 {i}").as_bytes());
+        assert_eq!(
+            d.message.headers.get("tenant").map(String::as_str),
+            Some("acme")
+        );
+        d.ack().await.unwrap();
+    }
+}

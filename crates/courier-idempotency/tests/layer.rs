@@ -34,12 +34,18 @@ async fn a_handler_slower_than_its_lease_keeps_the_lease() {
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let b = store.begin(&key, &fp, lease).await.unwrap();
-        assert!(matches!(b, Begin::InProgress { .. }), "lease lost while the handler ran: {b:?}");
+        assert!(
+            matches!(b, Begin::InProgress { .. }),
+            "lease lost while the handler ran: {b:?}"
+        );
     }
     run.await.unwrap().unwrap();
     assert!(matches!(
         store.begin(&key, &fp, lease).await.unwrap(),
         Begin::Completed { .. }
     ));
-    assert_eq!(stats.leases_lost.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.leases_lost.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }

@@ -156,7 +156,7 @@ pub(crate) fn explain(
     let txn = transactional_id
         .map(str::to_owned)
         .or_else(|| k.transactional_id.clone())
-        .unwrap_or_else(|| "<client_id>-<host>-<n>".into());
+        .unwrap_or_else(|| "<client_id>-<host>-<pid>-<n>".into());
     for (name, v, why) in producer(k, g, Some(&txn)) {
         e = e.set("producer", &name, v, why);
     }

@@ -312,7 +312,10 @@ async fn kill_consumers(exactly_once: bool) {
     ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     let mut kills = 0;
-    while !publisher.is_finished() || ledger.report().unwrap().lost > 0 {
+    let idle = |publisher: &tokio::task::JoinHandle<()>| {
+        publisher.is_finished() && ledger.report().unwrap().lost == 0
+    };
+    while kills < 3 || !idle(&publisher) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "inputs never processed after {kills} kills: {}",
@@ -323,7 +326,9 @@ async fn kill_consumers(exactly_once: bool) {
         // 2-6 s later, in the middle of its work.
         let before = ledger.report().unwrap().handlings;
         let t = tokio::time::Instant::now();
-        while ledger.report().unwrap().handlings == before && t.elapsed() < Duration::from_secs(60)
+        while ledger.report().unwrap().handlings == before
+            && t.elapsed() < Duration::from_secs(60)
+            && !idle(&publisher)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

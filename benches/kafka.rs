@@ -1,0 +1,208 @@
+//! courier vs raw rdkafka on the same Kafka-protocol broker, in one run: at-least-once publish
+//! (acks=all, idempotent producer), at-least-once consume with commit-after-handler, and
+//! exactly-once transactional batches vs at-least-once batches.
+//!
+//! ```text
+//! cargo bench --bench kafka        # KAFKA_BOOTSTRAP, default 127.0.0.1:9092 (scripts/services up)
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier::config::KafkaConfig;
+use courier::{
+    async_trait, BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee, Handler,
+    HandlerError, Message, Subscription,
+};
+use futures::StreamExt;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+const N: usize = 20_000;
+const BATCH: usize = 500;
+
+fn payload(i: usize) -> Vec<u8> {
+    let mut p = format!("payment-{i:08}-").into_bytes();
+    p.resize(256, b'x');
+    p
+}
+
+fn msg(i: usize) -> Message {
+    Message::new(payload(i))
+        .with_key(format!("k{}", i % 64))
+        .with_header("tenant", "acme")
+}
+
+fn config(bootstrap: &str, g: Guarantee) -> Config {
+    Config {
+        guarantee: g,
+        backend: BackendConfig::Kafka(KafkaConfig {
+            bootstrap: bootstrap.to_owned(),
+            session_timeout: Duration::from_secs(6),
+            max_poll_interval: Duration::from_secs(10),
+            ..KafkaConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: (g == Guarantee::ExactlyOnce).then(Default::default),
+    }
+}
+
+struct Count(Arc<AtomicU64>);
+
+#[async_trait]
+impl Handler for Count {
+    async fn handle(&self, _m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn line(what: &str, a: &str, ra: f64, b: &str, rb: f64) {
+    println!(
+        "{what:<34} {a} {ra:>8.0} msg/s   {b} {rb:>8.0} msg/s   ratio {:.2}",
+        rb / ra
+    );
+}
+
+async fn raw_publish(p: &FutureProducer, topic: &str, from: usize) {
+    let futs: Vec<_> = (from..from + BATCH)
+        .map(|i| {
+            let key = format!("k{}", i % 64);
+            let id = uuid::Uuid::now_v7().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "courier-id",
+                    value: Some(id.as_str()),
+                })
+                .insert(Header {
+                    key: "tenant",
+                    value: Some("acme"),
+                });
+            let body = payload(i);
+            let record = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&body)
+                .headers(headers);
+            p.send_result(record).map_err(|(e, _)| e).unwrap()
+        })
+        .collect();
+    for r in futures::future::join_all(futs).await {
+        r.unwrap().unwrap();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let boot = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let alo: Arc<dyn DeliveryClient> = Arc::from(
+        courier::connect(&config(&boot, Guarantee::AtLeastOnce))
+            .await
+            .unwrap(),
+    );
+    let eo: Arc<dyn DeliveryClient> = Arc::from(
+        courier::connect(&config(&boot, Guarantee::ExactlyOnce))
+            .await
+            .unwrap(),
+    );
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (raw_t, cour_t, eo_t) = (
+        format!("bench-raw-{tag}"),
+        format!("bench-courier-{tag}"),
+        format!("bench-eo-{tag}"),
+    );
+    for t in [&raw_t, &cour_t, &eo_t] {
+        alo.create_destination(t).await.unwrap();
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &boot)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    println!("Kafka at {boot}: 256 B records, key + courier-id + 1 header");
+
+    // Publish, at-least-once, batches of 500 (rounds interleaved).
+    let (mut raw_d, mut cour_d) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..N / BATCH {
+        let t = Instant::now();
+        raw_publish(&producer, &raw_t, round * BATCH).await;
+        raw_d += t.elapsed();
+        let batch = (round * BATCH..(round + 1) * BATCH).map(msg).collect();
+        let t = Instant::now();
+        alo.publish_batch(&cour_t, batch).await.unwrap();
+        cour_d += t.elapsed();
+    }
+    line(
+        "publish at-least-once (batches)",
+        "raw rdkafka",
+        N as f64 / raw_d.as_secs_f64(),
+        "courier",
+        N as f64 / cour_d.as_secs_f64(),
+    );
+    let alo_rate = N as f64 / cour_d.as_secs_f64();
+
+    // Exactly-once: each batch one transaction.
+    let t = Instant::now();
+    for round in 0..N / BATCH / 4 {
+        let batch = (round * BATCH..(round + 1) * BATCH).map(msg).collect();
+        eo.publish_batch(&eo_t, batch).await.unwrap();
+    }
+    let eo_rate = (N / 4) as f64 / t.elapsed().as_secs_f64();
+    line(
+        "exactly-once txn batches vs ALO",
+        "courier ALO",
+        alo_rate,
+        "courier EO",
+        eo_rate,
+    );
+
+    // Consume at-least-once: raw = store the offset after processing, auto-commit the stored.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &boot)
+        .set("group.id", format!("bench-raw-{tag}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "6000")
+        .set("max.poll.interval.ms", "10000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&raw_t]).unwrap();
+    let t = Instant::now();
+    {
+        let mut stream = consumer.stream();
+        let mut n = 0;
+        while n < N {
+            let m = stream.next().await.unwrap().unwrap();
+            consumer.store_offset_from_message(&m).unwrap();
+            n += 1;
+        }
+    }
+    consumer.commit_consumer_state(CommitMode::Sync).unwrap();
+    let raw_rate = N as f64 / t.elapsed().as_secs_f64();
+
+    let count = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let h = Consumer::new(alo.clone(), Subscription::new(&cour_t, "bench"))
+        .spawn(Count(count.clone()))
+        .await
+        .unwrap();
+    while count.load(Ordering::Relaxed) < N as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cour_rate = N as f64 / t.elapsed().as_secs_f64();
+    h.shutdown().await.unwrap();
+    line(
+        "consume at-least-once (commit after)",
+        "raw rdkafka",
+        raw_rate,
+        "courier",
+        cour_rate,
+    );
+    println!("(consume times include joining the group on both sides)");
+    alo.close().await.unwrap();
+    eo.close().await.unwrap();
+}

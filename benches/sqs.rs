@@ -1,0 +1,215 @@
+//! courier vs raw aws-sdk-sqs against the same SQS (LocalStack), in one run: one-at-a-time send,
+//! batched send (10 entries), and receive + delete. Prints each rate and courier/raw.
+//!
+//! ```text
+//! cargo bench --bench sqs         # SQS_ENDPOINT (default http://127.0.0.1:4566), AWS_REGION, test credentials
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageAttributeValue, SendMessageBatchRequestEntry,
+};
+use courier::config::{Secret, SqsConfig};
+use courier::{
+    async_trait, BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee, Handler,
+    HandlerError, Message, Subscription,
+};
+
+const SINGLE: usize = 1_000;
+const BATCHED: usize = 3_000;
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn body(i: usize) -> String {
+    let mut p = format!("payment-{i:08}-");
+    p.extend(std::iter::repeat_n('x', 240));
+    p
+}
+
+fn msg(i: usize) -> Message {
+    Message::new(body(i)).with_header("tenant", "acme")
+}
+
+fn attr(v: &str) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(v)
+        .build()
+        .unwrap()
+}
+
+struct Count(Arc<AtomicU64>);
+
+#[async_trait]
+impl Handler for Count {
+    async fn handle(&self, _m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn line(what: &str, raw: f64, courier: f64) {
+    println!(
+        "{what:<24} raw aws-sdk-sqs {raw:>7.0} msg/s   courier {courier:>7.0} msg/s   ratio {:.2}",
+        courier / raw
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let endpoint = env("SQS_ENDPOINT", "http://127.0.0.1:4566");
+    let region = env("AWS_REGION", "us-east-1");
+    let config = Config {
+        guarantee: Guarantee::AtLeastOnce,
+        backend: BackendConfig::Sqs(SqsConfig {
+            region: Some(region.clone()),
+            endpoint: Some(endpoint.clone()),
+            access_key_id: Some(env("AWS_ACCESS_KEY_ID", "test")),
+            secret_access_key: Some(Secret::new(env("AWS_SECRET_ACCESS_KEY", "test"))),
+            wait_time: Duration::from_secs(1),
+            ..SqsConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: None,
+    };
+    let client: Arc<dyn DeliveryClient> = Arc::from(courier::connect(&config).await.unwrap());
+    let creds = aws_credential_types::Credentials::new(
+        env("AWS_ACCESS_KEY_ID", "test"),
+        env("AWS_SECRET_ACCESS_KEY", "test"),
+        None,
+        None,
+        "bench",
+    );
+    let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region))
+        .endpoint_url(&endpoint)
+        .credentials_provider(creds)
+        .load()
+        .await;
+    let sqs = aws_sdk_sqs::Client::new(&sdk_config);
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (raw_q, cour_q) = (format!("bench-raw-{tag}"), format!("bench-courier-{tag}"));
+    let raw_url = sqs
+        .create_queue()
+        .queue_name(&raw_q)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    client.create_destination(&cour_q).await.unwrap();
+    println!("SQS at {endpoint}: 256 B bodies, id + header attributes");
+
+    let (mut raw_d, mut cour_d) = (Duration::ZERO, Duration::ZERO);
+    for i in 0..SINGLE {
+        let t = Instant::now();
+        sqs.send_message()
+            .queue_url(&raw_url)
+            .message_body(body(i))
+            .message_attributes("courier-id", attr(&uuid::Uuid::now_v7().to_string()))
+            .message_attributes("tenant", attr("acme"))
+            .send()
+            .await
+            .unwrap();
+        raw_d += t.elapsed();
+        let t = Instant::now();
+        client.publish(&cour_q, msg(i)).await.unwrap();
+        cour_d += t.elapsed();
+    }
+    line(
+        "send, one at a time",
+        SINGLE as f64 / raw_d.as_secs_f64(),
+        SINGLE as f64 / cour_d.as_secs_f64(),
+    );
+
+    let (mut raw_d, mut cour_d) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..BATCHED / 10 {
+        let entries: Vec<_> = (0..10)
+            .map(|j| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(j.to_string())
+                    .message_body(body(round * 10 + j))
+                    .message_attributes("courier-id", attr(&uuid::Uuid::now_v7().to_string()))
+                    .message_attributes("tenant", attr("acme"))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let t = Instant::now();
+        let out = sqs
+            .send_message_batch()
+            .queue_url(&raw_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
+        assert!(out.failed.is_empty());
+        raw_d += t.elapsed();
+        let batch = (round * 10..round * 10 + 10).map(msg).collect();
+        let t = Instant::now();
+        client.publish_batch(&cour_q, batch).await.unwrap();
+        cour_d += t.elapsed();
+    }
+    line(
+        "send, batches of 10",
+        BATCHED as f64 / raw_d.as_secs_f64(),
+        BATCHED as f64 / cour_d.as_secs_f64(),
+    );
+
+    // Receive + delete everything: raw long-poll loop with batch deletes, vs courier's consumer.
+    let total = SINGLE + BATCHED;
+    let t = Instant::now();
+    let mut n = 0;
+    while n < total {
+        let out = sqs
+            .receive_message()
+            .queue_url(&raw_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .unwrap();
+        let msgs = out.messages.unwrap_or_default();
+        if msgs.is_empty() {
+            continue;
+        }
+        let entries: Vec<_> = msgs
+            .iter()
+            .enumerate()
+            .map(|(j, m)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(j.to_string())
+                    .receipt_handle(m.receipt_handle.clone().unwrap())
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        n += entries.len();
+        sqs.delete_message_batch()
+            .queue_url(&raw_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
+    }
+    let raw_rate = total as f64 / t.elapsed().as_secs_f64();
+    let count = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let h = Consumer::new(client.clone(), Subscription::new(&cour_q, "bench"))
+        .spawn(Count(count.clone()))
+        .await
+        .unwrap();
+    while count.load(Ordering::Relaxed) < total as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cour_rate = total as f64 / t.elapsed().as_secs_f64();
+    h.shutdown().await.unwrap();
+    line("receive + delete", raw_rate, cour_rate);
+    client.close().await.unwrap();
+}

@@ -756,7 +756,10 @@ impl SqsSettle {
             .map(|_| ())
             .map_err(|e| {
                 let text = DisplayErrorContext(&e).to_string();
-                if text.contains("ReceiptHandleIsInvalid") {
+                // AWS: ReceiptHandleIsInvalid; LocalStack: InvalidParameterValue "... has expired".
+                if text.contains("ReceiptHandleIsInvalid")
+                    || text.contains("receipt handle has expired")
+                {
                     Error::DeliveryExpired {
                         message_id: self.id.to_string(),
                         reason: "its receipt handle expired (visibility timeout passed)".into(),

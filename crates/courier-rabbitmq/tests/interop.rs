@@ -10,24 +10,8 @@ use courier_core::config::{RabbitMqConfig, SecretUrl};
 use courier_core::{BackendConfig, Config, DeliveryClient, Guarantee, Message, Subscription};
 use courier_testkit::{endpoints, unique};
 
-fn python() -> String {
-    let cache = std::env::var("COURIER_CACHE").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/courier",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let py = format!("{cache}/interop-venv/bin/python");
-    if !std::path::Path::new(&py).exists() {
-        panic!(
-            "pika is not installed at {py}: run `scripts/services up` (it installs pika and boto3)"
-        );
-    }
-    py
-}
-
 fn pika(script: &str, args: &[&str]) -> String {
-    let out = Command::new(python())
+    let out = Command::new(courier_testkit::process::interop_python())
         .arg("-c")
         .arg(script)
         .args(args)

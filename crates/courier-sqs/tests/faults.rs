@@ -248,22 +248,8 @@ async fn sigkilled_consumers_at_least_once_lose_nothing() {
 
 // ---- boto3 -----------------------------------------------------------------------------------
 
-fn python() -> String {
-    let cache = std::env::var("COURIER_CACHE").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/courier",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let py = format!("{cache}/interop-venv/bin/python");
-    if !std::path::Path::new(&py).exists() {
-        panic!("boto3 is not installed at {py}: run `scripts/services up` (it installs pika and boto3)");
-    }
-    py
-}
-
 fn boto3(script: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(python())
+    let out = std::process::Command::new(courier_testkit::process::interop_python())
         .arg("-c")
         .arg(script)
         .args(args)

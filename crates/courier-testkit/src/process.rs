@@ -80,3 +80,19 @@ pub async fn wait_rabbitmq_no_consumers(queue: &str, timeout: std::time::Duratio
     }
     false
 }
+
+/// The Python of the interop venv (`pika`, `boto3`) that `scripts/services up` installs under
+/// `$COURIER_CACHE/interop-venv` (default `~/.cache/courier`). Panics with how to install it.
+pub fn interop_python() -> String {
+    let cache = std::env::var("COURIER_CACHE").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/courier",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let py = format!("{cache}/interop-venv/bin/python");
+    if !std::path::Path::new(&py).exists() {
+        panic!("the interop venv is missing at {py}: run `scripts/services up` (it installs pika and boto3)");
+    }
+    py
+}

@@ -8,13 +8,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
 use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
 };
 use base64::Engine as _;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use courier_core::config::SqsConfig;
@@ -551,7 +552,10 @@ impl DeliveryClient for SqsClient {
         let inner = self.inner.clone();
         let max = i32::from(sub.prefetch.clamp(1, 10));
         let source = sub.destination.clone();
-        let task = tokio::spawn(poll(inner, url.clone(), source, dlq, max, tx));
+        let (del_tx, del_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_deleter(inner.clone(), url.clone(), del_rx));
+        let deleter = Deleter(del_tx);
+        let task = tokio::spawn(poll(inner, url.clone(), source, dlq, max, deleter, tx));
         Ok(Deliveries::new(Box::new(SqsStream {
             rx,
             task,
@@ -571,10 +575,13 @@ async fn poll(
     source: String,
     dlq: String,
     max: i32,
+    deleter: Deleter,
     tx: mpsc::Sender<Result<Delivery>>,
 ) {
     let wait = inner.config.wait_time.as_secs().min(20) as i32;
     let mut backoff = Duration::from_millis(100);
+    // At-most-once deletes before the handler: nothing to keep invisible.
+    let keeper = (inner.guarantee != Guarantee::AtMostOnce).then(|| Keeper::start(&inner, &url));
     loop {
         let req = inner
             .sdk
@@ -607,26 +614,140 @@ async fn poll(
                 continue;
             }
         };
-        let mut iter = messages.into_iter();
-        while let Some(m) = iter.next() {
-            let d = delivery(&inner, &url, &source, &dlq, m);
-            if tx.send(Ok(d)).await.is_err() {
-                // Subscriber gone: make the rest visible again at once.
-                for rest in iter {
-                    if let Some(h) = rest.receipt_handle() {
-                        let _ = inner
-                            .sdk
-                            .change_message_visibility()
-                            .queue_url(&url)
-                            .receipt_handle(h)
-                            .visibility_timeout(0)
-                            .send()
-                            .await;
-                    }
+        // Every received message gets its delivery (and so its visibility lease) now, not when
+        // the consumer gets round to it: a message waiting behind slower ones in this batch must
+        // not have its receipt expire and be received a second time.
+        let mut batch = messages
+            .into_iter()
+            .map(|m| delivery(&inner, &url, &source, &dlq, &deleter, keeper.as_ref(), m))
+            .collect::<std::collections::VecDeque<_>>();
+        while let Some(d) = batch.pop_front() {
+            if let Err(mpsc::error::SendError(Ok(d))) = tx.send(Ok(d)).await {
+                // Subscriber gone: make this and the rest visible again at once.
+                for d in std::iter::once(d).chain(batch) {
+                    let (_, settle) = d.into_parts();
+                    let _ = settle.nack(Duration::ZERO).await;
                 }
                 return;
             }
         }
+    }
+}
+
+/// Batches the deletes (acks) of one subscription: acks that arrive while a delete is being
+/// sent share the next `DeleteMessageBatch` (up to ten entries), so concurrent handlers cost one
+/// request per ten acks and a lone ack still goes out at once. Each ack still awaits the outcome
+/// of its own entry.
+#[derive(Clone)]
+struct Deleter(mpsc::UnboundedSender<DeleteRequest>);
+
+struct DeleteRequest {
+    handle: String,
+    id: MessageId,
+    done: oneshot::Sender<Result<()>>,
+}
+
+async fn run_deleter(
+    inner: Arc<Inner>,
+    url: String,
+    mut rx: mpsc::UnboundedReceiver<DeleteRequest>,
+) {
+    let mut buf = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut buf, BATCH).await > 0 {
+        let batch = std::mem::replace(&mut buf, Vec::with_capacity(BATCH));
+        tokio::spawn(delete_batch(inner.clone(), url.clone(), batch));
+    }
+}
+
+/// AWS: `ReceiptHandleIsInvalid`; LocalStack: `InvalidParameterValue` "... has expired".
+fn expired(id: &MessageId, text: &str) -> Option<Error> {
+    (text.contains("ReceiptHandleIsInvalid") || text.contains("receipt handle has expired")).then(
+        || Error::DeliveryExpired {
+            message_id: id.to_string(),
+            reason: "its receipt handle expired (visibility timeout passed)".into(),
+        },
+    )
+}
+
+async fn delete_batch(inner: Arc<Inner>, url: String, batch: Vec<DeleteRequest>) {
+    if let [one] = &batch[..] {
+        let r = inner
+            .sdk
+            .delete_message()
+            .queue_url(&url)
+            .receipt_handle(&one.handle)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let text = DisplayErrorContext(&e).to_string();
+                expired(&one.id, &text).unwrap_or_else(|| sdk_err("delete_message", e))
+            });
+        let one = batch.into_iter().next().expect("one entry");
+        let _ = one.done.send(r);
+        return;
+    }
+    let entries = batch
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(&r.handle)
+                .build()
+                .expect("id and receipt handle are set")
+        })
+        .collect::<Vec<_>>();
+    let out = inner
+        .sdk
+        .delete_message_batch()
+        .queue_url(&url)
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            let retryable = matches!(
+                e,
+                SdkError::TimeoutError(_)
+                    | SdkError::DispatchFailure(_)
+                    | SdkError::ResponseError(_)
+            );
+            let text = DisplayErrorContext(&e).to_string();
+            for r in batch {
+                let _ = r.done.send(Err(Error::broker(
+                    BACKEND,
+                    "delete_message_batch",
+                    retryable,
+                    text.clone(),
+                )));
+            }
+            return;
+        }
+    };
+    let mut failed: HashMap<String, Error> = out
+        .failed
+        .into_iter()
+        .filter_map(|f| {
+            let i: usize = f.id.parse().ok()?;
+            let id = &batch.get(i)?.id;
+            let text = format!(
+                "{}: {}",
+                f.code,
+                f.message.as_deref().unwrap_or("no message")
+            );
+            let err = expired(id, &text).unwrap_or_else(|| {
+                Error::broker(BACKEND, "delete_message_batch", !f.sender_fault, text)
+            });
+            Some((f.id, err))
+        })
+        .collect();
+    for (i, r) in batch.into_iter().enumerate() {
+        let _ = r.done.send(match failed.remove(&i.to_string()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        });
     }
 }
 
@@ -635,6 +756,8 @@ fn delivery(
     url: &str,
     source: &str,
     dlq: &str,
+    deleter: &Deleter,
+    keeper: Option<&Arc<Keeper>>,
     m: aws_sdk_sqs::types::Message,
 ) -> Delivery {
     let message = decode(&m);
@@ -648,30 +771,7 @@ fn delivery(
         .and_then(|a| a.get(&MessageSystemAttributeName::SequenceNumber))
         .cloned();
     let handle = m.receipt_handle().unwrap_or_default().to_owned();
-    let heartbeat = (inner.guarantee != Guarantee::AtMostOnce).then(|| {
-        let inner = inner.clone();
-        let url = url.to_owned();
-        let handle = handle.clone();
-        let vis = inner.config.visibility_timeout.max(Duration::from_secs(1));
-        AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(vis / 3);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let r = inner
-                    .sdk
-                    .change_message_visibility()
-                    .queue_url(&url)
-                    .receipt_handle(&handle)
-                    .visibility_timeout(vis.as_secs() as i32)
-                    .send()
-                    .await;
-                if let Err(e) = r {
-                    warn!(error = %DisplayErrorContext(&e), "visibility heartbeat failed");
-                }
-            }
-        }))
-    });
+    let lease = keeper.map(|k| k.hold(&handle));
     let settle = SqsSettle {
         inner: inner.clone(),
         url: url.to_owned(),
@@ -679,7 +779,8 @@ fn delivery(
         source: source.to_owned(),
         handle,
         id: message.id.clone(),
-        _heartbeat: heartbeat,
+        deleter: deleter.clone(),
+        _lease: lease,
     };
     Delivery::new(
         message,
@@ -693,12 +794,94 @@ fn delivery(
     )
 }
 
-/// Aborts a task when dropped (the heartbeat stops with its delivery).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The visibility heartbeat of one subscription: every message received and not yet settled is
+/// registered here, and every third of the visibility timeout the keeper extends all of them with
+/// `ChangeMessageVisibilityBatch` (ten per request) — one request per ten messages instead of one
+/// per message, which matters when handlers are slow or many deliveries wait in the buffer.
+/// A message leaves the set when its delivery is settled or dropped.
+struct Keeper {
+    live: Mutex<HashMap<u64, String>>,
+    next: std::sync::atomic::AtomicU64,
+}
 
-impl Drop for AbortOnDrop {
+/// A message's place in the keeper; dropping it stops the extensions.
+struct Lease {
+    keeper: Arc<Keeper>,
+    slot: u64,
+}
+
+impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.abort();
+        self.keeper.live.lock().remove(&self.slot);
+    }
+}
+
+impl Keeper {
+    fn start(inner: &Arc<Inner>, url: &str) -> Arc<Keeper> {
+        let keeper = Arc::new(Keeper {
+            live: Mutex::new(HashMap::new()),
+            next: std::sync::atomic::AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&keeper);
+        let inner = inner.clone();
+        let url = url.to_owned();
+        let vis = inner.config.visibility_timeout.max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(vis / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                // Ends when the subscription and every delivery it handed out are gone.
+                let Some(keeper) = weak.upgrade() else { return };
+                let handles: Vec<String> = keeper.live.lock().values().cloned().collect();
+                drop(keeper);
+                for chunk in handles.chunks(BATCH) {
+                    extend(&inner, &url, chunk, vis).await;
+                }
+            }
+        });
+        keeper
+    }
+
+    fn hold(self: &Arc<Self>, handle: &str) -> Lease {
+        let slot = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.live.lock().insert(slot, handle.to_owned());
+        Lease {
+            keeper: self.clone(),
+            slot,
+        }
+    }
+}
+
+async fn extend(inner: &Inner, url: &str, handles: &[String], vis: Duration) {
+    let entries = handles
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(h)
+                .visibility_timeout(vis.as_secs() as i32)
+                .build()
+                .expect("id and receipt handle are set")
+        })
+        .collect::<Vec<_>>();
+    match inner
+        .sdk
+        .change_message_visibility_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+    {
+        Ok(out) => {
+            for f in out.failed {
+                // A message settled while the request was in flight fails here harmlessly.
+                debug!(code = %f.code, message = ?f.message, "visibility extension refused");
+            }
+        }
+        Err(e) => warn!(error = %DisplayErrorContext(&e), "visibility heartbeat failed"),
     }
 }
 
@@ -741,34 +924,40 @@ struct SqsSettle {
     source: String,
     handle: String,
     id: MessageId,
-    _heartbeat: Option<AbortOnDrop>,
+    deleter: Deleter,
+    _lease: Option<Lease>,
 }
 
 impl SqsSettle {
     async fn delete(&self) -> Result<()> {
-        self.inner
-            .sdk
-            .delete_message()
-            .queue_url(&self.url)
-            .receipt_handle(&self.handle)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                let text = DisplayErrorContext(&e).to_string();
-                // AWS: ReceiptHandleIsInvalid; LocalStack: InvalidParameterValue "... has expired".
-                if text.contains("ReceiptHandleIsInvalid")
-                    || text.contains("receipt handle has expired")
-                {
-                    Error::DeliveryExpired {
-                        message_id: self.id.to_string(),
-                        reason: "its receipt handle expired (visibility timeout passed)".into(),
-                    }
-                } else {
-                    sdk_err("delete_message", e)
-                }
-            })
+        let (done, outcome) = oneshot::channel();
+        let req = DeleteRequest {
+            handle: self.handle.clone(),
+            id: self.id.clone(),
+            done,
+        };
+        if let Err(mpsc::error::SendError(req)) = self.deleter.0.send(req) {
+            // The subscription's deleter has ended (runtime shutting down): delete directly.
+            let (done, outcome) = oneshot::channel();
+            delete_batch(
+                self.inner.clone(),
+                self.url.clone(),
+                vec![DeleteRequest { done, ..req }],
+            )
+            .await;
+            return outcome.await.unwrap_or_else(|_| Err(gone()));
+        }
+        outcome.await.unwrap_or_else(|_| Err(gone()))
     }
+}
+
+fn gone() -> Error {
+    Error::broker(
+        BACKEND,
+        "delete_message",
+        true,
+        "the delete was dropped before it completed (runtime shutting down); the message will be redelivered",
+    )
 }
 
 #[async_trait]
@@ -782,10 +971,10 @@ impl Settle for SqsSettle {
             inner,
             url,
             handle,
-            _heartbeat,
+            _lease,
             ..
         } = *self;
-        drop(_heartbeat);
+        drop(_lease);
         let secs = delay.as_secs_f64().ceil().min(43_200.0) as i32;
         inner
             .sdk

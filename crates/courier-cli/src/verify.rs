@@ -315,6 +315,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let suffix = uuid_suffix();
     let dest = format!("verify-{suffix}");
     let dlq = format!("verify-{suffix}-dlq");
+    // A group of its own: joining a group other runs' (possibly crashed) members are still in
+    // would make every start wait out their session timeouts.
+    let group = format!("verify-{suffix}");
     client.create_destination(&dest).await?;
     client.create_destination(&dlq).await?;
     let ledger = Arc::new(Ledger::default());
@@ -359,6 +362,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let absorbed = absorbed.clone();
         let dest = dest.clone();
         let dlq = dlq.clone();
+        let group = group.clone();
         let error_rate = plan.faults.errors;
         let retry = retry.clone();
         move || {
@@ -368,6 +372,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             let absorbed = absorbed.clone();
             let dest = dest.clone();
             let dlq = dlq.clone();
+            let group = group.clone();
             let retry = retry.clone();
             async move {
                 let kill = Arc::new(KillSwitch::default());
@@ -378,7 +383,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                 };
                 let consumer = Consumer::new(
                     consumer_client,
-                    Subscription::new(&dest, "verify").dead_letter(&dlq),
+                    Subscription::new(&dest, &group).dead_letter(&dlq),
                 )
                 .concurrency(4)
                 .retry(retry)
@@ -506,18 +511,17 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         .await
         .map_err(|e| anyhow!("producer task failed: {e}"))?;
 
-    // Wait for the effects: until every sent id had one, or nothing moved for a while.
+    // Wait for the effects: until every sent id had one, or nothing moved for a while — longer
+    // than the broker takes to hand a crashed consumer's messages to another one.
     let deadline = Instant::now() + plan.timeout;
+    let stall = (client.capabilities().redelivery_after_crash * 2).max(Duration::from_secs(5));
     let mut last = (u64::MAX, Instant::now());
     loop {
         let handled = ledger.effects.lock().len() as u64;
         if let Some(b) = &bar {
             b.set_position(handled);
         }
-        if handled >= published
-            || Instant::now() > deadline
-            || last.1.elapsed() > Duration::from_secs(5)
-        {
+        if handled >= published || Instant::now() > deadline || last.1.elapsed() > stall {
             break;
         }
         if handled != last.0 {

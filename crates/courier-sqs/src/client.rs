@@ -33,6 +33,8 @@ const ATTR_HEADERS: &str = "courier-headers";
 const ATTR_ENCODING: &str = "courier-encoding";
 /// Entries per SendMessageBatch / DeleteMessageBatch.
 const BATCH: usize = 10;
+/// Delete requests one subscription keeps in flight at once (see `run_deleter`).
+const DELETES_IN_FLIGHT: usize = 1;
 
 fn sdk_err<E: std::error::Error + Send + Sync + 'static>(
     operation: &'static str,
@@ -634,9 +636,9 @@ async fn poll(
     }
 }
 
-/// Batches the deletes (acks) of one subscription: acks that arrive while a delete is being
-/// sent share the next `DeleteMessageBatch` (up to ten entries), so concurrent handlers cost one
-/// request per ten acks and a lone ack still goes out at once. Each ack still awaits the outcome
+/// Batches the deletes (acks) of one subscription: while `DELETES_IN_FLIGHT` requests are out,
+/// further acks queue and share the next `DeleteMessageBatch` (up to ten entries), so concurrent
+/// handlers cost about one request per ten acks, and a lone ack still goes out at once. Each ack still awaits the outcome
 /// of its own entry.
 #[derive(Clone)]
 struct Deleter(mpsc::UnboundedSender<DeleteRequest>);
@@ -652,10 +654,23 @@ async fn run_deleter(
     url: String,
     mut rx: mpsc::UnboundedReceiver<DeleteRequest>,
 ) {
+    // At most this many delete requests in flight: acks that arrive meanwhile wait and go out
+    // together in the next request. No timer is involved, so a lone ack is never delayed.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(DELETES_IN_FLIGHT));
     let mut buf = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut buf, BATCH).await > 0 {
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        if rx.recv_many(&mut buf, BATCH).await == 0 {
+            return;
+        }
         let batch = std::mem::replace(&mut buf, Vec::with_capacity(BATCH));
-        tokio::spawn(delete_batch(inner.clone(), url.clone(), batch));
+        let (inner, url) = (inner.clone(), url.clone());
+        tokio::spawn(async move {
+            delete_batch(inner, url, batch).await;
+            drop(permit);
+        });
     }
 }
 

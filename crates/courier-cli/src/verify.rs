@@ -354,7 +354,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let use_layer = g == Guarantee::ExactlyOnce && plan.sabotage != Some(Sabotage::NoDedup);
     let retry =
         RetryPolicy::attempts(8).backoff(Duration::from_millis(10), Duration::from_millis(500));
-    let lease = section.lease.unwrap_or(Duration::from_secs(2));
+    // Short, so a crashed consumer's message is retried soon; longer than a store outage plus
+    // the complete retries after it, so a live worker's lease does not lapse meanwhile.
+    let lease = section.lease.unwrap_or(Duration::from_secs(5));
     let spawn = {
         let consumer_client = consumer_client.clone();
         let ledger = ledger.clone();

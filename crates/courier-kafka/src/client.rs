@@ -77,7 +77,7 @@ pub(crate) struct Inner {
     pub(crate) producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     /// Serialises transactions: librdkafka runs one at a time per producer.
-    pub(crate) txn: tokio::sync::Mutex<()>,
+    pub(crate) txn: Arc<tokio::sync::Mutex<()>>,
     topics: Mutex<HashSet<String>>,
     transactional_id: Option<String>,
 }
@@ -177,7 +177,7 @@ impl KafkaClient {
                 guarantee,
                 producer,
                 admin,
-                txn: tokio::sync::Mutex::new(()),
+                txn: Arc::new(tokio::sync::Mutex::new(())),
                 topics: Mutex::new(HashSet::new()),
                 transactional_id,
             }),
@@ -320,36 +320,56 @@ impl Inner {
     }
 
     /// Run `body` inside a transaction; abort on failure (abortable errors are retryable).
+    ///
+    /// Cancellation-safe: if the caller's future is dropped mid-transaction (a consumer aborted,
+    /// a shutdown deadline passed), the transaction is aborted on a blocking thread that keeps
+    /// the client's transaction lock until it is done, so the shared producer is never left with
+    /// an open transaction that the next caller's `begin_transaction` would trip over.
     pub(crate) async fn transaction<F, Fut, T>(&self, body: F) -> Result<T>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let _guard = self.txn.lock().await;
+        let timeout = self.config.delivery_timeout.min(Duration::from_secs(60));
+        let mut open = OpenTransaction {
+            producer: Some(self.producer.clone()),
+            guard: Some(self.txn.clone().lock_owned().await),
+            timeout,
+        };
         let p = self.producer.clone();
         blocking(move || p.begin_transaction())
             .await?
-            .map_err(|e| kafka_err("begin_transaction", e))?;
+            .map_err(|e| {
+                open.disarm();
+                kafka_err("begin_transaction", e)
+            })?;
         let out = body().await;
-        let timeout = self.config.delivery_timeout.min(Duration::from_secs(60));
+        // From here on the ending runs on a blocking thread that owns the lock: cancelling the
+        // caller no longer interrupts it.
+        let (p, guard) = open.take();
         match out {
-            Ok(v) => {
-                let p = self.producer.clone();
-                match blocking(move || p.commit_transaction(timeout)).await? {
-                    Ok(()) => Ok(v),
+            Ok(v) => blocking(move || {
+                let r = match p.commit_transaction(timeout) {
+                    Ok(()) => Ok(()),
                     Err(e) => {
                         let err = kafka_err("commit_transaction", e);
                         if !matches!(err, Error::Fenced { .. }) {
-                            let p = self.producer.clone();
-                            let _ = blocking(move || p.abort_transaction(timeout)).await;
+                            let _ = p.abort_transaction(timeout);
                         }
                         Err(err)
                     }
-                }
-            }
+                };
+                drop(guard);
+                r
+            })
+            .await?
+            .map(|()| v),
             Err(e) => {
-                let p = self.producer.clone();
-                let _ = blocking(move || p.abort_transaction(timeout)).await;
+                blocking(move || {
+                    let _ = p.abort_transaction(timeout);
+                    drop(guard);
+                })
+                .await?;
                 Err(e)
             }
         }
@@ -455,5 +475,44 @@ impl DeliveryClient for KafkaClient {
         blocking(move || p.flush(t))
             .await?
             .map_err(|e| kafka_err("flush", e))
+    }
+}
+
+/// An open transaction and the client's transaction lock; aborts the transaction if dropped
+/// before `disarm` (see `Inner::transaction`).
+struct OpenTransaction {
+    producer: Option<FutureProducer>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    timeout: Duration,
+}
+
+impl OpenTransaction {
+    fn disarm(&mut self) {
+        self.producer = None;
+        self.guard = None;
+    }
+
+    /// Hand the producer and the lock to whoever ends the transaction.
+    fn take(mut self) -> (FutureProducer, tokio::sync::OwnedMutexGuard<()>) {
+        (
+            self.producer.take().expect("armed"),
+            self.guard.take().expect("armed"),
+        )
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let (Some(p), Some(guard)) = (self.producer.take(), self.guard.take()) {
+            let timeout = self.timeout;
+            let abort = move || {
+                let _ = p.abort_transaction(timeout);
+                drop(guard);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(abort)),
+                Err(_) => drop(std::thread::spawn(abort)),
+            }
+        }
     }
 }

@@ -9,8 +9,17 @@
 //! - `errors=P` — each handler run fails (retryably) with probability P;
 //! - `duplicates=P` — the producer publishes a fraction P of messages a second time with the same
 //!   id (a producer retry after a lost confirm);
-//! - `store-outage=DURATION` — the idempotency store is unreachable for DURATION mid-run;
+//! - `store-outage=DURATION` — the idempotency store is unreachable for DURATION mid-run (with
+//!   the PostgreSQL transactional mode: every database connection of the run is terminated, over
+//!   and over, for DURATION — transactions die mid-way, commits included);
 //! - `restart` — the broker is restarted mid-run (RabbitMQ via `rabbitmqctl stop_app/start_app`).
+//!
+//! Exactly-once runs through the idempotent layer. When `[idempotency] store` is a PostgreSQL URL
+//! it runs in the transactional mode ([`TransactionalIdempotent`]): each effect is a row the
+//! handler inserts in the transaction that also records the key, and the ledger counts those
+//! rows — the way a payments handler gets exactly-once effects. With the in-process or Redis
+//! store the effect is recorded in memory before the key is completed, so a crash in between
+//! repeats it (the limit of any store outside the effect's transaction; docs/proving.md).
 //!
 //! Exit status is non-zero when the guarantee was violated.
 
@@ -25,15 +34,21 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use courier::idempotency::{Begin, IdempotencyStore, LeaseToken};
+use courier::idempotency::{
+    Begin, IdempotencyStore, LeaseToken, PostgresStore, TransactionalIdempotent, TxHandler,
+};
 use courier::{
     Config, Consumer, ConsumerHandle, Context, DeliveryClient, Guarantee, Handler, HandlerError,
     Message, RetryPolicy, Subscription,
 };
 
 const SENT_AT: &str = "courier-verify-sent-at";
+/// The effects table of the PostgreSQL transactional mode (rows of a run are deleted after it).
+const EFFECTS_TABLE: &str = "courier_verify_effects";
 
 /// Faults to inject.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -112,6 +127,9 @@ pub struct Report {
     pub handled: u64,
     /// Sent but never handled.
     pub lost: u64,
+    /// Of the lost, those no handler ever saw (never delivered, or stuck behind something that
+    /// was); the rest reached a handler whose effect never committed.
+    pub lost_undelivered: u64,
     /// Effects beyond the first per id.
     pub duplicate_effects: u64,
     /// Handler invocations beyond the first per id (redeliveries and retries).
@@ -143,7 +161,17 @@ impl fmt::Display for Report {
             ("guarantee", self.guarantee.to_string()),
             ("sent", self.sent.to_string()),
             ("handled", self.handled.to_string()),
-            ("lost", self.lost.to_string()),
+            (
+                "lost",
+                if self.lost > 0 {
+                    format!(
+                        "{} ({} never reached a handler)",
+                        self.lost, self.lost_undelivered
+                    )
+                } else {
+                    "0".into()
+                },
+            ),
             ("duplicate effects", self.duplicate_effects.to_string()),
             ("redeliveries", self.redeliveries.to_string()),
             ("dead-lettered", self.dead_lettered.to_string()),
@@ -178,6 +206,24 @@ struct Ledger {
     last_effect: Mutex<Option<Instant>>,
 }
 
+impl Ledger {
+    /// Count one effect of `id` (the in-memory effect of the non-transactional modes).
+    fn record(&self, id: String, latency_ms: Option<f64>) {
+        *self.effects.lock().entry(id).or_default() += 1;
+        self.total_effects.fetch_add(1, Ordering::Relaxed);
+        *self.last_effect.lock() = Some(Instant::now());
+        if let Some(l) = latency_ms {
+            self.latencies.lock().push(l);
+        }
+    }
+}
+
+/// Milliseconds since the producer stamped `m`.
+fn latency_ms(m: &Message) -> Option<f64> {
+    let sent = m.headers.get(SENT_AT)?.parse::<u64>().ok()?;
+    Some(now_micros().saturating_sub(sent) as f64 / 1000.0)
+}
+
 fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -186,11 +232,14 @@ fn now_micros() -> u64 {
 }
 
 /// The experiment's handler: a unit of "work" (a short wait during which a crash can hit), then
-/// the effect.
+/// the effect — counted in memory, or (transactional mode) a row inserted into [`EFFECTS_TABLE`]
+/// in the transaction that records the key.
 struct Work {
     ledger: Arc<Ledger>,
     error_rate: f64,
     kill_switch: Arc<KillSwitch>,
+    /// The run's id in the effects table.
+    run: String,
 }
 
 /// Lets the fault driver crash a consumer while one of its handlers is mid-way.
@@ -200,9 +249,9 @@ struct KillSwitch {
     parked: tokio::sync::Notify,
 }
 
-#[async_trait]
-impl Handler for Work {
-    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+impl Work {
+    /// Everything before the effect: count the invocation, work, crash or fail when told to.
+    async fn prelude(&self, m: &Message) -> Result<(), HandlerError> {
         *self
             .ledger
             .invocations
@@ -218,21 +267,145 @@ impl Handler for Work {
         if self.error_rate > 0.0 && fastrand::f64() < self.error_rate {
             return Err(HandlerError::retryable("injected handler error"));
         }
-        *self
-            .ledger
-            .effects
-            .lock()
-            .entry(m.id.to_string())
-            .or_default() += 1;
-        self.ledger.total_effects.fetch_add(1, Ordering::Relaxed);
-        *self.ledger.last_effect.lock() = Some(Instant::now());
-        if let Some(sent) = m.headers.get(SENT_AT).and_then(|v| v.parse::<u64>().ok()) {
-            self.ledger
-                .latencies
-                .lock()
-                .push(now_micros().saturating_sub(sent) as f64 / 1000.0);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Handler for Work {
+    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
+        self.prelude(m).await?;
+        self.ledger.record(m.id.to_string(), latency_ms(m));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TxHandler for Work {
+    async fn handle(
+        &self,
+        m: &Message,
+        tx: &mut Transaction<'static, Postgres>,
+        _cx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        self.prelude(m).await?;
+        sqlx::query(&format!(
+            "INSERT INTO {EFFECTS_TABLE} (run, id, latency_ms) VALUES ($1, $2, $3)"
+        ))
+        .bind(&self.run)
+        .bind(m.id.to_string())
+        .bind(latency_ms(m))
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| {
+            HandlerError::defer(
+                Duration::from_millis(200),
+                format!("recording the effect failed: {e}"),
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// The PostgreSQL side of the transactional mode: the pool the layer uses (its connections carry
+/// an application name of their own, so the outage fault can find and kill exactly them) and an
+/// admin pool that reads the effects and injects the outage.
+struct PgLedger {
+    store: PostgresStore,
+    admin: PgPool,
+    app: String,
+    run: String,
+}
+
+impl PgLedger {
+    async fn connect(url: &str, run: &str) -> Result<Self> {
+        let app = format!("courier-verify-{run}");
+        let opts: PgConnectOptions = url
+            .parse()
+            .map_err(|e| anyhow!("idempotency.store is not a PostgreSQL URL: {e}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts.clone().application_name(&app))
+            .await
+            .map_err(|e| anyhow!("connecting to the idempotency database: {e}"))?;
+        let admin = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts.application_name("courier-verify-admin"))
+            .await
+            .map_err(|e| anyhow!("connecting to the idempotency database: {e}"))?;
+        let store = PostgresStore::from_pool(pool);
+        store.migrate().await?;
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {EFFECTS_TABLE} (
+                 run TEXT NOT NULL, id TEXT NOT NULL, latency_ms DOUBLE PRECISION,
+                 at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
+             CREATE INDEX IF NOT EXISTS {EFFECTS_TABLE}_run ON {EFFECTS_TABLE} (run);"
+        ))
+        .execute(&admin)
+        .await?;
+        Ok(PgLedger {
+            store,
+            admin,
+            app,
+            run: run.to_owned(),
+        })
+    }
+
+    /// Copy the run's committed effects into the in-memory ledger (what progress and the
+    /// report read).
+    async fn sync(&self, ledger: &Ledger) -> Result<()> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, count(*) AS n FROM {EFFECTS_TABLE} WHERE run = $1 GROUP BY id"
+        ))
+        .bind(&self.run)
+        .fetch_all(&self.admin)
+        .await?;
+        let mut effects = HashMap::with_capacity(rows.len());
+        let mut total = 0u64;
+        for r in rows {
+            let n: i64 = r.try_get("n")?;
+            total += n as u64;
+            effects.insert(r.try_get::<String, _>("id")?, n as u32);
+        }
+        *ledger.effects.lock() = effects;
+        if ledger.total_effects.swap(total, Ordering::Relaxed) != total {
+            *ledger.last_effect.lock() = Some(Instant::now());
         }
         Ok(())
+    }
+
+    async fn latencies(&self) -> Result<Vec<f64>> {
+        let rows = sqlx::query(&format!(
+            "SELECT latency_ms FROM {EFFECTS_TABLE} WHERE run = $1 AND latency_ms IS NOT NULL"
+        ))
+        .bind(&self.run)
+        .fetch_all(&self.admin)
+        .await?;
+        Ok(rows.iter().filter_map(|r| r.try_get(0).ok()).collect())
+    }
+
+    /// The outage: terminate every connection of the run's pool, again every 20 ms (new ones
+    /// included), until `until`.
+    async fn outage(&self, until: Instant, stop: &CancellationToken) {
+        while Instant::now() < until && !stop.is_cancelled() {
+            let _ = sqlx::query(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = $1",
+            )
+            .bind(&self.app)
+            .execute(&self.admin)
+            .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn cleanup(&self) {
+        let _ = sqlx::query(&format!("DELETE FROM {EFFECTS_TABLE} WHERE run = $1"))
+            .bind(&self.run)
+            .execute(&self.admin)
+            .await;
     }
 }
 
@@ -323,10 +496,20 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let ledger = Arc::new(Ledger::default());
     let store_down = Arc::new(AtomicBool::new(false));
     let section = config.idempotency.clone().unwrap_or_default();
-    let store: Arc<dyn IdempotencyStore> = Arc::new(Flaky {
-        inner: courier::idempotency_store(&section).await?,
-        down: store_down.clone(),
-    });
+    let use_layer = g == Guarantee::ExactlyOnce && plan.sabotage != Some(Sabotage::NoDedup);
+    let url = section.store.expose();
+    let pg = if use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        Some(Arc::new(PgLedger::connect(url, &suffix).await?))
+    } else {
+        None
+    };
+    let store: Option<Arc<dyn IdempotencyStore>> = match pg {
+        Some(_) => None,
+        None => Some(Arc::new(Flaky {
+            inner: courier::idempotency_store(&section).await?,
+            down: store_down.clone(),
+        })),
+    };
     let absorbed = Arc::new(Mutex::new(
         Vec::<Arc<courier::idempotency::IdempotencyStats>>::new(),
     ));
@@ -351,7 +534,6 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             }
             None => (client.clone(), client.clone()),
         };
-    let use_layer = g == Guarantee::ExactlyOnce && plan.sabotage != Some(Sabotage::NoDedup);
     let retry =
         RetryPolicy::attempts(8).backoff(Duration::from_millis(10), Duration::from_millis(500));
     // Short, so a crashed consumer's message is retried soon; longer than a store outage plus
@@ -361,16 +543,20 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let consumer_client = consumer_client.clone();
         let ledger = ledger.clone();
         let store = store.clone();
+        let pg = pg.clone();
         let absorbed = absorbed.clone();
         let dest = dest.clone();
         let dlq = dlq.clone();
         let group = group.clone();
         let error_rate = plan.faults.errors;
         let retry = retry.clone();
+        let run = suffix.clone();
         move || {
             let consumer_client = consumer_client.clone();
             let ledger = ledger.clone();
             let store = store.clone();
+            let pg = pg.clone();
+            let run = run.clone();
             let absorbed = absorbed.clone();
             let dest = dest.clone();
             let dlq = dlq.clone();
@@ -382,6 +568,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                     ledger,
                     error_rate,
                     kill_switch: kill.clone(),
+                    run,
                 };
                 let consumer = Consumer::new(
                     consumer_client,
@@ -390,15 +577,22 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                 .concurrency(4)
                 .retry(retry)
                 .shutdown_timeout(Duration::from_secs(10));
-                let handle = if use_layer {
-                    let layer = courier::idempotency::Idempotent::new(work, store)
-                        .namespace(dest.clone())
-                        .lease(lease)
-                        .store_retry_delay(Duration::from_millis(200));
-                    absorbed.lock().push(layer.stats());
-                    consumer.spawn(layer).await?
-                } else {
-                    consumer.spawn(work).await?
+                let handle = match (&pg, store) {
+                    (Some(pg), _) => {
+                        let layer =
+                            TransactionalIdempotent::new(work, &pg.store).namespace(dest.clone());
+                        absorbed.lock().push(layer.stats());
+                        consumer.spawn(layer).await?
+                    }
+                    (None, Some(store)) if use_layer => {
+                        let layer = courier::idempotency::Idempotent::new(work, store)
+                            .namespace(dest.clone())
+                            .lease(lease)
+                            .store_retry_delay(Duration::from_millis(200));
+                        absorbed.lock().push(layer.stats());
+                        consumer.spawn(layer).await?
+                    }
+                    _ => consumer.spawn(work).await?,
                 };
                 Ok::<_, courier::Error>(Running { handle, kill })
             }
@@ -446,6 +640,25 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         })
     };
 
+    // Transactional mode: the effects are rows; keep the in-memory ledger (progress, kills,
+    // the stall check) in step with them.
+    let stop_sync = CancellationToken::new();
+    let syncer = pg.clone().map(|pg| {
+        let ledger = ledger.clone();
+        let stop = stop_sync.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Err(e) = pg.sync(&ledger).await {
+                    tracing::warn!(error = %e, "reading the effects table failed");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        })
+    });
+
     // Fault driver.
     let stop_faults = CancellationToken::new();
     let mut crashes = 0u32;
@@ -458,6 +671,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let stop = stop_faults.clone();
         let store_down = store_down.clone();
         let ledger = ledger.clone();
+        let pg = pg.clone();
         let n = plan.messages;
         let until = move |share: usize| {
             let ledger = ledger.clone();
@@ -471,9 +685,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         tokio::spawn(async move {
             if let Some(d) = outage {
                 until(3).await;
-                store_down.store(true, Ordering::SeqCst);
-                tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(d) => {} }
-                store_down.store(false, Ordering::SeqCst);
+                if let Some(pg) = &pg {
+                    pg.outage(Instant::now() + d, &stop).await;
+                } else {
+                    store_down.store(true, Ordering::SeqCst);
+                    tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(d) => {} }
+                    store_down.store(false, Ordering::SeqCst);
+                }
             }
             if restart {
                 until(2).await;
@@ -544,12 +762,25 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         b.finish_and_clear();
     }
     client.close().await.ok();
+    if let Some(pg) = &pg {
+        stop_sync.cancel();
+        if let Some(t) = syncer {
+            let _ = t.await;
+        }
+        pg.sync(&ledger).await?;
+        *ledger.latencies.lock() = pg.latencies().await?;
+        pg.cleanup().await;
+    }
 
     let sent = ledger.sent.lock();
     let effects = ledger.effects.lock();
     let invocations = ledger.invocations.lock();
     let handled = sent.keys().filter(|id| effects.contains_key(*id)).count() as u64;
     let lost = sent.len() as u64 - handled;
+    let lost_undelivered = sent
+        .keys()
+        .filter(|id| !effects.contains_key(*id) && !invocations.contains_key(*id))
+        .count() as u64;
     let dup_effects: u64 = effects
         .values()
         .map(|n| u64::from(n.saturating_sub(1)))
@@ -594,6 +825,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         effects: ledger.total_effects.load(Ordering::Relaxed),
         handled,
         lost,
+        lost_undelivered,
         duplicate_effects: dup_effects,
         redeliveries,
         dead_lettered,

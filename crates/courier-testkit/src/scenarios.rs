@@ -553,7 +553,14 @@ pub async fn close_flushes_pending_publishes(b: &dyn TestBackend) -> Outcome {
             Some(d) => {
                 let d = d?;
                 got.insert(d.message.id.clone());
-                d.ack().await?;
+                match d.ack().await {
+                    // Received while this test was still flushing its publishes and held past
+                    // the visibility timeout (3 s in the SQS suite) when a loaded LocalStack was
+                    // slow to answer the lease extensions: the broker redelivers it, which is
+                    // what at-least-once promises. This scenario is about the flush.
+                    Ok(()) | Err(Error::DeliveryExpired { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             None => break,
         }

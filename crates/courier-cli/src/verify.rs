@@ -238,15 +238,20 @@ struct Work {
     ledger: Arc<Ledger>,
     error_rate: f64,
     kill_switch: Arc<KillSwitch>,
+    /// Which consumer this handler belongs to.
+    consumer: u64,
     /// The run's id in the effects table.
     run: String,
 }
 
-/// Lets the fault driver crash a consumer while one of its handlers is mid-way.
+/// Lets the fault driver crash a consumer while one of its handlers is mid-way. Shared by all
+/// consumers: the first handler (of any consumer) to find it armed parks, and its consumer is
+/// the one crashed — a consumer that happens to have nothing to do is never picked.
 #[derive(Default)]
 struct KillSwitch {
     armed: AtomicBool,
     parked: tokio::sync::Notify,
+    victim: AtomicU64,
 }
 
 impl Work {
@@ -260,7 +265,10 @@ impl Work {
             .or_default() += 1;
         tokio::time::sleep(Duration::from_micros(200)).await;
         if self.kill_switch.armed.swap(false, Ordering::SeqCst) {
-            // Crash point: tell the driver we are mid-handler, then never finish.
+            // Crash point: tell the driver which consumer is mid-handler, then never finish.
+            self.kill_switch
+                .victim
+                .store(self.consumer, Ordering::SeqCst);
             self.kill_switch.parked.notify_one();
             std::future::pending::<()>().await;
         }
@@ -477,7 +485,7 @@ pub struct Plan {
 
 struct Running {
     handle: ConsumerHandle,
-    kill: Arc<KillSwitch>,
+    id: u64,
 }
 
 /// Run the experiment described by `config` and `plan`.
@@ -539,6 +547,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // Short, so a crashed consumer's message is retried soon; longer than a store outage plus
     // the complete retries after it, so a live worker's lease does not lapse meanwhile.
     let lease = section.lease.unwrap_or(Duration::from_secs(5));
+    let kill = Arc::new(KillSwitch::default());
     let spawn = {
         let consumer_client = consumer_client.clone();
         let ledger = ledger.clone();
@@ -551,7 +560,11 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let error_rate = plan.faults.errors;
         let retry = retry.clone();
         let run = suffix.clone();
+        let kill = kill.clone();
+        let ids = Arc::new(AtomicU64::new(0));
         move || {
+            let kill = kill.clone();
+            let id = ids.fetch_add(1, Ordering::Relaxed);
             let consumer_client = consumer_client.clone();
             let ledger = ledger.clone();
             let store = store.clone();
@@ -563,11 +576,11 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             let group = group.clone();
             let retry = retry.clone();
             async move {
-                let kill = Arc::new(KillSwitch::default());
                 let work = Work {
                     ledger,
                     error_rate,
-                    kill_switch: kill.clone(),
+                    kill_switch: kill,
+                    consumer: id,
                     run,
                 };
                 let consumer = Consumer::new(
@@ -594,7 +607,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                     }
                     _ => consumer.spawn(work).await?,
                 };
-                Ok::<_, courier::Error>(Running { handle, kill })
+                Ok::<_, courier::Error>(Running { handle, id })
             }
         }
     };
@@ -710,21 +723,24 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         if consumers.is_empty() {
             break;
         }
-        let i = fastrand::usize(..consumers.len());
-        consumers[i].kill.armed.store(true, Ordering::SeqCst);
-        // Wait (bounded) until one of its handlers is mid-way, then crash it there. A consumer
-        // with nothing in flight is left alone (that kill is not counted).
-        let parked = consumers[i].kill.parked.notified();
-        if tokio::time::timeout(Duration::from_secs(5), parked)
-            .await
-            .is_ok()
-        {
+        // Wait (bounded) until a handler of any consumer is mid-way, then crash that consumer
+        // there. With nothing in flight anywhere for 5 s, the kill is skipped (not counted).
+        let parked = kill.parked.notified();
+        kill.armed.store(true, Ordering::SeqCst);
+        let hit = match tokio::time::timeout(Duration::from_secs(5), parked).await {
+            Ok(()) => true,
+            // Still armed: nobody took it. Taken just now: its handler is about to notify.
+            Err(_) if kill.armed.swap(false, Ordering::SeqCst) => false,
+            Err(_) => tokio::time::timeout(Duration::from_secs(5), kill.parked.notified())
+                .await
+                .is_ok(),
+        };
+        let victim = kill.victim.load(Ordering::SeqCst);
+        if let Some(i) = consumers.iter().position(|c| hit && c.id == victim) {
             let victim = consumers.remove(i);
             victim.handle.abort();
             crashes += 1;
             consumers.push(spawn().await?);
-        } else {
-            consumers[i].kill.armed.store(false, Ordering::SeqCst);
         }
     }
     let published = producer

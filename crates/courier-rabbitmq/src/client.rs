@@ -46,10 +46,12 @@ fn not_found(destination: &str) -> Error {
     }
 }
 
-/// One connection plus a publishing channel, re-created after failures.
+/// One connection plus a publishing channel, re-created after failures. The publishing channel
+/// is always in confirm mode: at-least-once awaits each confirm; at-most-once does not, but
+/// [`close`](Link::close) waits for the outstanding ones, because a channel closed while the
+/// broker still holds enqueues for it (a quorum queue's leader being slow) drops them.
 pub(crate) struct Link {
     pub(crate) config: RabbitMqConfig,
-    confirmed: bool,
     state: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -70,11 +72,9 @@ impl Link {
             .create_channel()
             .await
             .map_err(|e| broker_err("open channel", e))?;
-        if self.confirmed {
-            ch.confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| broker_err("confirm_select", e))?;
-        }
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| broker_err("confirm_select", e))?;
         Ok((conn, ch))
     }
 
@@ -90,12 +90,10 @@ impl Link {
                     .create_channel()
                     .await
                     .map_err(|e| broker_err("open channel", e))?;
-                if self.confirmed {
-                    fresh
-                        .confirm_select(ConfirmSelectOptions::default())
-                        .await
-                        .map_err(|e| broker_err("confirm_select", e))?;
-                }
+                fresh
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| broker_err("confirm_select", e))?;
                 *ch = fresh.clone();
                 return Ok(fresh);
             }
@@ -117,8 +115,18 @@ impl Link {
             .map_err(|e| broker_err("open channel", e))
     }
 
+    /// Flush, then close: wait (bounded by `confirm_timeout`) until the broker confirmed every
+    /// publish of the channel, so an at-most-once publish that returned is not dropped by the
+    /// close itself.
     pub(crate) async fn close(&self) {
         if let Some((conn, ch)) = self.state.lock().await.take() {
+            if ch.status().connected() {
+                let flushed =
+                    tokio::time::timeout(self.config.confirm_timeout, ch.wait_for_confirms()).await;
+                if !matches!(flushed, Ok(Ok(_))) {
+                    tracing::warn!("closing with publishes the broker has not confirmed");
+                }
+            }
             let _ = ch.close(200, "bye".into()).await;
             let _ = conn.close(200, "bye".into()).await;
         }
@@ -206,7 +214,6 @@ impl RabbitMqClient {
     pub(crate) async fn connect(config: RabbitMqConfig, guarantee: Guarantee) -> Result<Self> {
         let link = Arc::new(Link {
             config,
-            confirmed: guarantee != Guarantee::AtMostOnce,
             state: Mutex::new(None),
         });
         link.channel().await?;

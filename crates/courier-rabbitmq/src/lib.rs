@@ -4,7 +4,7 @@
 //!
 //! | | at-most-once | at-least-once | exactly-once |
 //! |---|---|---|---|
-//! | publish | no confirms, `delivery_mode=1`, returns once written | `confirm_select`, `mandatory`, `delivery_mode=2`; returns on the broker's ack; a *returned* message is [`Error::Unroutable`](courier_core::Error::Unroutable), a nack or a lost connection is retried with the same `message_id` | as at-least-once |
+//! | publish | `delivery_mode=1`, returns once written (confirm mode, but confirms are not awaited; `close` waits for them) | `confirm_select`, `mandatory`, `delivery_mode=2`; returns on the broker's ack; a *returned* message is [`Error::Unroutable`](courier_core::Error::Unroutable), a nack or a lost connection is retried with the same `message_id` | as at-least-once |
 //! | consume | `no_ack` (settled on delivery) | manual ack after the handler, `basic.qos` prefetch | as at-least-once + the idempotent layer (`message_id` = courier id; RabbitMQ has no dedup) |
 //!
 //! Topology: a destination is a durable **topic exchange**; a subscription `(destination, group)` is a durable
@@ -71,11 +71,11 @@ pub(crate) fn explain_settings(r: &RabbitMqConfig, g: Guarantee) -> Explanation 
         .set(
             "producer",
             "confirm_select",
-            confirmed,
+            true,
             if confirmed {
                 "publish returns only after the broker's ack"
             } else {
-                "no confirms: publish returns once written"
+                "publish returns once written, without waiting for the ack; close waits for the acks"
             },
         )
         .set(

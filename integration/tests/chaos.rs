@@ -47,7 +47,9 @@ async fn backend_matrix(
     for g in Guarantee::ALL {
         for f in faults {
             if let Some((_, _, why)) = left_out.iter().find(|(lg, lf, _)| *lg == g && lf == f) {
-                println!("{name} {g} [{f}]: LEFT OUT of this matrix: {why}");
+                courier_testkit::endpoints::notice(&format!(
+                    "{name} {g} [{f}]: LEFT OUT of this matrix: {why}"
+                ));
                 continue;
             }
             let mut config = base.clone().with_guarantee(g);

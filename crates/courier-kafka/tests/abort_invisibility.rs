@@ -30,11 +30,11 @@ impl Handler for Forward {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn aborted_transactions_are_invisible_to_exactly_once_consumers() {
     if std::env::var("KAFKA_FLAVOR").as_deref() != Ok("apache") {
-        println!(
+        courier_testkit::endpoints::notice(
             "SKIPPED: abort invisibility needs real Apache Kafka; the local test beds (nisshi, \
              MockCluster) do not filter aborted transactions for read_committed consumers. \
              Run with KAFKA_FLAVOR=apache and KAFKA_BOOTSTRAP pointing at Apache Kafka \
-             (docker compose up -d kafka)."
+             (docker compose up -d kafka).",
         );
         return;
     }

@@ -51,6 +51,14 @@ pub fn unreachable(service: &str, endpoint: &str, error: impl std::fmt::Display)
     )
 }
 
+/// Tell whoever runs the test command that something was skipped or left out, and why. Written
+/// straight to stderr, which the test harness does not capture (it captures `println!` and
+/// `eprintln!` of passing tests), so the reason shows in every run's output.
+pub fn notice(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "NOTICE: {text}");
+}
+
 /// Multiply a test wait bound by `COURIER_TEST_TIME_SCALE` (default 1) for slow machines.
 pub fn scaled(d: std::time::Duration) -> std::time::Duration {
     let f: f64 = std::env::var("COURIER_TEST_TIME_SCALE")

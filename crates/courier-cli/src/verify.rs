@@ -511,12 +511,15 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     } else {
         None
     };
-    let store: Option<Arc<dyn IdempotencyStore>> = match pg {
-        Some(_) => None,
-        None => Some(Arc::new(Flaky {
+    // The store of the non-transactional layer; none without the layer (an at-least-once run
+    // does not need Redis to be up).
+    let store: Option<Arc<dyn IdempotencyStore>> = if use_layer && pg.is_none() {
+        Some(Arc::new(Flaky {
             inner: courier::idempotency_store(&section).await?,
             down: store_down.clone(),
-        })),
+        }))
+    } else {
+        None
     };
     let absorbed = Arc::new(Mutex::new(
         Vec::<Arc<courier::idempotency::IdempotencyStats>>::new(),
@@ -597,7 +600,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                         absorbed.lock().push(layer.stats());
                         consumer.spawn(layer).await?
                     }
-                    (None, Some(store)) if use_layer => {
+                    (None, Some(store)) => {
                         let layer = courier::idempotency::Idempotent::new(work, store)
                             .namespace(dest.clone())
                             .lease(lease)
@@ -605,7 +608,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                         absorbed.lock().push(layer.stats());
                         consumer.spawn(layer).await?
                     }
-                    _ => consumer.spawn(work).await?,
+                    (None, None) => consumer.spawn(work).await?,
                 };
                 Ok::<_, courier::Error>(Running { handle, id })
             }
@@ -736,7 +739,8 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                 .is_ok(),
         };
         let victim = kill.victim.load(Ordering::SeqCst);
-        if let Some(i) = consumers.iter().position(|c| hit && c.id == victim) {
+        let parked_on = consumers.iter().position(|c| c.id == victim);
+        if let (true, Some(i)) = (hit, parked_on) {
             let victim = consumers.remove(i);
             victim.handle.abort();
             crashes += 1;

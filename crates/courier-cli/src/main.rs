@@ -152,6 +152,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Use this existing, empty destination and its dead-letter `NAME-dlq` instead of
+        /// creating fresh ones (for brokers where courier may not create them).
+        #[arg(long)]
+        destination: Option<String>,
     },
 }
 
@@ -315,6 +319,7 @@ async fn run(cli: Cli) -> Result<()> {
             sabotage,
             timeout,
             json,
+            destination,
         } => {
             let config = target.load()?;
             let plan = verify::Plan {
@@ -324,6 +329,7 @@ async fn run(cli: Cli) -> Result<()> {
                 sabotage,
                 timeout,
                 progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                destination,
             };
             let report = verify::run(&config, &plan).await?;
             if json {

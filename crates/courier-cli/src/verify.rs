@@ -481,6 +481,9 @@ pub struct Plan {
     pub timeout: Duration,
     /// Show a progress bar.
     pub progress: bool,
+    /// Run on these existing, empty destinations (`NAME` and its dead-letter `NAME-dlq`) instead
+    /// of creating fresh ones — for brokers where courier may not create topics or queues.
+    pub destination: Option<String>,
 }
 
 struct Running {
@@ -494,13 +497,18 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let g = config.guarantee;
     let client: Arc<dyn DeliveryClient> = courier::connect(config).await?.into();
     let suffix = uuid_suffix();
-    let dest = format!("verify-{suffix}");
-    let dlq = format!("verify-{suffix}-dlq");
+    let (dest, dlq) = match &plan.destination {
+        Some(name) => (name.clone(), format!("{name}-dlq")),
+        None => (format!("verify-{suffix}"), format!("verify-{suffix}-dlq")),
+    };
     // A group of its own: joining a group other runs' (possibly crashed) members are still in
     // would make every start wait out their session timeouts.
     let group = format!("verify-{suffix}");
-    client.create_destination(&dest).await?;
-    client.create_destination(&dlq).await?;
+    tracing::info!(destination = %dest, group = %group, "verify: the run's destination and consumer group");
+    if plan.destination.is_none() {
+        client.create_destination(&dest).await?;
+        client.create_destination(&dlq).await?;
+    }
     let ledger = Arc::new(Ledger::default());
     let store_down = Arc::new(AtomicBool::new(false));
     let section = config.idempotency.clone().unwrap_or_default();

@@ -122,9 +122,41 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// A subscription's consumer, closed off the async worker threads when the last reference goes.
+///
+/// Dropping an rdkafka consumer closes it: it leaves the group and polls until the close is done,
+/// running the revoke callback (a synchronous commit under at-least-once). That can take a
+/// broker round trip or a session timeout, and must not occupy a tokio worker: a stream
+/// dropped without `close` (its task aborted, a consumer torn down mid-handler) would stall the
+/// tasks queued behind it on that worker.
+struct OwnedConsumer(Option<StreamConsumer<Ctx>>);
+
+impl std::ops::Deref for OwnedConsumer {
+    type Target = StreamConsumer<Ctx>;
+
+    fn deref(&self) -> &StreamConsumer<Ctx> {
+        self.0
+            .as_ref()
+            .expect("the consumer is taken only when it is dropped")
+    }
+}
+
+impl Drop for OwnedConsumer {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || drop(consumer));
+                }
+                Err(_) => drop(consumer),
+            }
+        }
+    }
+}
+
 struct Sub {
     inner: Arc<Inner>,
-    consumer: Arc<StreamConsumer<Ctx>>,
+    consumer: Arc<OwnedConsumer>,
     tracker: Arc<Tracker>,
     topic: String,
     dlq: String,
@@ -152,7 +184,7 @@ impl KafkaStream {
             .map_err(|e| kafka_err("subscribe", e))?;
         let sub = Arc::new(Sub {
             inner,
-            consumer: Arc::new(consumer),
+            consumer: Arc::new(OwnedConsumer(Some(consumer))),
             tracker,
             topic: s.destination.clone(),
             dlq: s.dead_letter_destination(),

@@ -212,3 +212,40 @@ async fn kafka_missing_topic_is_flagged_and_a_created_topic_is_healthy() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn kafka_min_insync_replicas_above_replication_is_flagged() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let bootstrap = endpoints::kafka_bootstrap();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    // Seeded misconfiguration: every acks=all publish to this topic would fail.
+    let topic = unique("doctor-min-isr");
+    let r =
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            admin.create_topics(
+                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                    .set("min.insync.replicas", "2")],
+                &AdminOptions::new(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| endpoints::unreachable("Kafka", &bootstrap, "timed out"))
+        .unwrap_or_else(|e| endpoints::unreachable("Kafka", &bootstrap, e));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let url = format!("kafka://{bootstrap}?guarantee=at-least-once");
+    let (code, text) = doctor(&url, &topic, &[]);
+    assert_eq!(code, 3, "{text}");
+    assert!(
+        here(&text).contains("min.insync.replicas=2 > replication factor 1"),
+        "{text}"
+    );
+    assert!(
+        here(&text).contains("lower min.insync.replicas or raise the replication factor"),
+        "{text}"
+    );
+}

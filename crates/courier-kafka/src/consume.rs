@@ -102,12 +102,34 @@ impl Tracker {
 pub(crate) struct Ctx {
     tracker: Arc<Tracker>,
     guarantee: Guarantee,
+    /// Which of this process's subscriptions (for logs).
+    subscription: u64,
+}
+
+/// Partitions of a rebalance event, for logs.
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
 }
 
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => debug!(
+                subscription = self.subscription,
+                partitions = ?partitions(tpl),
+                "partitions revoked"
+            ),
+            Rebalance::Assign(tpl) => debug!(
+                subscription = self.subscription,
+                partitions = ?partitions(tpl),
+                "partitions assigned"
+            ),
+            Rebalance::Error(e) => {
+                warn!(subscription = self.subscription, error = %e, "rebalance failed")
+            }
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             if self.guarantee == Guarantee::AtLeastOnce {
                 // Commit what was processed before the partitions move.
@@ -177,6 +199,11 @@ impl KafkaStream {
             .create_with_context(Ctx {
                 tracker: tracker.clone(),
                 guarantee: inner.guarantee,
+                subscription: {
+                    static NEXT: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(1);
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                },
             })
             .map_err(|e| Error::config(format!("invalid Kafka consumer settings: {e}")))?;
         consumer
@@ -216,6 +243,12 @@ async fn run(sub: Arc<Sub>, tx: mpsc::Sender<Result<Delivery>>, mut stop: onesho
             }
         };
         let (p, o) = (m.partition(), m.offset());
+        tracing::trace!(
+            subscription = sub.consumer.context().subscription,
+            partition = p,
+            offset = o,
+            "received"
+        );
         let mut id = None;
         let mut attempt = 1u32;
         let mut not_before = None;

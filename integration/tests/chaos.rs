@@ -201,11 +201,10 @@ fn provision_mock_topics() -> String {
 /// exactly-once (docs/proving.md, finding 3). At-most-once keeps them: loss is what it allows. The
 /// same cells run on librdkafka's MockCluster below.
 const KAFKA_STALL: &str =
-    "an open finding (docs/proving.md, finding 3): on nisshi, after consumer crashes some runs \
-     never deliver the tail of a partition again (40-60 of 200 messages; about 1 run in 8 of \
-     exactly-once under all faults). The same cells hold on librdkafka's MockCluster \
-     (kafka_crash_cells_hold_on_mock_cluster), and a fresh consumer reads the tail from the \
-     group's committed offset afterwards";
+    "an open finding (docs/proving.md, finding 3): on nisshi, in some runs the rebalance that \
+     consumer crashes start never hands out partitions again, and the rest of the run (40-60 of \
+     200 messages; about 1 run in 8 of exactly-once under all faults) is not delivered. The same \
+     cells hold on librdkafka's MockCluster (kafka_crash_cells_hold_on_mock_cluster)";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_matrix_holds() {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use courier::{Config, Guarantee};
 use courier_cli::verify::{self, Faults, Plan, Sabotage};
-use courier_core::config::{BackendConfig, IdempotencyConfig, Secret, SecretUrl, SqsConfig};
+use courier_core::config::{
+    BackendConfig, IdempotencyConfig, KafkaConfig, Secret, SecretUrl, SqsConfig,
+};
 
 const MESSAGES: usize = 1_000;
 
@@ -147,54 +149,31 @@ async fn sqs_matrix_holds() {
 /// Every fault of the broker cells at once.
 const ALL_FAULTS: &str = "kill=2,errors=0.05,duplicates=0.1,store-outage=1s";
 
-/// librdkafka's MockCluster (3 brokers) for the rest of the test process. It is not `Send`, so a
-/// thread of its own owns it and creates topics on request (the mock has no CreateTopics API).
-struct MockKafka {
-    bootstrap: String,
-    create: std::sync::Mutex<std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<String>)>>,
-}
-
-fn mock_kafka() -> &'static MockKafka {
-    static MOCK: std::sync::OnceLock<MockKafka> = std::sync::OnceLock::new();
-    MOCK.get_or_init(|| {
-        let (boot_tx, boot_rx) = std::sync::mpsc::channel();
-        let (create_tx, create_rx) =
-            std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<String>)>();
-        std::thread::spawn(move || {
-            let cluster = rdkafka::mocking::MockCluster::new(3).expect("librdkafka MockCluster");
-            boot_tx
-                .send(cluster.bootstrap_servers())
-                .expect("send the bootstrap");
-            for (topic, done) in create_rx {
-                let made = cluster.create_topic(&topic, 3, 1);
-                let _ = done.send(match made {
-                    Ok(()) => String::new(),
-                    Err(e) => e.to_string(),
-                });
-            }
-        });
-        MockKafka {
-            bootstrap: boot_rx.recv().expect("MockCluster bootstrap"),
-            create: std::sync::Mutex::new(create_tx),
-        }
-    })
-}
-
-/// A fresh verify topic and its dead-letter topic on the MockCluster.
+/// A fresh verify topic and its dead-letter topic on librdkafka's MockCluster.
 fn provision_mock_topics() -> String {
-    let name = format!("verify-mock-{}", uuid::Uuid::new_v4().simple());
+    let name = courier_testkit::unique("verify-mock");
     for topic in [name.clone(), format!("{name}-dlq")] {
-        let (tx, rx) = std::sync::mpsc::channel();
-        mock_kafka()
-            .create
-            .lock()
-            .unwrap()
-            .send((topic.clone(), tx))
-            .expect("the MockCluster thread is alive");
-        let error = rx.recv().expect("the MockCluster thread answers");
-        assert!(error.is_empty(), "MockCluster: creating {topic}: {error}");
+        if let Err(e) = courier_testkit::kafka_mock::create_topic(&topic) {
+            panic!("MockCluster: creating {topic}: {e}");
+        }
     }
     name
+}
+
+/// A Kafka configuration for the cells: a crashed consumer's partitions move after 6 s, not the
+/// default 45 s.
+fn kafka_config(bootstrap: String) -> Config {
+    Config {
+        guarantee: Guarantee::AtLeastOnce,
+        backend: BackendConfig::Kafka(KafkaConfig {
+            bootstrap,
+            session_timeout: Duration::from_secs(6),
+            max_poll_interval: Duration::from_secs(10),
+            ..KafkaConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: None,
+    }
 }
 
 /// Why the Kafka cells with consumer crashes are left out on nisshi for at-least-once and
@@ -209,16 +188,7 @@ const KAFKA_STALL: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_matrix_holds() {
-    let mut config = Config::from_url(&format!(
-        "kafka://{}",
-        courier_testkit::endpoints::kafka_bootstrap()
-    ))
-    .unwrap();
-    if let BackendConfig::Kafka(k) = &mut config.backend {
-        // A crashed consumer's partitions move after 6 s, not the default 45 s.
-        k.session_timeout = Duration::from_secs(6);
-        k.max_poll_interval = Duration::from_secs(10);
-    }
+    let config = kafka_config(courier_testkit::endpoints::kafka_bootstrap());
     // Fewer cells than the other brokers: every Kafka cell pays a consumer-group join and its
     // crashes a rebalance; the combined cell still covers each fault.
     backend_matrix(
@@ -297,15 +267,9 @@ async fn verify_catches_exactly_once_without_dedup() {
 /// here (it is a nisshi coordinator bug).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_crash_cells_hold_on_mock_cluster() {
-    let mut config = Config::from_url("kafka://127.0.0.1:9092").unwrap();
-    if let BackendConfig::Kafka(k) = &mut config.backend {
-        k.bootstrap = mock_kafka().bootstrap.clone();
-        k.session_timeout = Duration::from_secs(6);
-        k.max_poll_interval = Duration::from_secs(10);
-    }
     backend_cells(
         "kafka (MockCluster)",
-        config,
+        kafka_config(courier_testkit::kafka_mock::bootstrap()),
         200,
         &[Guarantee::AtLeastOnce, Guarantee::ExactlyOnce],
         &["kill=2", ALL_FAULTS],

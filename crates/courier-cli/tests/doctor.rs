@@ -180,27 +180,34 @@ async fn sqs_queue_without_redrive_or_with_short_visibility_is_flagged() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test]
-async fn kafka_missing_topic_is_flagged_and_a_created_topic_is_healthy() {
+/// Create `topic` (1 partition, replication 1, with `configs`) on the local Kafka broker.
+async fn create_kafka_topic(topic: &str, configs: &[(&str, &str)]) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     let bootstrap = endpoints::kafka_bootstrap();
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .create()
-        .unwrap();
-    let topic = unique("doctor-topic");
+        .unwrap_or_else(|e| panic!("a Kafka admin client: {e}"));
+    let new = configs.iter().fold(
+        NewTopic::new(topic, 1, TopicReplication::Fixed(1)),
+        |t, (k, v)| t.set(k, v),
+    );
     let r = tokio::time::timeout(
         std::time::Duration::from_secs(30),
-        admin.create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        ),
+        admin.create_topics(&[new], &AdminOptions::new()),
     )
     .await
     .unwrap_or_else(|_| endpoints::unreachable("Kafka", &bootstrap, "timed out"))
     .unwrap_or_else(|e| endpoints::unreachable("Kafka", &bootstrap, e));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+}
+
+#[tokio::test]
+async fn kafka_missing_topic_is_flagged_and_a_created_topic_is_healthy() {
+    let topic = unique("doctor-topic");
+    create_kafka_topic(&topic, &[]).await;
+    let bootstrap = endpoints::kafka_bootstrap();
     let url = format!("kafka://{bootstrap}?guarantee=at-least-once");
     let (code, text) = doctor(&url, &unique("missing"), &[]);
     assert_eq!(code, 3, "{text}");
@@ -215,28 +222,10 @@ async fn kafka_missing_topic_is_flagged_and_a_created_topic_is_healthy() {
 
 #[tokio::test]
 async fn kafka_min_insync_replicas_above_replication_is_flagged() {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let bootstrap = endpoints::kafka_bootstrap();
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .unwrap();
     // Seeded misconfiguration: every acks=all publish to this topic would fail.
     let topic = unique("doctor-min-isr");
-    let r =
-        tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            admin.create_topics(
-                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
-                    .set("min.insync.replicas", "2")],
-                &AdminOptions::new(),
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| endpoints::unreachable("Kafka", &bootstrap, "timed out"))
-        .unwrap_or_else(|e| endpoints::unreachable("Kafka", &bootstrap, e));
-    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    create_kafka_topic(&topic, &[("min.insync.replicas", "2")]).await;
+    let bootstrap = endpoints::kafka_bootstrap();
     let url = format!("kafka://{bootstrap}?guarantee=at-least-once");
     let (code, text) = doctor(&url, &topic, &[]);
     assert_eq!(code, 3, "{text}");

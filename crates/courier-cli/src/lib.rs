@@ -2,6 +2,7 @@
 //! tests (the chaos matrix in `integration/`) as well as from the binary.
 
 pub mod doctor;
+pub mod proxy;
 pub mod verify;
 
 use std::time::Duration;

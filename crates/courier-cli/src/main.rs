@@ -140,7 +140,7 @@ enum Command {
         /// Concurrent consumers.
         #[arg(long, default_value_t = 3)]
         consumers: usize,
-        /// Faults: comma list of kill=N, errors=P, duplicates=P, store-outage=DURATION, restart.
+        /// Faults: comma list of kill=N, errors=P, duplicates=P, store-outage=DURATION, restart, cut=N.
         #[arg(long, default_value = "none")]
         faults: verify::Faults,
         /// Deliberately break the setup to see verify catch it.

@@ -12,7 +12,12 @@
 //! - `store-outage=DURATION` — the idempotency store is unreachable for DURATION mid-run (with
 //!   the PostgreSQL transactional mode: every database connection of the run is terminated, over
 //!   and over, for DURATION — transactions die mid-way, commits included);
-//! - `restart` — the broker is restarted mid-run (RabbitMQ via `rabbitmqctl stop_app/start_app`).
+//! - `restart` — the broker is restarted mid-run (RabbitMQ via `rabbitmqctl stop_app/start_app`);
+//! - `cut=N` — N connection cuts: the client reaches the broker through a TCP fault proxy
+//!   ([`crate::proxy::FaultProxy`]) that drops every open connection, publishing and consuming
+//!   side at once, when i/(N+1) of the messages had their effect (RabbitMQ `amqp://` and SQS
+//!   over an `http://` endpoint such as LocalStack; Kafka clients follow the broker addresses
+//!   the cluster advertises, past any single-address proxy).
 //!
 //! Exactly-once runs through the idempotent layer. When `[idempotency] store` is a PostgreSQL URL
 //! it runs in the transactional mode ([`TransactionalIdempotent`]): each effect is a row the
@@ -38,6 +43,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 
+use courier::config::BackendConfig;
 use courier::idempotency::{
     Begin, IdempotencyStore, LeaseToken, PostgresStore, TransactionalIdempotent, TxHandler,
 };
@@ -63,6 +69,8 @@ pub struct Faults {
     pub store_outage: Option<Duration>,
     /// Broker restart mid-run.
     pub restart: bool,
+    /// Connection cuts through the fault proxy.
+    pub cut: u32,
 }
 
 impl std::str::FromStr for Faults {
@@ -82,7 +90,8 @@ impl std::str::FromStr for Faults {
                 "duplicates" | "dup" => f.duplicates = prob(name, value)?,
                 "store-outage" => f.store_outage = Some(crate::humantime_parse(value).map_err(|e| anyhow!(e))?),
                 "restart" => f.restart = true,
-                other => bail!("unknown fault {other:?}: use kill=N, errors=P, duplicates=P, store-outage=DURATION, restart"),
+                "cut" => f.cut = value.parse().map_err(|_| anyhow!("cut={value}: expected a count"))?,
+                other => bail!("unknown fault {other:?}: use kill=N, errors=P, duplicates=P, store-outage=DURATION, restart, cut=N"),
             }
         }
         Ok(f)
@@ -140,6 +149,8 @@ pub struct Report {
     pub duplicates_absorbed: u64,
     /// Consumer crashes injected.
     pub crashes: u32,
+    /// Connections dropped by the fault proxy's cuts.
+    pub connections_cut: u64,
     /// Effects per second.
     pub throughput: f64,
     /// End-to-end latency p50, ms.
@@ -156,7 +167,7 @@ pub struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, String); 14] = [
+        let rows: [(&str, String); 15] = [
             ("backend", self.backend.clone()),
             ("guarantee", self.guarantee.to_string()),
             ("sent", self.sent.to_string()),
@@ -177,6 +188,14 @@ impl fmt::Display for Report {
             ("dead-lettered", self.dead_lettered.to_string()),
             ("duplicates absorbed", self.duplicates_absorbed.to_string()),
             ("consumer crashes", self.crashes.to_string()),
+            (
+                "connections cut",
+                if self.faults.cut > 0 {
+                    format!("{} in {} cuts", self.connections_cut, self.faults.cut)
+                } else {
+                    "0".into()
+                },
+            ),
             ("throughput", format!("{:.0} msg/s", self.throughput)),
             ("latency p50", format!("{:.1} ms", self.p50_ms)),
             ("latency p99", format!("{:.1} ms", self.p99_ms)),
@@ -495,6 +514,14 @@ struct Running {
 pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let started = Instant::now();
     let g = config.guarantee;
+    // With cuts, every connection of the run goes through the fault proxy.
+    let (proxied, proxy) = if plan.faults.cut > 0 {
+        let (c, p) = through_proxy(config).await?;
+        (c, Some(Arc::new(p)))
+    } else {
+        (config.clone(), None)
+    };
+    let config = &proxied;
     let client: Arc<dyn DeliveryClient> = courier::connect(config).await?.into();
     let suffix = uuid_suffix();
     let (dest, dlq) = match &plan.destination {
@@ -690,6 +717,8 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let kills = plan.faults.kill;
     let outage = plan.faults.store_outage;
     let restart = plan.faults.restart;
+    let cuts = plan.faults.cut;
+    let connections_cut = Arc::new(AtomicU64::new(0));
     let backend = client.backend();
     let driver = {
         let stop = stop_faults.clone();
@@ -723,6 +752,28 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             }
         })
     };
+    // Connection cuts, the i-th when i/(cuts+1) of the messages had their effect.
+    let cutter = proxy.clone().map(|proxy| {
+        let stop = stop_faults.clone();
+        let ledger = ledger.clone();
+        let connections_cut = connections_cut.clone();
+        let n = plan.messages as u64;
+        tokio::spawn(async move {
+            for i in 1..=u64::from(cuts) {
+                let target = n * i / (u64::from(cuts) + 1);
+                let deadline = Instant::now() + expected * 10;
+                while (ledger.effects.lock().len() as u64) < target && Instant::now() < deadline {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    }
+                }
+                let dropped = proxy.cut();
+                tracing::info!(cut = i, connections = dropped, "verify: connections cut");
+                connections_cut.fetch_add(dropped, Ordering::Relaxed);
+            }
+        })
+    });
     // Crash consumers while the run is in full swing: the i-th kill when i/(kills+1) of the
     // messages had their effect.
     for i in 1..=kills {
@@ -752,7 +803,22 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             let victim = consumers.remove(i);
             victim.handle.abort();
             crashes += 1;
-            consumers.push(spawn().await?);
+            // The replacement subscribes while other faults (a connection cut) may be under
+            // way: retry a transient failure, as a restarting service would.
+            let mut backoff = Duration::from_millis(100);
+            let until = Instant::now() + Duration::from_secs(60);
+            let fresh = loop {
+                match spawn().await {
+                    Ok(c) => break c,
+                    Err(e) if e.is_retryable() && Instant::now() < until => {
+                        tracing::warn!(error = %e, "verify: starting a replacement consumer failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            consumers.push(fresh);
         }
     }
     let published = producer
@@ -781,6 +847,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_faults.cancel();
     let _ = driver.await;
+    if let Some(cutter) = cutter {
+        let _ = cutter.await;
+    }
     let mut dead_lettered = 0;
     for c in consumers {
         let stats = c.handle.shutdown().await?;
@@ -859,6 +928,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         dead_lettered,
         duplicates_absorbed: absorbed,
         crashes,
+        connections_cut: connections_cut.load(Ordering::Relaxed),
         throughput: ledger.total_effects.load(Ordering::Relaxed) as f64 / busy,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
@@ -866,6 +936,65 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         violations,
         seconds,
     })
+}
+
+/// `config` with the broker reached through a fresh fault proxy.
+async fn through_proxy(config: &Config) -> Result<(Config, crate::proxy::FaultProxy)> {
+    let mut c = config.clone();
+    let target = match &c.backend {
+        BackendConfig::Rabbitmq(r) => r.url.expose().to_owned(),
+        BackendConfig::Sqs(s) => s.endpoint.clone().ok_or_else(|| {
+            anyhow!("cut=N needs backend.endpoint (an http:// endpoint such as LocalStack's): the fault proxy cannot stand in for the AWS TLS endpoints")
+        })?,
+        other => bail!(
+            "cut=N is not available for the {} backend: the fault proxy forwards one broker address (RabbitMQ amqp://, SQS http:// endpoint); Kafka clients connect to the addresses the cluster advertises, and the memory backend has no connection",
+            other.kind()
+        ),
+    };
+    let (prefix, host_port, rest) = split_authority(&target)?;
+    let proxy = crate::proxy::FaultProxy::start(&host_port).await?;
+    let rewritten = format!("{prefix}{}{rest}", proxy.addr());
+    match &mut c.backend {
+        BackendConfig::Rabbitmq(r) => r.url = courier::config::SecretUrl::new(rewritten),
+        BackendConfig::Sqs(s) => s.endpoint = Some(rewritten),
+        _ => unreachable!("checked above"),
+    }
+    Ok((c, proxy))
+}
+
+/// Split `scheme://[user[:pass]@]host[:port]/rest` into (`scheme://user:pass@`, `host:port`,
+/// `/rest`), with the scheme's default port filled in. TLS schemes are refused: the proxy would
+/// break the certificate's host name.
+fn split_authority(url: &str) -> Result<(String, String, String)> {
+    let (scheme, after) = url.split_once("://").ok_or_else(|| {
+        anyhow!(
+            "cannot proxy {}: not a URL",
+            courier::config::redact_url(url)
+        )
+    })?;
+    let default_port = match scheme {
+        "amqp" => 5672,
+        "http" => 80,
+        "amqps" | "https" => bail!(
+            "cut=N needs a plain-text broker URL ({scheme}:// goes through TLS, whose host name check the proxy would fail)"
+        ),
+        other => bail!("cut=N cannot proxy a {other}:// URL"),
+    };
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    let (authority, rest) = after.split_at(end);
+    let (userinfo, host_port) = match authority.rfind('@') {
+        Some(i) => (&authority[..=i], &authority[i + 1..]),
+        None => ("", authority),
+    };
+    let host_port = if host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:{default_port}")
+    };
+    Ok((format!("{scheme}://{userinfo}"), host_port, rest.to_owned()))
 }
 
 async fn restart_broker(backend: &str) {
@@ -883,4 +1012,32 @@ async fn restart_broker(backend: &str) {
 
 fn uuid_suffix() -> String {
     format!("{:016x}", fastrand::u64(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_split_keeps_credentials_and_path_and_fills_default_ports() {
+        let (p, h, r) = split_authority("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(
+            (p.as_str(), h.as_str(), r.as_str()),
+            ("amqp://guest:guest@", "127.0.0.1:5672", "/%2f")
+        );
+        let (p, h, r) = split_authority("http://localhost").unwrap();
+        assert_eq!(
+            (p.as_str(), h.as_str(), r.as_str()),
+            ("http://", "localhost:80", "")
+        );
+        assert!(split_authority("amqps://broker:5671").is_err());
+        assert!(split_authority("not a url").is_err());
+    }
+
+    #[test]
+    fn cut_fault_parses() {
+        let f: Faults = "cut=3,kill=1".parse().unwrap();
+        assert_eq!((f.cut, f.kill), (3, 1));
+        assert!("cut=x".parse::<Faults>().is_err());
+    }
 }

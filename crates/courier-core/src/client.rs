@@ -18,8 +18,10 @@ pub struct Subscription {
     pub group: String,
     /// Where dead-lettered messages go; `None` means `<destination>.dlq`.
     pub dead_letter: Option<String>,
-    /// How many unsettled deliveries the broker may hand this subscriber at once.
-    pub prefetch: u16,
+    /// How many unsettled deliveries the broker may hand this subscriber at once; `None` (the
+    /// default) uses the backend's configured value (RabbitMQ `prefetch`, 64; SQS: ten per
+    /// receive, its maximum).
+    pub prefetch: Option<u16>,
 }
 
 impl Subscription {
@@ -29,7 +31,7 @@ impl Subscription {
             destination: destination.into(),
             group: group.into(),
             dead_letter: None,
-            prefetch: 32,
+            prefetch: None,
         }
     }
 
@@ -41,7 +43,7 @@ impl Subscription {
 
     /// Set the prefetch (broker-side in-flight limit).
     pub fn prefetch(mut self, prefetch: u16) -> Self {
-        self.prefetch = prefetch.max(1);
+        self.prefetch = Some(prefetch.max(1));
         self
     }
 

@@ -369,28 +369,49 @@ impl ConsumerHandle {
     }
 }
 
-#[derive(Debug, Clone)]
+/// The consumer's metric handles, registered once when it starts (labelled by backend,
+/// destination and group), so counting a message costs no label allocations.
 struct Labels {
-    backend: &'static str,
     destination: String,
-    group: String,
+    in_flight: metrics::Gauge,
+    handled: metrics::Counter,
+    handler_errors: metrics::Counter,
+    dropped: metrics::Counter,
+    deferred: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    settle_errors: metrics::Counter,
+    handler_seconds: metrics::Histogram,
 }
 
 impl Labels {
     fn new(backend: &'static str, sub: &Subscription) -> Self {
+        let labels = [
+            metrics::Label::new("backend", backend),
+            metrics::Label::new("destination", sub.destination.clone()),
+            metrics::Label::new("group", sub.group.clone()),
+        ];
+        let counter = |name: &'static str| metrics::counter!(name, labels.iter());
         Labels {
-            backend,
             destination: sub.destination.clone(),
-            group: sub.group.clone(),
+            in_flight: metrics::gauge!("courier_in_flight", labels.iter()),
+            handled: counter("courier_handled_total"),
+            handler_errors: counter("courier_handler_errors_total"),
+            dropped: counter("courier_dropped_total"),
+            deferred: counter("courier_deferred_total"),
+            retried: counter("courier_retried_total"),
+            dead_lettered: counter("courier_dead_lettered_total"),
+            settle_errors: counter("courier_settle_errors_total"),
+            handler_seconds: metrics::histogram!(
+                "courier_handler_seconds",
+                "backend" => backend,
+                "destination" => sub.destination.clone()
+            ),
         }
     }
 
     fn in_flight(&self, n: u64) {
-        metrics::gauge!("courier_in_flight", "backend" => self.backend, "destination" => self.destination.clone(), "group" => self.group.clone()).set(n as f64);
-    }
-
-    fn count(&self, name: &'static str) {
-        metrics::counter!(name, "backend" => self.backend, "destination" => self.destination.clone(), "group" => self.group.clone()).increment(1);
+        self.in_flight.set(n as f64);
     }
 }
 
@@ -433,7 +454,7 @@ impl Shared {
 
     fn settle_failed(&self, what: &str, id: &MessageId, e: &Error) {
         bump(&self.stats.settle_errors);
-        self.labels.count("courier_settle_errors_total");
+        self.labels.settle_errors.increment(1);
         warn!(message_id = %id, error = %e, "{what} failed; the broker will redeliver the message");
     }
 
@@ -492,13 +513,13 @@ impl Shared {
         let result = match err {
             HandlerError::Defer { after, reason } => {
                 bump(&self.stats.deferred);
-                self.labels.count("courier_deferred_total");
+                self.labels.deferred.increment(1);
                 debug!(message_id = %id, %reason, "deferred");
                 settle.nack(after).await
             }
             HandlerError::Retryable(e) if self.retry.should_retry(info.attempt) => {
                 bump(&self.stats.retried);
-                self.labels.count("courier_retried_total");
+                self.labels.retried.increment(1);
                 let delay = self.retry.delay(info.attempt);
                 let span = info_span!("courier.retry", message_id = %id, attempt = info.attempt, delay_ms = delay.as_millis() as u64);
                 debug!(parent: &span, error = %e, "handler failed; retrying");
@@ -506,7 +527,7 @@ impl Shared {
             }
             HandlerError::Retryable(e) | HandlerError::Permanent(e) => {
                 bump(&self.stats.dead_lettered);
-                self.labels.count("courier_dead_lettered_total");
+                self.labels.dead_lettered.increment(1);
                 let reason = e.to_string();
                 let span = info_span!("courier.dead_letter", message_id = %id, attempt = info.attempt, reason = %reason);
                 settle
@@ -568,7 +589,7 @@ impl Shared {
                     match self.run_handler(handler.handle(&info.message, &mut cx)).await {
                         Ok(()) => {
                             bump(&self.stats.handled);
-                            self.labels.count("courier_handled_total");
+                            self.labels.handled.increment(1);
                             if let Err(e) = cx.flush().await {
                                 warn!(message_id = %id, error = %e, "at-most-once: handler output lost");
                             }
@@ -576,7 +597,7 @@ impl Shared {
                         Err(e) => {
                             bump(&self.stats.handler_errors);
                             bump(&self.stats.dropped);
-                            self.labels.count("courier_dropped_total");
+                            self.labels.dropped.increment(1);
                             warn!(message_id = %id, error = %e, "at-most-once: handler failed; message dropped by contract");
                         }
                     }
@@ -586,20 +607,19 @@ impl Shared {
                     match self.run_handler(handler.handle(&info.message, &mut cx)).await {
                         Ok(()) => {
                             bump(&self.stats.handled);
-                            self.labels.count("courier_handled_total");
+                            self.labels.handled.increment(1);
                             let outputs = cx.take_outputs();
                             self.ack_with_outputs(&id, settle, outputs).await;
                         }
                         Err(e) => {
                             bump(&self.stats.handler_errors);
-                            self.labels.count("courier_handler_errors_total");
+                            self.labels.handler_errors.increment(1);
                             self.settle_failure(&info, settle, e).await;
                         }
                     }
                 }
             }
-            metrics::histogram!("courier_handler_seconds", "backend" => self.labels.backend, "destination" => self.labels.destination.clone())
-                .record(started.elapsed().as_secs_f64());
+            self.labels.handler_seconds.record(started.elapsed().as_secs_f64());
         }
         .instrument(span)
         .await

@@ -69,7 +69,7 @@ impl RabbitStream {
 
 async fn open_consumer(ctx: &Ctx) -> Result<(lapin::Channel, lapin::Consumer)> {
     let ch = ctx.link.new_channel().await?;
-    let prefetch = ctx.sub.prefetch.min(ctx.link.config.prefetch).max(1);
+    let prefetch = effective_prefetch(ctx);
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| broker_err("basic.qos", e))?;
@@ -88,6 +88,11 @@ async fn open_consumer(ctx: &Ctx) -> Result<(lapin::Channel, lapin::Consumer)> {
         .await
         .map_err(|e| broker_err("basic.consume", e))?;
     Ok((ch, consumer))
+}
+
+/// The `basic.qos` prefetch: the subscription's if it sets one, else the backend config's.
+fn effective_prefetch(ctx: &Ctx) -> u16 {
+    ctx.sub.prefetch.unwrap_or(ctx.link.config.prefetch).max(1)
 }
 
 fn fastrand_u64() -> u64 {

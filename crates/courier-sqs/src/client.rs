@@ -552,7 +552,7 @@ impl DeliveryClient for SqsClient {
         let dlq = self.inner.dead_letter_name(&sub);
         let (tx, rx) = mpsc::channel(1);
         let inner = self.inner.clone();
-        let max = i32::from(sub.prefetch.clamp(1, 10));
+        let max = i32::from(sub.prefetch.unwrap_or(10).clamp(1, 10));
         let source = sub.destination.clone();
         let (del_tx, del_rx) = mpsc::unbounded_channel();
         tokio::spawn(run_deleter(inner.clone(), url.clone(), del_rx));

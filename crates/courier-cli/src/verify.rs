@@ -223,9 +223,28 @@ struct Ledger {
     latencies: Mutex<Vec<f64>>,
     total_effects: AtomicU64,
     last_effect: Mutex<Option<Instant>>,
+    /// Woken whenever effects are recorded, for [`Ledger::reached`].
+    changed: tokio::sync::Notify,
 }
 
 impl Ledger {
+    /// Wait until `target` distinct ids had an effect, or until `deadline`.
+    async fn reached(&self, target: usize, deadline: Instant) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.effects.lock().len() >= target {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let _ = tokio::time::timeout(left, changed).await;
+        }
+    }
+
     /// Count one effect of `id` (the in-memory effect of the non-transactional modes).
     fn record(&self, id: String, latency_ms: Option<f64>) {
         *self.effects.lock().entry(id).or_default() += 1;
@@ -234,6 +253,7 @@ impl Ledger {
         if let Some(l) = latency_ms {
             self.latencies.lock().push(l);
         }
+        self.changed.notify_waiters();
     }
 }
 
@@ -400,6 +420,7 @@ impl PgLedger {
         if ledger.total_effects.swap(total, Ordering::Relaxed) != total {
             *ledger.last_effect.lock() = Some(Instant::now());
         }
+        ledger.changed.notify_waiters();
         Ok(())
     }
 
@@ -729,10 +750,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let until = move |share: usize| {
             let ledger = ledger.clone();
             async move {
-                let deadline = Instant::now() + expected * 10;
-                while ledger.effects.lock().len() < n / share && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                ledger
+                    .reached(n / share, Instant::now() + expected * 10)
+                    .await
             }
         };
         tokio::spawn(async move {
@@ -757,16 +777,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let stop = stop_faults.clone();
         let ledger = ledger.clone();
         let connections_cut = connections_cut.clone();
-        let n = plan.messages as u64;
+        let n = plan.messages;
         tokio::spawn(async move {
-            for i in 1..=u64::from(cuts) {
-                let target = n * i / (u64::from(cuts) + 1);
-                let deadline = Instant::now() + expected * 10;
-                while (ledger.effects.lock().len() as u64) < target && Instant::now() < deadline {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-                    }
+            for i in 1..=cuts {
+                let target = n * i as usize / (cuts as usize + 1);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ledger.reached(target, Instant::now() + expected * 10) => {}
                 }
                 let dropped = proxy.cut();
                 tracing::info!(cut = i, connections = dropped, "verify: connections cut");
@@ -778,10 +795,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // messages had their effect.
     for i in 1..=kills {
         let target = plan.messages as u64 * u64::from(i) / u64::from(kills + 1);
-        let wait_until = Instant::now() + plan.timeout;
-        while (ledger.effects.lock().len() as u64) < target && Instant::now() < wait_until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        ledger
+            .reached(target as usize, Instant::now() + plan.timeout)
+            .await;
         if consumers.is_empty() {
             break;
         }
@@ -913,6 +929,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     if !g.allows_duplicates() && dup_effects > 0 {
         violations.push(format!("{dup_effects} duplicate effects under {g}"));
     }
+    // A cut that dropped nothing injected nothing: the run proves nothing about cuts.
+    let connections_cut = connections_cut.load(Ordering::Relaxed);
+    if connections_cut < u64::from(cuts) {
+        violations.push(format!(
+            "cut={cuts} dropped only {connections_cut} connections: the fault was not injected"
+        ));
+    }
     Ok(Report {
         backend: backend.to_owned(),
         guarantee: g,
@@ -928,7 +951,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         dead_lettered,
         duplicates_absorbed: absorbed,
         crashes,
-        connections_cut: connections_cut.load(Ordering::Relaxed),
+        connections_cut,
         throughput: ledger.total_effects.load(Ordering::Relaxed) as f64 / busy,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),

@@ -150,11 +150,25 @@ fn sqs_config() -> Config {
 }
 
 /// Connection cuts through `verify`'s TCP fault proxy: three times in a run every connection —
-/// publisher and consumers — is dropped at once. (RabbitMQ is not in this test yet: see
-/// docs/proving.md, finding 4.)
+/// publisher and consumers — is dropped at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_cuts_hold_on_sqs() {
     backend_matrix("sqs", sqs_config(), 300, &["cut=3"], &[]).await;
+}
+
+/// The same on RabbitMQ, where publisher and consumers share one AMQP connection, and the cuts
+/// together with a consumer crash and handler errors (the cell of docs/proving.md, finding 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_cuts_hold_on_rabbitmq() {
+    let config = Config::from_url(&courier_testkit::endpoints::rabbitmq_url()).unwrap();
+    backend_matrix(
+        "rabbitmq",
+        config,
+        500,
+        &["cut=3", "cut=2,kill=1,errors=0.05"],
+        &[],
+    )
+    .await;
 }
 
 /// Every fault of the broker cells at once.

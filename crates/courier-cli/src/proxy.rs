@@ -4,8 +4,7 @@
 //! are accepted again right away, so the client's own recovery is what gets tested.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,7 +15,7 @@ use tokio::sync::watch;
 pub struct FaultProxy {
     addr: SocketAddr,
     cut: watch::Sender<u64>,
-    live: Arc<AtomicU64>,
+    live: watch::Sender<u64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -29,7 +28,7 @@ impl FaultProxy {
             .context("binding the fault proxy on 127.0.0.1")?;
         let addr = listener.local_addr()?;
         let (cut, _) = watch::channel(0u64);
-        let live = Arc::new(AtomicU64::new(0));
+        let (live, _) = watch::channel(0u64);
         let accept = tokio::spawn(accept_loop(
             listener,
             upstream.to_owned(),
@@ -51,14 +50,23 @@ impl FaultProxy {
 
     /// Drop every connection open right now; returns how many there were.
     pub fn cut(&self) -> u64 {
-        let n = self.live.load(Ordering::SeqCst);
+        let n = *self.live.borrow();
         self.cut.send_modify(|g| *g += 1);
         n
     }
 
     /// Connections currently open through the proxy.
     pub fn live(&self) -> u64 {
-        self.live.load(Ordering::SeqCst)
+        *self.live.borrow()
+    }
+
+    /// Wait until at least one connection is open through the proxy (a client reconnecting after
+    /// the previous cut), for at most `limit`; whether one is.
+    pub async fn connected(&self, limit: Duration) -> bool {
+        let mut live = self.live.subscribe();
+        tokio::time::timeout(limit, live.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -74,7 +82,7 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: String,
     cut: watch::Sender<u64>,
-    live: Arc<AtomicU64>,
+    live: watch::Sender<u64>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -90,13 +98,13 @@ async fn accept_loop(
             };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            live.fetch_add(1, Ordering::SeqCst);
+            live.send_modify(|n| *n += 1);
             let (mut client, mut server) = (client, server);
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                 _ = cuts.changed() => {}
             }
-            live.fetch_sub(1, Ordering::SeqCst);
+            live.send_modify(|n| *n -= 1);
             // Both sockets drop here: each side sees its connection end mid-stream.
         });
     }

@@ -735,6 +735,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let stop_faults = CancellationToken::new();
     let mut crashes = 0u32;
     let expected = Duration::from_secs_f64((plan.messages as f64 / 2000.0).clamp(1.0, 30.0));
+    // The run ends when no effect arrived for this long (longer than the broker takes to hand a
+    // crashed consumer's messages to another one).
+    let stall = (client.capabilities().redelivery_after_crash * 2).max(Duration::from_secs(5));
     let kills = plan.faults.kill;
     let outage = plan.faults.store_outage;
     let restart = plan.faults.restart;
@@ -781,9 +784,17 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         tokio::spawn(async move {
             for i in 1..=cuts {
                 let target = n * i as usize / (cuts as usize + 1);
+                // Or sooner, well before the run could end for lack of progress: under
+                // at-most-once a cut may lose more messages than are left to the next target.
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = ledger.reached(target, Instant::now() + expected * 10) => {}
+                    _ = ledger.reached(target, Instant::now() + (expected * 10).min(stall / 2)) => {}
+                }
+                // Effects keep coming from deliveries buffered before the previous cut while
+                // the client is still reconnecting: cut once it is connected again (bounded).
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = proxy.connected(Duration::from_secs(10)) => {}
                 }
                 let dropped = proxy.cut();
                 tracing::info!(cut = i, connections = dropped, "verify: connections cut");
@@ -844,7 +855,6 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // Wait for the effects: until every sent id had one, or nothing moved for a while — longer
     // than the broker takes to hand a crashed consumer's messages to another one.
     let deadline = Instant::now() + plan.timeout;
-    let stall = (client.capabilities().redelivery_after_crash * 2).max(Duration::from_secs(5));
     let mut last = (u64::MAX, Instant::now());
     loop {
         let handled = ledger.effects.lock().len() as u64;

@@ -1,11 +1,13 @@
 //! Connection management, topology and publishing.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::join_all;
+use futures::StreamExt;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -13,9 +15,10 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
 };
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use courier_core::config::{QueueType, RabbitMqConfig};
@@ -46,89 +49,292 @@ fn not_found(destination: &str) -> Error {
     }
 }
 
+/// Await one lapin operation for at most `limit`, and no longer than the connection lives.
+///
+/// Both bounds matter. A connection that died without the socket saying so can leave a reply
+/// pending forever; and lapin 4.12 can lose a frame queued in the instant its connection fails
+/// (an ack issued then never resolves): `lost` — fired when lapin reports the connection failed —
+/// ends such a wait at once instead of after `limit`. One stuck await must not stall a publisher
+/// or a consumer's handler lane. The outer error is courier's (timeout, connection lost), the
+/// inner one lapin's.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    lost: &CancellationToken,
+    operation: &'static str,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<lapin::Result<T>> {
+    tokio::select! {
+        r = tokio::time::timeout(limit, fut) => r.map_err(|_| {
+            warn!(operation, after = ?limit, "no answer from RabbitMQ in time; treating the channel as broken");
+            Error::Timeout {
+                operation: operation.to_owned(),
+                after: limit,
+            }
+        }),
+        _ = lost.cancelled() => Err(connection_lost(operation)),
+    }
+}
+
+/// The connection an operation was running on failed (it is re-established by the next use).
+pub(crate) fn connection_lost(operation: &'static str) -> Error {
+    Error::broker(
+        BACKEND,
+        operation,
+        true,
+        "the connection to RabbitMQ was lost; courier reconnects on the next use",
+    )
+}
+
+/// [`within`], with lapin's error mapped to courier's.
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    lost: &CancellationToken,
+    operation: &'static str,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    within(limit, lost, operation, fut)
+        .await?
+        .map_err(|e| broker_err(operation, e))
+}
+
+/// Close a channel without waiting longer than `limit` for the broker's close-ok.
+pub(crate) async fn close_channel(ch: &Channel, limit: Duration, reason: &str) {
+    let _ = tokio::time::timeout(limit, ch.close(200, reason.into())).await;
+}
+
+/// A channel and the token that fires when its connection is lost.
+#[derive(Clone)]
+pub(crate) struct Watched {
+    pub(crate) channel: Channel,
+    pub(crate) lost: CancellationToken,
+}
+
+/// The live connection of a [`Link`].
+struct Live {
+    conn: Connection,
+    /// The publishing channel (confirm mode).
+    publisher: Channel,
+    /// Fired when lapin reports the connection failed, or when courier gives it up.
+    lost: CancellationToken,
+}
+
+/// Fire `lost` when lapin reports that `conn` failed (an error event while the connection is no
+/// longer connected: a channel-level error such as a 404 on a passive declare leaves the
+/// connection up and is not a loss). The watcher ends with the token.
+fn watch(conn: &Connection, lost: CancellationToken) {
+    let mut events = conn.events_listener();
+    let status = conn.status().clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = lost.cancelled() => return,
+                ev = events.next() => match ev {
+                    Some(Event::Error(e)) if !status.connected() => {
+                        debug!(error = %e, "RabbitMQ connection lost");
+                        lost.cancel();
+                        return;
+                    }
+                    Some(_) => {}
+                    None => {
+                        lost.cancel();
+                        return;
+                    }
+                },
+            }
+        }
+    });
+}
+
 /// One connection plus a publishing channel, re-created after failures. The publishing channel
 /// is always in confirm mode: at-least-once awaits each confirm; at-most-once does not, but
 /// [`close`](Link::close) waits for the outstanding ones, because a channel closed while the
 /// broker still holds enqueues for it (a quorum queue's leader being slow) drops them.
+///
+/// Every broker round trip made under the state lock is bounded by `operation_timeout`, so a
+/// reconnect that hangs releases the lock and the next caller starts over.
 pub(crate) struct Link {
     pub(crate) config: RabbitMqConfig,
-    state: Mutex<Option<(Connection, Channel)>>,
+    state: Mutex<Option<Live>>,
 }
 
 impl Link {
-    async fn open(&self) -> Result<(Connection, Channel)> {
+    pub(crate) fn new(config: RabbitMqConfig) -> Self {
+        Link {
+            config,
+            state: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn op(&self) -> Duration {
+        self.config.operation_timeout
+    }
+
+    /// Bound on a topology declaration: as long as a confirm, since declaring a quorum queue
+    /// starts a Raft group and takes seconds on a busy broker.
+    pub(crate) fn declare_timeout(&self) -> Duration {
+        self.config.confirm_timeout
+    }
+
+    async fn confirm_channel(
+        &self,
+        conn: &Connection,
+        lost: &CancellationToken,
+    ) -> Result<Channel> {
+        let ch = bounded(self.op(), lost, "channel.open", conn.create_channel()).await?;
+        bounded(
+            self.op(),
+            lost,
+            "confirm.select",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        Ok(ch)
+    }
+
+    async fn open(&self) -> Result<Live> {
         let props = ConnectionProperties::default().with_connection_name("courier".into());
         let conn = tokio::time::timeout(
-            self.config.confirm_timeout,
+            self.op(),
             Connection::connect(self.config.url.expose(), props),
         )
         .await
         .map_err(|_| Error::Timeout {
             operation: format!("connecting to {}", self.config.url.redacted()),
-            after: self.config.confirm_timeout,
+            after: self.op(),
         })?
         .map_err(|e| broker_err("connect", e))?;
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| broker_err("open channel", e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| broker_err("confirm_select", e))?;
-        Ok((conn, ch))
+        let lost = CancellationToken::new();
+        watch(&conn, lost.clone());
+        match self.confirm_channel(&conn, &lost).await {
+            Ok(publisher) => Ok(Live {
+                conn,
+                publisher,
+                lost,
+            }),
+            Err(e) => {
+                self.abandon(conn, lost);
+                Err(e)
+            }
+        }
+    }
+
+    /// Give up a connection that failed or stopped answering: fire its token (everything
+    /// waiting on it fails over at once), and close it in the background (bounded), so its
+    /// socket and lapin's I/O loop go away; never wait for it here.
+    fn abandon(&self, conn: Connection, lost: CancellationToken) {
+        lost.cancel();
+        let limit = self.op();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(limit, conn.close(320, "unresponsive".into())).await;
+        });
     }
 
     /// The publishing channel, reconnecting when the connection or channel is gone.
-    pub(crate) async fn channel(&self) -> Result<Channel> {
+    pub(crate) async fn channel(&self) -> Result<Watched> {
         let mut st = self.state.lock().await;
-        if let Some((conn, ch)) = st.as_mut() {
-            if ch.status().connected() {
-                return Ok(ch.clone());
-            }
-            if conn.status().connected() {
-                let fresh = conn
-                    .create_channel()
-                    .await
-                    .map_err(|e| broker_err("open channel", e))?;
-                fresh
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| broker_err("confirm_select", e))?;
-                *ch = fresh.clone();
-                return Ok(fresh);
+        if let Some(live) = st.as_mut() {
+            if live.lost.is_cancelled() || !live.conn.status().connected() {
+                if let Some(Live { conn, lost, .. }) = st.take() {
+                    self.abandon(conn, lost);
+                }
+            } else if live.publisher.status().connected() {
+                return Ok(Watched {
+                    channel: live.publisher.clone(),
+                    lost: live.lost.clone(),
+                });
+            } else {
+                match self.confirm_channel(&live.conn, &live.lost).await {
+                    Ok(fresh) => {
+                        live.publisher = fresh.clone();
+                        return Ok(Watched {
+                            channel: fresh,
+                            lost: live.lost.clone(),
+                        });
+                    }
+                    Err(e) => {
+                        // The connection says it is up but does not answer, or it failed
+                        // meanwhile: start over on the next use.
+                        if let Some(Live { conn, lost, .. }) = st.take() {
+                            self.abandon(conn, lost);
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
-        let (conn, ch) = self.open().await?;
-        *st = Some((conn, ch.clone()));
-        Ok(ch)
+        let live = self.open().await?;
+        let w = Watched {
+            channel: live.publisher.clone(),
+            lost: live.lost.clone(),
+        };
+        *st = Some(live);
+        Ok(w)
+    }
+
+    /// A publish on `ch` got no confirm in time: stop using that channel, so the next publish
+    /// opens a fresh one (or reconnects, if the connection does not answer either). The
+    /// unconfirmed messages are published again by the caller with the same ids.
+    pub(crate) async fn discard(&self, ch: &Channel) {
+        let mut st = self.state.lock().await;
+        let Some(live) = st.as_mut() else { return };
+        if live.publisher.id() != ch.id() {
+            return; // already replaced
+        }
+        let old = live.publisher.clone();
+        let limit = self.op();
+        tokio::spawn(async move { close_channel(&old, limit, "confirm timeout").await });
+        match self.confirm_channel(&live.conn, &live.lost).await {
+            Ok(fresh) => live.publisher = fresh,
+            Err(_) => {
+                if let Some(Live { conn, lost, .. }) = st.take() {
+                    self.abandon(conn, lost);
+                }
+            }
+        }
     }
 
     /// A fresh channel on the (possibly re-established) connection, for topology or consuming.
-    pub(crate) async fn new_channel(&self) -> Result<Channel> {
+    pub(crate) async fn new_channel(&self) -> Result<Watched> {
         self.channel().await?;
-        let st = self.state.lock().await;
-        let (conn, _) = st.as_ref().ok_or(Error::Closed {
+        let mut st = self.state.lock().await;
+        let live = st.as_ref().ok_or(Error::Closed {
             what: "rabbitmq connection",
         })?;
-        conn.create_channel()
-            .await
-            .map_err(|e| broker_err("open channel", e))
+        let lost = live.lost.clone();
+        match bounded(self.op(), &lost, "channel.open", live.conn.create_channel()).await {
+            Ok(channel) => Ok(Watched { channel, lost }),
+            Err(e) => {
+                if let Some(Live { conn, lost, .. }) = st.take() {
+                    self.abandon(conn, lost);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Flush, then close: wait (bounded by `confirm_timeout`) until the broker confirmed every
     /// publish of the channel, so an at-most-once publish that returned is not dropped by the
     /// close itself.
     pub(crate) async fn close(&self) {
-        if let Some((conn, ch)) = self.state.lock().await.take() {
-            if ch.status().connected() {
-                let flushed =
-                    tokio::time::timeout(self.config.confirm_timeout, ch.wait_for_confirms()).await;
+        if let Some(Live {
+            conn,
+            publisher,
+            lost,
+        }) = self.state.lock().await.take()
+        {
+            if publisher.status().connected() {
+                let flushed = tokio::time::timeout(
+                    self.config.confirm_timeout,
+                    publisher.wait_for_confirms(),
+                )
+                .await;
                 if !matches!(flushed, Ok(Ok(_))) {
                     tracing::warn!("closing with publishes the broker has not confirmed");
                 }
             }
-            let _ = ch.close(200, "bye".into()).await;
-            let _ = conn.close(200, "bye".into()).await;
+            close_channel(&publisher, self.op(), "bye").await;
+            let _ = tokio::time::timeout(self.op(), conn.close(200, "bye".into())).await;
+            lost.cancel();
         }
     }
 }
@@ -212,10 +418,7 @@ pub(crate) fn properties(m: &Message, persistent: bool, attempt: Option<u32>) ->
 
 impl RabbitMqClient {
     pub(crate) async fn connect(config: RabbitMqConfig, guarantee: Guarantee) -> Result<Self> {
-        let link = Arc::new(Link {
-            config,
-            state: Mutex::new(None),
-        });
+        let link = Arc::new(Link::new(config));
         link.channel().await?;
         Ok(RabbitMqClient { link, guarantee })
     }
@@ -226,37 +429,47 @@ impl RabbitMqClient {
 
     /// Declare the exchange of a destination (idempotent).
     pub(crate) async fn declare_exchange(&self, name: &str) -> Result<()> {
-        let ch = self.link.new_channel().await?;
-        ch.exchange_declare(
-            name.into(),
-            ExchangeKind::Topic,
-            durable(),
-            FieldTable::default(),
+        let Watched { channel: ch, lost } = self.link.new_channel().await?;
+        let op = self.link.declare_timeout();
+        bounded(
+            op,
+            &lost,
+            "exchange.declare",
+            ch.exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                durable(),
+                FieldTable::default(),
+            ),
         )
-        .await
-        .map_err(|e| broker_err("exchange.declare", e))?;
-        let _ = ch.close(200, "ok".into()).await;
+        .await?;
+        close_channel(&ch, op, "ok").await;
         Ok(())
     }
 
     /// Whether the exchange exists (a passive declare on a throw-away channel).
     async fn exchange_exists(&self, name: &str) -> Result<bool> {
-        let ch = self.link.new_channel().await?;
+        let Watched { channel: ch, lost } = self.link.new_channel().await?;
         let passive = ExchangeDeclareOptions {
             passive: true,
             ..durable()
         };
-        match ch
-            .exchange_declare(
+        let op = self.link.declare_timeout();
+        match within(
+            op,
+            &lost,
+            "exchange.declare passive",
+            ch.exchange_declare(
                 name.into(),
                 ExchangeKind::Topic,
                 passive,
                 FieldTable::default(),
-            )
-            .await
+            ),
+        )
+        .await?
         {
             Ok(()) => {
-                let _ = ch.close(200, "ok".into()).await;
+                close_channel(&ch, op, "ok").await;
                 Ok(true)
             }
             Err(e) if is_not_found(&e) => Ok(false),
@@ -280,7 +493,7 @@ impl RabbitMqClient {
         &self,
         sub: &Subscription,
     ) -> Result<(String, String, String)> {
-        let ch = self.link.new_channel().await?;
+        let Watched { channel: ch, lost } = self.link.new_channel().await?;
         let queue = format!("{}.{}", sub.destination, sub.group);
         let delay = format!("{queue}.delay");
         let dlx = sub.dead_letter_destination();
@@ -289,17 +502,27 @@ impl RabbitMqClient {
             ..QueueDeclareOptions::default()
         };
         let qt = self.link.config.queue_type;
-        ch.queue_declare(queue.as_str().into(), q_opts, queue_args(qt))
-            .await
-            .map_err(|e| broker_err("queue.declare", e))?;
-        ch.queue_bind(
-            queue.as_str().into(),
-            sub.destination.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        let op = self.link.declare_timeout();
+        bounded(
+            op,
+            &lost,
+            "queue.declare",
+            ch.queue_declare(queue.as_str().into(), q_opts, queue_args(qt)),
         )
-        .await
+        .await?;
+        within(
+            op,
+            &lost,
+            "queue.bind",
+            ch.queue_bind(
+                queue.as_str().into(),
+                sub.destination.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?
         .map_err(|e| {
             if is_not_found(&e) {
                 not_found(&sub.destination)
@@ -318,31 +541,47 @@ impl RabbitMqClient {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(queue.as_str().into()),
         );
-        ch.queue_declare(delay.as_str().into(), q_opts, dargs)
-            .await
-            .map_err(|e| broker_err("queue.declare delay", e))?;
+        bounded(
+            op,
+            &lost,
+            "queue.declare delay",
+            ch.queue_declare(delay.as_str().into(), q_opts, dargs),
+        )
+        .await?;
         // Dead letters are kept even when nobody consumes the dead-letter destination yet.
-        ch.exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Topic,
-            durable(),
-            FieldTable::default(),
+        bounded(
+            op,
+            &lost,
+            "exchange.declare dead-letter",
+            ch.exchange_declare(
+                dlx.as_str().into(),
+                ExchangeKind::Topic,
+                durable(),
+                FieldTable::default(),
+            ),
         )
-        .await
-        .map_err(|e| broker_err("exchange.declare dead-letter", e))?;
-        ch.queue_declare(dlx.as_str().into(), q_opts, queue_args(qt))
-            .await
-            .map_err(|e| broker_err("queue.declare dead-letter", e))?;
-        ch.queue_bind(
-            dlx.as_str().into(),
-            dlx.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        .await?;
+        bounded(
+            op,
+            &lost,
+            "queue.declare dead-letter",
+            ch.queue_declare(dlx.as_str().into(), q_opts, queue_args(qt)),
         )
-        .await
-        .map_err(|e| broker_err("queue.bind dead-letter", e))?;
-        let _ = ch.close(200, "ok".into()).await;
+        .await?;
+        bounded(
+            op,
+            &lost,
+            "queue.bind dead-letter",
+            ch.queue_bind(
+                dlx.as_str().into(),
+                dlx.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        close_channel(&ch, op, "ok").await;
         Ok((queue, delay, dlx))
     }
 
@@ -364,8 +603,8 @@ impl RabbitMqClient {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100u64 << attempt.min(5))).await;
             }
-            let ch = match self.link.channel().await {
-                Ok(ch) => ch,
+            let Watched { channel: ch, lost } = match self.link.channel().await {
+                Ok(w) => w,
                 Err(e) => {
                     last_err = Some(e);
                     continue;
@@ -374,7 +613,8 @@ impl RabbitMqClient {
             // Send everything, then await the confirms (pipelined).
             let mut confirms = Vec::with_capacity(pending.len());
             let mut failed = Vec::new();
-            for &i in &pending {
+            let mut stuck = false;
+            for (n, &i) in pending.iter().enumerate() {
                 let out = &messages[i];
                 let m = &out.message;
                 let rk = routing.or(m.key.as_deref()).unwrap_or("");
@@ -386,15 +626,27 @@ impl RabbitMqClient {
                 if let Some(ttl) = out.expiration {
                     props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
                 }
-                match ch
-                    .basic_publish(exchange.into(), rk.into(), opts, &m.payload, props)
-                    .await
+                match within(
+                    self.link.op(),
+                    &lost,
+                    "basic.publish",
+                    ch.basic_publish(exchange.into(), rk.into(), opts, &m.payload, props),
+                )
+                .await
                 {
-                    Ok(c) => confirms.push((i, c)),
-                    Err(e) if is_not_found(&e) => return Err(not_found(exchange)),
-                    Err(e) => {
+                    Ok(Ok(c)) => confirms.push((i, c)),
+                    Ok(Err(e)) if is_not_found(&e) => return Err(not_found(exchange)),
+                    // The channel is gone or stuck: the rest would fail the same way.
+                    Ok(Err(e)) => {
                         last_err = Some(broker_err("basic.publish", e));
-                        failed.push(i);
+                        failed.extend(&pending[n..]);
+                        break;
+                    }
+                    Err(e) => {
+                        last_err = Some(e);
+                        failed.extend(&pending[n..]);
+                        stuck = true;
+                        break;
                     }
                 }
             }
@@ -402,15 +654,24 @@ impl RabbitMqClient {
                 for (i, _) in &confirms {
                     receipts[*i] = Some(receipt(&messages[*i].message, exchange));
                 }
+                if stuck {
+                    self.link.discard(&ch).await;
+                }
                 pending = failed;
                 continue;
             }
             let timeout = self.link.config.confirm_timeout;
-            let results = join_all(
-                confirms
-                    .into_iter()
-                    .map(|(i, c)| async move { (i, tokio::time::timeout(timeout, c).await) }),
-            )
+            let results = join_all(confirms.into_iter().map(|(i, c)| {
+                let lost = &lost;
+                async move {
+                    // A confirm of a connection that failed never comes: stop waiting at once.
+                    let r = tokio::select! {
+                        r = tokio::time::timeout(timeout, c) => r.map_err(|_| false),
+                        _ = lost.cancelled() => Err(true),
+                    };
+                    (i, r)
+                }
+            }))
             .await;
             for (i, r) in results {
                 let m = &messages[i].message;
@@ -438,14 +699,23 @@ impl RabbitMqClient {
                         last_err = Some(broker_err("publish confirm", e));
                         failed.push(i);
                     }
-                    Err(_) => {
+                    Err(true) => {
+                        last_err = Some(connection_lost("publish confirm"));
+                        failed.push(i);
+                    }
+                    Err(false) => {
                         last_err = Some(Error::Timeout {
                             operation: format!("confirm of {}", m.id),
                             after: timeout,
                         });
                         failed.push(i);
+                        stuck = true;
                     }
                 }
+            }
+            if stuck {
+                // No answer on this channel: publish the rest on a fresh one.
+                self.link.discard(&ch).await;
             }
             if !failed.is_empty() {
                 warn!(

@@ -13,6 +13,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use courier_core::{
@@ -20,7 +21,9 @@ use courier_core::{
     Position, Result, Settle, Subscription,
 };
 
-use crate::client::{broker_err, header_str, Link, Outbound, RabbitMqClient};
+use crate::client::{
+    bounded, close_channel, header_str, within, Link, Outbound, RabbitMqClient, Watched,
+};
 
 pub(crate) struct RabbitStream {
     rx: mpsc::Receiver<Result<Delivery>>,
@@ -35,6 +38,13 @@ struct Ctx {
     queue: String,
     delay: String,
     dlx: String,
+}
+
+impl Ctx {
+    /// Bound on one broker round trip of the consumer (`operation_timeout`).
+    fn op(&self) -> Duration {
+        self.link.op()
+    }
 }
 
 impl RabbitStream {
@@ -67,27 +77,44 @@ impl RabbitStream {
     }
 }
 
-async fn open_consumer(ctx: &Ctx) -> Result<(lapin::Channel, lapin::Consumer)> {
-    let ch = ctx.link.new_channel().await?;
+async fn open_consumer(ctx: &Ctx) -> Result<(Watched, lapin::Consumer)> {
+    let w = ctx.link.new_channel().await?;
+    match subscribe_on(ctx, &w).await {
+        Ok(consumer) => Ok((w, consumer)),
+        Err(e) => {
+            close_channel(&w.channel, ctx.op(), "subscribe failed").await;
+            Err(e)
+        }
+    }
+}
+
+async fn subscribe_on(ctx: &Ctx, w: &Watched) -> Result<lapin::Consumer> {
+    let ch = &w.channel;
     let prefetch = effective_prefetch(ctx);
-    ch.basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| broker_err("basic.qos", e))?;
+    bounded(
+        ctx.op(),
+        &w.lost,
+        "basic.qos",
+        ch.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await?;
     let opts = BasicConsumeOptions {
         no_ack: ctx.guarantee == Guarantee::AtMostOnce,
         ..BasicConsumeOptions::default()
     };
     let tag = format!("courier-{:x}", fastrand_u64());
-    let consumer = ch
-        .basic_consume(
+    bounded(
+        ctx.op(),
+        &w.lost,
+        "basic.consume",
+        ch.basic_consume(
             ctx.queue.as_str().into(),
             tag.as_str().into(),
             opts,
             FieldTable::default(),
-        )
-        .await
-        .map_err(|e| broker_err("basic.consume", e))?;
-    Ok((ch, consumer))
+        ),
+    )
+    .await
 }
 
 /// The `basic.qos` prefetch: the subscription's if it sets one, else the backend config's.
@@ -104,14 +131,14 @@ fn fastrand_u64() -> u64 {
 
 async fn run(
     ctx: Arc<Ctx>,
-    first: (lapin::Channel, lapin::Consumer),
+    first: (Watched, lapin::Consumer),
     tx: mpsc::Sender<Result<Delivery>>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut current = Some(first);
     let mut backoff = Duration::from_millis(100);
     loop {
-        let (ch, mut consumer) = match current.take() {
+        let (Watched { channel: ch, lost }, mut consumer) = match current.take() {
             Some(c) => c,
             None => match open_consumer(&ctx).await {
                 Ok(c) => {
@@ -133,23 +160,33 @@ async fn run(
         loop {
             let item = tokio::select! {
                 _ = &mut stop => {
-                    let _ = ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                    let _ = ch.close(200, "closed".into()).await;
+                    let _ = within(
+                        ctx.op(),
+                        &lost,
+                        "basic.cancel",
+                        ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+                    )
+                    .await;
+                    close_channel(&ch, ctx.op(), "closed").await;
                     return;
                 }
                 _ = tx.closed() => {
                     // The subscriber went away without closing: close the channel so the broker
                     // redelivers whatever it had handed us.
-                    let _ = ch.close(200, "dropped".into()).await;
+                    close_channel(&ch, ctx.op(), "dropped").await;
                     return;
+                }
+                _ = lost.cancelled() => {
+                    debug!(queue = %ctx.queue, "connection lost; resubscribing");
+                    break;
                 }
                 item = consumer.next() => item,
             };
             match item {
                 Some(Ok(d)) => {
-                    let delivery = convert(&ctx, &ch, d);
+                    let delivery = convert(&ctx, &ch, &lost, d);
                     if tx.send(Ok(delivery)).await.is_err() {
-                        let _ = ch.close(200, "dropped".into()).await;
+                        close_channel(&ch, ctx.op(), "dropped").await;
                         return;
                     }
                 }
@@ -163,7 +200,7 @@ async fn run(
                 }
             }
         }
-        let _ = ch.close(200, "resubscribe".into()).await;
+        close_channel(&ch, ctx.op(), "resubscribe").await;
     }
 }
 
@@ -176,7 +213,12 @@ fn fallback_id(d: &lapin::message::Delivery) -> MessageId {
     MessageId::from_string(format!("amqp-{:016x}", h.finish()))
 }
 
-fn convert(ctx: &Arc<Ctx>, ch: &lapin::Channel, d: lapin::message::Delivery) -> Delivery {
+fn convert(
+    ctx: &Arc<Ctx>,
+    ch: &lapin::Channel,
+    lost: &CancellationToken,
+    d: lapin::message::Delivery,
+) -> Delivery {
     let mut headers = Headers::new();
     let mut key = None;
     let mut courier_attempt = None;
@@ -231,6 +273,7 @@ fn convert(ctx: &Arc<Ctx>, ch: &lapin::Channel, d: lapin::message::Delivery) -> 
         ctx: ctx.clone(),
         acker: d.acker,
         channel: ch.clone(),
+        lost: lost.clone(),
         message: message.clone(),
         attempt,
     };
@@ -264,6 +307,8 @@ struct RabbitSettle {
     ctx: Arc<Ctx>,
     acker: lapin::Acker,
     channel: lapin::Channel,
+    /// Fires when the connection the delivery arrived on is lost.
+    lost: CancellationToken,
     message: Message,
     attempt: u32,
 }
@@ -283,11 +328,25 @@ impl RabbitSettle {
         if !self.channel.status().connected() {
             return Err(self.expired("channel closed"));
         }
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| self.expired(e))
+        let acked = within(
+            self.ctx.op(),
+            &self.lost,
+            "basic.ack",
+            self.acker.ack(BasicAckOptions::default()),
+        )
+        .await;
+        self.settled(acked)
+    }
+
+    /// The outcome of an ack or nack: lapin answers `Ok(false)` when the channel ended before
+    /// the settle could be sent — that is not a settle, the broker redelivers the message.
+    fn settled(&self, outcome: Result<lapin::Result<bool>>) -> Result<()> {
+        match outcome {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(self.expired("channel ended before the settle was sent")),
+            Ok(Err(e)) => Err(self.expired(e)),
+            Err(timeout) => Err(self.expired(timeout)),
+        }
     }
 
     fn client(&self) -> RabbitMqClient {
@@ -306,15 +365,17 @@ impl Settle for RabbitSettle {
             return Ok(());
         }
         if delay.is_zero() {
-            return self
-                .acker
-                .nack(BasicNackOptions {
+            let nacked = within(
+                self.ctx.op(),
+                &self.lost,
+                "basic.nack",
+                self.acker.nack(BasicNackOptions {
                     requeue: true,
                     ..BasicNackOptions::default()
-                })
-                .await
-                .map(|_| ())
-                .map_err(|e| self.expired(e));
+                }),
+            )
+            .await;
+            return self.settled(nacked);
         }
         // Park a copy in the delay queue (confirmed), then settle the original.
         let out = Outbound {

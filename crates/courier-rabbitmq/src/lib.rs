@@ -108,7 +108,13 @@ pub(crate) fn explain_settings(r: &RabbitMqConfig, g: Guarantee) -> Explanation 
             "producer",
             "confirm_timeout",
             format!("{:?}", r.confirm_timeout),
-            "no confirm within it: reconnect and publish again (same id)",
+            "no confirm within it: publish again (same id) on a fresh channel",
+        )
+        .set(
+            "connection",
+            "operation_timeout",
+            format!("{:?}", r.operation_timeout),
+            "any other broker round trip (connect, channel, qos, ack) unanswered within it: the channel or connection is replaced; an ack that lapsed is reported expired",
         )
         .set(
             "topology",

@@ -31,9 +31,19 @@ pub struct RabbitMqConfig {
     pub prefetch: u16,
     /// Largest accepted message (envelope included), bytes.
     pub max_message_bytes: usize,
-    /// How long to wait for a publisher confirm before treating the publish as failed and retrying.
+    /// How long to wait for a publisher confirm before treating the publish as failed and
+    /// publishing it again (same id) on a fresh channel; also the bound on topology declarations
+    /// (declaring a quorum queue starts a Raft group and takes seconds on a busy broker).
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
+    /// Bound on every other broker round trip: connecting, opening a channel, `basic.qos`,
+    /// `basic.consume`, writing a publish, ack/nack, cancel and close. A connection that dropped
+    /// without the socket saying so can leave such a reply pending forever; when the bound lapses
+    /// the channel (or the connection) is treated as broken and opened again, and an ack that
+    /// lapsed is reported as expired (the broker redelivers the message), so no handler lane
+    /// waits on it.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
     /// PEM file with CA certificates for amqps.
     pub tls_ca_file: Option<String>,
     /// PKCS#12 client identity for amqps client-certificate auth.
@@ -51,6 +61,7 @@ impl Default for RabbitMqConfig {
             prefetch: 64,
             max_message_bytes: 16 * 1024 * 1024,
             confirm_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(10),
             tls_ca_file: None,
             tls_client_identity: None,
             tls_client_identity_password: None,

@@ -200,7 +200,11 @@ async fn run(
                 }
             }
         }
-        close_channel(&ch, ctx.op(), "resubscribe").await;
+        if !lost.is_cancelled() {
+            // The channel failed on a live connection: close it so the broker requeues what it
+            // had handed us. (A lost connection took its channels with it.)
+            close_channel(&ch, ctx.op(), "resubscribe").await;
+        }
     }
 }
 
@@ -345,7 +349,16 @@ impl RabbitSettle {
             Ok(Ok(true)) => Ok(()),
             Ok(Ok(false)) => Err(self.expired("channel ended before the settle was sent")),
             Ok(Err(e)) => Err(self.expired(e)),
-            Err(timeout) => Err(self.expired(timeout)),
+            Err(e) => {
+                if matches!(e, Error::Timeout { .. }) {
+                    // No answer on a connection that still looks up: close the channel, so the
+                    // broker requeues this delivery (and the channel's others) instead of
+                    // holding them unacknowledged; the consumer resubscribes.
+                    let (ch, limit) = (self.channel.clone(), self.ctx.op());
+                    tokio::spawn(async move { close_channel(&ch, limit, "settle timeout").await });
+                }
+                Err(self.expired(e))
+            }
         }
     }
 

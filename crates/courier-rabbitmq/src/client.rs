@@ -614,6 +614,14 @@ impl RabbitMqClient {
             let mut confirms = Vec::with_capacity(pending.len());
             let mut failed = Vec::new();
             let mut stuck = false;
+            // Each write is bounded by `operation_timeout` and by the connection's life; one
+            // timer and one loss waiter serve the whole batch (re-armed per message), not one
+            // of each per message.
+            let op = self.link.op();
+            let deadline = tokio::time::sleep(op);
+            tokio::pin!(deadline);
+            let gone = lost.cancelled();
+            tokio::pin!(gone);
             for (n, &i) in pending.iter().enumerate() {
                 let out = &messages[i];
                 let m = &out.message;
@@ -626,14 +634,20 @@ impl RabbitMqClient {
                 if let Some(ttl) = out.expiration {
                     props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
                 }
-                match within(
-                    self.link.op(),
-                    &lost,
-                    "basic.publish",
-                    ch.basic_publish(exchange.into(), rk.into(), opts, &m.payload, props),
-                )
-                .await
-                {
+                deadline.as_mut().reset(tokio::time::Instant::now() + op);
+                let written = tokio::select! {
+                    biased;
+                    r = ch.basic_publish(exchange.into(), rk.into(), opts, &m.payload, props) => Ok(r),
+                    _ = &mut gone => Err(connection_lost("basic.publish")),
+                    _ = &mut deadline => {
+                        warn!(after = ?op, "no answer from RabbitMQ in time writing a publish; treating the channel as broken");
+                        Err(Error::Timeout {
+                            operation: "basic.publish".into(),
+                            after: op,
+                        })
+                    }
+                };
+                match written {
                     Ok(Ok(c)) => confirms.push((i, c)),
                     Ok(Err(e)) if is_not_found(&e) => return Err(not_found(exchange)),
                     // The channel is gone or stuck: the rest would fail the same way.
@@ -661,18 +675,23 @@ impl RabbitMqClient {
                 continue;
             }
             let timeout = self.link.config.confirm_timeout;
-            let results = join_all(confirms.into_iter().map(|(i, c)| {
-                let lost = &lost;
-                async move {
-                    // A confirm of a connection that failed never comes: stop waiting at once.
-                    let r = tokio::select! {
-                        r = tokio::time::timeout(timeout, c) => r.map_err(|_| false),
-                        _ = lost.cancelled() => Err(true),
-                    };
-                    (i, r)
+            let awaited: Vec<usize> = confirms.iter().map(|(i, _)| *i).collect();
+            let all = join_all(
+                confirms
+                    .into_iter()
+                    .map(|(i, c)| async move { (i, tokio::time::timeout(timeout, c).await) }),
+            );
+            // The confirms of a connection that failed never come: stop waiting at once and
+            // publish them all again (same ids) on the next connection.
+            let results = tokio::select! {
+                r = all => r,
+                _ = lost.cancelled() => {
+                    last_err = Some(connection_lost("publish confirm"));
+                    failed.extend(awaited);
+                    pending = failed;
+                    continue;
                 }
-            }))
-            .await;
+            };
             for (i, r) in results {
                 let m = &messages[i].message;
                 match r {
@@ -699,11 +718,7 @@ impl RabbitMqClient {
                         last_err = Some(broker_err("publish confirm", e));
                         failed.push(i);
                     }
-                    Err(true) => {
-                        last_err = Some(connection_lost("publish confirm"));
-                        failed.push(i);
-                    }
-                    Err(false) => {
+                    Err(_) => {
                         last_err = Some(Error::Timeout {
                             operation: format!("confirm of {}", m.id),
                             after: timeout,

@@ -415,6 +415,15 @@ mod tests {
             assert_eq!(c.backend.kind(), kind);
             assert_eq!(c.guarantee, Guarantee::AtLeastOnce);
         }
+        let c = Config::from_toml_str(
+            "[backend]\nkind = \"rabbitmq\"\noperation_timeout = \"3s\"\nconfirm_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        let BackendConfig::Rabbitmq(r) = &c.backend else {
+            panic!()
+        };
+        assert_eq!(r.operation_timeout, Duration::from_secs(3));
+        assert_eq!(r.confirm_timeout, Duration::from_secs(60));
     }
 
     #[test]
@@ -426,6 +435,8 @@ mod tests {
             "[backend]\nkind = \"memory\"\n[consumer]\nconcurrency = 0\n",
             "[backend]\nkind = \"sqs\"\nwait_time = \"30s\"\n",
             "[backend]\nkind = \"memory\"\nfaults = { drop_on_publish = 1.5 }\n",
+            "[backend]\nkind = \"rabbitmq\"\noperation_timeout = \"0s\"\n",
+            "[backend]\nkind = \"rabbitmq\"\nconfirm_timeout = \"0s\"\n",
         ] {
             let e = Config::from_toml_str(bad).unwrap_err();
             assert!(matches!(e, Error::Config { .. }), "{bad}: {e}");

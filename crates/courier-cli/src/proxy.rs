@@ -149,6 +149,7 @@ mod tests {
         let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
         assert_eq!(roundtrip(&mut a).await.unwrap(), b"ping");
         assert_eq!(proxy.live(), 1);
+        assert!(proxy.connected(std::time::Duration::from_secs(5)).await);
 
         assert_eq!(proxy.cut(), 1);
         // The cut connection ends: a read returns EOF or an error, never the echo.

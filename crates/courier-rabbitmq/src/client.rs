@@ -229,14 +229,19 @@ impl Link {
         });
     }
 
+    /// Give up the current connection, if any (see [`abandon`](Link::abandon)).
+    fn give_up(&self, st: &mut Option<Live>) {
+        if let Some(Live { conn, lost, .. }) = st.take() {
+            self.abandon(conn, lost);
+        }
+    }
+
     /// The publishing channel, reconnecting when the connection or channel is gone.
     pub(crate) async fn channel(&self) -> Result<Watched> {
         let mut st = self.state.lock().await;
         if let Some(live) = st.as_mut() {
             if live.lost.is_cancelled() || !live.conn.status().connected() {
-                if let Some(Live { conn, lost, .. }) = st.take() {
-                    self.abandon(conn, lost);
-                }
+                self.give_up(&mut st);
             } else if live.publisher.status().connected() {
                 return Ok(Watched {
                     channel: live.publisher.clone(),
@@ -254,9 +259,7 @@ impl Link {
                     Err(e) => {
                         // The connection says it is up but does not answer, or it failed
                         // meanwhile: start over on the next use.
-                        if let Some(Live { conn, lost, .. }) = st.take() {
-                            self.abandon(conn, lost);
-                        }
+                        self.give_up(&mut st);
                         return Err(e);
                     }
                 }
@@ -286,9 +289,7 @@ impl Link {
         match self.confirm_channel(&live.conn, &live.lost).await {
             Ok(fresh) => live.publisher = fresh,
             Err(_) => {
-                if let Some(Live { conn, lost, .. }) = st.take() {
-                    self.abandon(conn, lost);
-                }
+                self.give_up(&mut st);
             }
         }
     }
@@ -304,9 +305,7 @@ impl Link {
         match bounded(self.op(), &lost, "channel.open", live.conn.create_channel()).await {
             Ok(channel) => Ok(Watched { channel, lost }),
             Err(e) => {
-                if let Some(Live { conn, lost, .. }) = st.take() {
-                    self.abandon(conn, lost);
-                }
+                self.give_up(&mut st);
                 Err(e)
             }
         }

@@ -183,10 +183,9 @@ async fn main() {
         .await
         .unwrap();
 
-    // Publish, pipelined batches of 500 (alternating rounds so both see the same broker state).
+    // Publish, pipelined batches of 500, in rounds; which side goes first alternates, so neither
+    // always meets the broker still busy with the other's work.
     let (mut raw_t, mut cour_t) = (Duration::ZERO, Duration::ZERO);
-    // Which side goes first alternates, so neither always meets the broker still busy with the
-    // other's work.
     for round in 0..BATCHED / BATCH {
         for side in order(round) {
             if side == Side::Raw {

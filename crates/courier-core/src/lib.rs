@@ -11,6 +11,7 @@
 //! | at-least-once | broker confirmed | settle **after** the handler | retried with backoff, then dead-lettered |
 //! | exactly-once | confirmed + broker dedup by id where it exists | after the handler, through the idempotent layer or a transaction | as at-least-once; duplicates absorbed |
 
+pub mod batch;
 mod capabilities;
 mod client;
 pub mod config;

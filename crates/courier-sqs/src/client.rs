@@ -35,8 +35,6 @@ const ATTR_ENCODING: &str = "courier-encoding";
 const BATCH: usize = 10;
 /// Delete requests one subscription keeps in flight at once (see `run_deleter`).
 const DELETES_IN_FLIGHT: usize = 1;
-/// Scheduler turns without a new ack that end the gathering of a delete batch (`gather_ready`).
-const GATHER_IDLE_YIELDS: u32 = 4;
 
 fn sdk_err<E: std::error::Error + Send + Sync + 'static>(
     operation: &'static str,
@@ -668,36 +666,13 @@ async fn run_deleter(
         if rx.recv_many(&mut buf, BATCH).await == 0 {
             return;
         }
-        gather_ready(&mut rx, &mut buf).await;
+        courier_core::batch::gather_ready(&mut rx, &mut buf, BATCH).await;
         let batch = std::mem::replace(&mut buf, Vec::with_capacity(BATCH));
         let (inner, url) = (inner.clone(), url.clone());
         tokio::spawn(async move {
             delete_batch(inner, url, batch).await;
             drop(permit);
         });
-    }
-}
-
-/// Before a delete request goes out, let the tasks that are already runnable (handlers of the
-/// same receive batch finishing together) add their acks to it: yield to the scheduler and take
-/// what arrived, until a few yields in a row bring nothing new or the batch is full. There is
-/// no timer: a lone ack waits a few scheduler turns (microseconds), and concurrent acks share
-/// one `DeleteMessageBatch` instead of the first going out alone.
-async fn gather_ready(
-    rx: &mut mpsc::UnboundedReceiver<DeleteRequest>,
-    buf: &mut Vec<DeleteRequest>,
-) {
-    let mut idle = 0;
-    while buf.len() < BATCH && idle < GATHER_IDLE_YIELDS {
-        tokio::task::yield_now().await;
-        let before = buf.len();
-        while buf.len() < BATCH {
-            match rx.try_recv() {
-                Ok(r) => buf.push(r),
-                Err(_) => break,
-            }
-        }
-        idle = if buf.len() == before { idle + 1 } else { 0 };
     }
 }
 

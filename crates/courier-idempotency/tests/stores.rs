@@ -262,3 +262,61 @@ async fn unreachable_redis_is_a_store_error_quickly() {
     assert_eq!(e.kind(), "store", "{e}");
     assert!(e.is_retryable());
 }
+
+/// Concurrent calls share one multiplexed connection: every caller must still get its own key's answer
+/// (fresh keys begun, completed keys reported completed with their own result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_concurrent_calls_get_their_own_replies() {
+    let s = redis().await;
+    let keys: Vec<String> = (0..200).map(|i| format!("{}-{i}", unique("p"))).collect();
+    // Complete every even key with its index as the stored result.
+    let mut tasks = Vec::new();
+    for (i, key) in keys.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        let (s, key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = begun(s.begin(&key, "fp", LEASE).await.unwrap());
+            let r = Some(Bytes::from(i.to_string()));
+            assert!(s.complete(&key, &t, "fp", r, TTL).await.unwrap());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let (s, key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            (i, s.begin(&key, "fp", LEASE).await.unwrap())
+        }));
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            (i, Begin::Completed { result }) if i % 2 == 0 => {
+                assert_eq!(result, Some(Bytes::from(i.to_string())), "key {i}")
+            }
+            (i, Begin::Begun(_)) if i % 2 == 1 => {}
+            (i, other) => panic!("key {i}: unexpected {other:?}"),
+        }
+    }
+}
+
+/// A Redis restart (or `SCRIPT FLUSH`) forgets the scripts: the store must load them again
+/// instead of failing every call with NOSCRIPT.
+#[tokio::test]
+async fn redis_reloads_flushed_scripts() {
+    let s = redis().await;
+    let key = unique("flush");
+    let t = begun(s.begin(&key, "fp", LEASE).await.unwrap());
+    let client = ::redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(s.complete(&key, &t, "fp", None, TTL).await.unwrap());
+    assert_eq!(
+        s.begin(&key, "fp", LEASE).await.unwrap(),
+        Begin::Completed { result: None }
+    );
+}

@@ -15,9 +15,15 @@
 //! - `restart` — the broker is restarted mid-run (RabbitMQ via `rabbitmqctl stop_app/start_app`);
 //! - `cut=N` — N connection cuts: the client reaches the broker through a TCP fault proxy
 //!   ([`crate::proxy::FaultProxy`]) that drops every open connection, publishing and consuming
-//!   side at once, when i/(N+1) of the messages had their effect (RabbitMQ `amqp://` and SQS
-//!   over an `http://` endpoint such as LocalStack; Kafka clients follow the broker addresses
-//!   the cluster advertises, past any single-address proxy).
+//!   side at once (RabbitMQ `amqp://` and SQS over an `http://` endpoint such as LocalStack;
+//!   Kafka clients follow the broker addresses the cluster advertises, past any single-address
+//!   proxy).
+//!
+//! Kills and cuts land at evenly spaced marks of progress, kills first: with `kill=K,cut=C` the
+//! i-th fault waits until i/(K+C+1) of the messages had their effect — or, when effects stop
+//! coming before the mark (a lossy at-most-once run), until the run has gone quiet. A kill that
+//! found no handler in flight, or a cut that dropped no connection, did not inject its fault:
+//! the run reports that as a violation, since it proves nothing about that fault.
 //!
 //! Exactly-once runs through the idempotent layer. When `[idempotency] store` is a PostgreSQL URL
 //! it runs in the transactional mode ([`TransactionalIdempotent`]): each effect is a row the
@@ -242,6 +248,32 @@ impl Ledger {
                 return;
             }
             let _ = tokio::time::timeout(left, changed).await;
+        }
+    }
+
+    /// Like [`Ledger::reached`], but also return once effects stopped coming for `idle` after
+    /// the first one: a mark the run can no longer reach (an at-most-once run whose faults lost
+    /// the rest) must not hold the fault back until the deadline.
+    async fn reached_or_idle(&self, target: usize, idle: Duration, deadline: Instant) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.effects.lock().len() >= target {
+                return;
+            }
+            let now = Instant::now();
+            if deadline <= now {
+                return;
+            }
+            let mut wake = deadline;
+            if let Some(last) = *self.last_effect.lock() {
+                if now.saturating_duration_since(last) >= idle {
+                    return;
+                }
+                wake = wake.min(last + idle);
+            }
+            let _ = tokio::time::timeout(wake.saturating_duration_since(now), changed).await;
         }
     }
 
@@ -775,7 +807,12 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             }
         })
     };
-    // Connection cuts, the i-th when i/(cuts+1) of the messages had their effect.
+    // Kills and cuts share one schedule of evenly spaced marks, kills first: the i-th kill
+    // when i/(kills+cuts+1) of the messages had their effect, then the cuts. Under at-most-once
+    // a cut loses everything a consumer had buffered, so a kill placed after the cuts could wait
+    // for a mark the run never reaches (finding 6 in docs/proving.md).
+    let marks = u64::from(kills) + u64::from(cuts) + 1;
+    // Connection cuts, the i-th at mark kills+i.
     let cutter = proxy.clone().map(|proxy| {
         let stop = stop_faults.clone();
         let ledger = ledger.clone();
@@ -783,7 +820,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let n = plan.messages;
         tokio::spawn(async move {
             for i in 1..=cuts {
-                let target = n * i as usize / (cuts as usize + 1);
+                let target = (n as u64 * (u64::from(kills) + u64::from(i)) / marks) as usize;
                 // Or sooner, well before the run could end for lack of progress: under
                 // at-most-once a cut may lose more messages than are left to the next target.
                 tokio::select! {
@@ -802,12 +839,12 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             }
         })
     });
-    // Crash consumers while the run is in full swing: the i-th kill when i/(kills+1) of the
-    // messages had their effect.
+    // Crash consumers while the run is in full swing, the i-th kill at mark i.
     for i in 1..=kills {
-        let target = plan.messages as u64 * u64::from(i) / u64::from(kills + 1);
+        let target = plan.messages as u64 * u64::from(i) / marks;
+        // A mark out of reach (effects stopped) does not hold the kill until the deadline.
         ledger
-            .reached(target as usize, Instant::now() + plan.timeout)
+            .reached_or_idle(target as usize, stall / 2, Instant::now() + plan.timeout)
             .await;
         if consumers.is_empty() {
             break;
@@ -944,6 +981,12 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     if connections_cut < u64::from(cuts) {
         violations.push(format!(
             "cut={cuts} dropped only {connections_cut} connections: the fault was not injected"
+        ));
+    }
+    // Likewise a kill that found no handler in flight: the run proves nothing about crashes.
+    if crashes < kills {
+        violations.push(format!(
+            "kill={kills} crashed only {crashes} consumers (no handler was in flight): the fault was not injected"
         ));
     }
     Ok(Report {

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -557,18 +558,36 @@ impl DeliveryClient for SqsClient {
         let (del_tx, del_rx) = mpsc::unbounded_channel();
         tokio::spawn(run_deleter(inner.clone(), url.clone(), del_rx));
         let deleter = Deleter(del_tx);
-        let task = tokio::spawn(poll(inner, url.clone(), source, dlq, max, deleter, tx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(poll(
+            inner,
+            url.clone(),
+            source,
+            dlq,
+            max,
+            deleter,
+            Handoff {
+                tx,
+                stop: stop.clone(),
+            },
+        ));
         Ok(Deliveries::new(Box::new(SqsStream {
             rx,
             task,
-            inner: self.inner.clone(),
-            url,
+            stop,
+            wait: self.inner.config.wait_time.min(Duration::from_secs(20)),
         })))
     }
 
     async fn close(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Where the receive loop hands its deliveries, and the flag that stops it (`SqsStream::close`).
+struct Handoff {
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: Arc<AtomicBool>,
 }
 
 async fn poll(
@@ -578,13 +597,17 @@ async fn poll(
     dlq: String,
     max: i32,
     deleter: Deleter,
-    tx: mpsc::Sender<Result<Delivery>>,
+    handoff: Handoff,
 ) {
+    let Handoff { tx, stop } = handoff;
     let wait = inner.config.wait_time.as_secs().min(20) as i32;
     let mut backoff = Duration::from_millis(100);
     // At-most-once deletes before the handler: nothing to keep invisible.
     let keeper = (inner.guarantee != Guarantee::AtMostOnce).then(|| Keeper::start(&inner, &url));
     loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         let req = inner
             .sdk
             .receive_message()
@@ -623,6 +646,14 @@ async fn poll(
             .into_iter()
             .map(|m| delivery(&inner, &url, &source, &dlq, &deleter, keeper.as_ref(), m))
             .collect::<std::collections::VecDeque<_>>();
+        if stop.load(Ordering::SeqCst) {
+            // Closing: what this last receive brought goes back to the queue at once.
+            for d in batch {
+                let (_, settle) = d.into_parts();
+                let _ = settle.nack(Duration::ZERO).await;
+            }
+            return;
+        }
         while let Some(d) = batch.pop_front() {
             if let Err(mpsc::error::SendError(Ok(d))) = tx.send(Ok(d)).await {
                 // Subscriber gone: make this and the rest visible again at once.
@@ -905,8 +936,10 @@ async fn extend(inner: &Inner, url: &str, handles: &[String], vis: Duration) {
 struct SqsStream {
     rx: mpsc::Receiver<Result<Delivery>>,
     task: tokio::task::JoinHandle<()>,
-    inner: Arc<Inner>,
-    url: String,
+    /// Tells the receive loop to stop after the request in flight.
+    stop: Arc<AtomicBool>,
+    /// The long-poll wait: how long that request can take.
+    wait: Duration,
 }
 
 #[async_trait]
@@ -915,15 +948,33 @@ impl DeliveryStream for SqsStream {
         self.rx.recv().await
     }
 
+    /// Stops receiving without abandoning a long poll in flight: SQS can hand messages to a
+    /// request whose client has gone, and those stay invisible until their visibility timeout
+    /// (30 s by default) — a restart would see them late. So the last receive is awaited (at
+    /// most the long-poll wait, 20 s by default, plus 5 s) and whatever it or the channel
+    /// still holds becomes visible again at once.
     async fn close(mut self: Box<Self>) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        let rx = &mut self.rx;
+        let drained = tokio::time::timeout(self.wait + Duration::from_secs(5), async {
+            // Ends when the receive loop has returned (its sender dropped).
+            while let Some(r) = rx.recv().await {
+                if let Ok(d) = r {
+                    let (_, settle) = d.into_parts();
+                    let _ = settle.nack(Duration::ZERO).await;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!("the last SQS receive did not finish in time; abandoning it (its messages reappear after their visibility timeout)");
+        }
         self.task.abort();
-        // Anything received but not handed out becomes visible again at once.
         self.rx.close();
-        while let Some(Ok(d)) = self.rx.recv().await {
+        while let Ok(Ok(d)) = self.rx.try_recv() {
             let (_, settle) = d.into_parts();
             let _ = settle.nack(Duration::ZERO).await;
         }
-        let _ = (&self.inner, &self.url);
         Ok(())
     }
 }

@@ -122,6 +122,52 @@ impl Handler for Order {
     }
 }
 
+/// Closing a subscription must not strand what its receive loop already holds: messages the last
+/// receive brought (or a long poll in flight still brings) go back to the queue at once instead
+/// of staying invisible for the visibility timeout — here 60 s, far past this test's bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closing_a_subscription_strands_nothing() {
+    let c = client(false, Duration::from_secs(60)).await;
+    let q = fresh(&*c, unique("close")).await;
+    let n = 6;
+    let sent: Vec<Message> = (0..n).map(|i| Message::new(format!("m{i}"))).collect();
+    let ids: std::collections::HashSet<String> = sent.iter().map(|m| m.id.to_string()).collect();
+    c.publish_batch(&q, sent).await.unwrap();
+    let bound = Duration::from_secs(15);
+    // Take one delivery, so the loop has received a batch (the rest of it sits in the loop or
+    // the channel) and has another long poll out; then close.
+    let mut s = c.subscribe(Subscription::new(&q, "g")).await.unwrap();
+    let first = s
+        .next_timeout(bound)
+        .await
+        .expect("a delivery within the bound")
+        .unwrap();
+    let first_id = first.message.id.to_string();
+    first.ack().await.unwrap();
+    s.close().await.unwrap();
+    // Everything else is visible again: a fresh subscription gets it well before the 60 s
+    // visibility timeout would have let it reappear.
+    let mut s = c.subscribe(Subscription::new(&q, "g")).await.unwrap();
+    let mut got = std::collections::HashSet::new();
+    while got.len() < n - 1 {
+        match s.next_timeout(bound).await {
+            Some(Ok(d)) => {
+                got.insert(d.message.id.to_string());
+                d.ack().await.unwrap();
+            }
+            other => panic!(
+                "{} of {} messages came back within {bound:?} after close ({other:?}): the rest were stranded",
+                got.len(),
+                n - 1
+            ),
+        }
+    }
+    s.close().await.unwrap();
+    let mut expected = ids;
+    expected.remove(&first_id);
+    assert_eq!(got, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifo_drops_a_resent_id_and_keeps_group_order_across_consumers() {
     let c = client(true, Duration::from_secs(5)).await;

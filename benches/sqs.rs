@@ -20,6 +20,8 @@ use courier::{
 
 const SINGLE: usize = 1_000;
 const BATCHED: usize = 3_000;
+/// Receive + delete passes (the side that goes first alternates).
+const PASSES: usize = 3;
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -41,6 +43,21 @@ fn attr(v: &str) -> MessageAttributeValue {
         .string_value(v)
         .build()
         .unwrap()
+}
+
+/// The raw side's ten send-batch entries of `round`: the same body and attributes courier sends.
+fn raw_entries(round: usize) -> Vec<SendMessageBatchRequestEntry> {
+    (0..10)
+        .map(|j| {
+            SendMessageBatchRequestEntry::builder()
+                .id(j.to_string())
+                .message_body(body(round * 10 + j))
+                .message_attributes("courier-id", attr(&uuid::Uuid::now_v7().to_string()))
+                .message_attributes("tenant", attr("acme"))
+                .build()
+                .unwrap()
+        })
+        .collect()
 }
 
 struct Count(Arc<AtomicU64>);
@@ -129,17 +146,7 @@ async fn main() {
 
     let (mut raw_d, mut cour_d) = (Duration::ZERO, Duration::ZERO);
     for round in 0..BATCHED / 10 {
-        let entries: Vec<_> = (0..10)
-            .map(|j| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(j.to_string())
-                    .message_body(body(round * 10 + j))
-                    .message_attributes("courier-id", attr(&uuid::Uuid::now_v7().to_string()))
-                    .message_attributes("tenant", attr("acme"))
-                    .build()
-                    .unwrap()
-            })
-            .collect();
+        let entries = raw_entries(round);
         let t = Instant::now();
         let out = sqs
             .send_message_batch()
@@ -161,14 +168,51 @@ async fn main() {
         BATCHED as f64 / cour_d.as_secs_f64(),
     );
 
-    // Receive + delete everything: raw long-poll loop with batch deletes, vs courier's consumer.
+    // Receive + delete: a raw long-poll loop with batch deletes vs courier's consumer, each
+    // draining its own queue of `total` messages. Three passes, the side that drains first
+    // alternating, the queues refilled (untimed) between passes; rates are over all passes. One
+    // pass per side was at the mercy of whatever LocalStack was doing at the time (0.71–0.97).
     let total = SINGLE + BATCHED;
+    let (mut raw_d, mut cour_d) = (Duration::ZERO, Duration::ZERO);
+    for pass in 0..PASSES {
+        if pass > 0 {
+            refill(&sqs, &raw_url, &client, &cour_q, total).await;
+        }
+        let (raw, cour) = if pass % 2 == 0 {
+            let raw = drain_raw(&sqs, &raw_url, total).await;
+            (raw, drain_courier(&client, &cour_q, total).await)
+        } else {
+            let cour = drain_courier(&client, &cour_q, total).await;
+            (drain_raw(&sqs, &raw_url, total).await, cour)
+        };
+        println!(
+            "  pass {}: raw {:>5.0} msg/s, courier {:>5.0} msg/s ({} first)",
+            pass + 1,
+            total as f64 / raw.as_secs_f64(),
+            total as f64 / cour.as_secs_f64(),
+            if pass % 2 == 0 { "raw" } else { "courier" },
+        );
+        raw_d += raw;
+        cour_d += cour;
+    }
+    let n = (total * PASSES) as f64;
+    line(
+        "receive + delete",
+        n / raw_d.as_secs_f64(),
+        n / cour_d.as_secs_f64(),
+    );
+    client.close().await.unwrap();
+}
+
+/// The raw loop: long-poll receives of up to ten, each answered by one `DeleteMessageBatch`,
+/// until `total` messages were deleted. Returns the time taken.
+async fn drain_raw(sqs: &aws_sdk_sqs::Client, url: &str, total: usize) -> Duration {
     let t = Instant::now();
     let mut n = 0;
     while n < total {
         let out = sqs
             .receive_message()
-            .queue_url(&raw_url)
+            .queue_url(url)
             .max_number_of_messages(10)
             .wait_time_seconds(1)
             .message_attribute_names("All")
@@ -192,18 +236,22 @@ async fn main() {
             .collect();
         n += entries.len();
         sqs.delete_message_batch()
-            .queue_url(&raw_url)
+            .queue_url(url)
             .set_entries(Some(entries))
             .send()
             .await
             .unwrap();
     }
-    let raw_rate = total as f64 / t.elapsed().as_secs_f64();
+    t.elapsed()
+}
+
+/// courier's consumer (subscribing included) until it handled `total` messages. Ten handlers
+/// at a time, as the raw loop settles ten messages per round trip; their acks share
+/// `DeleteMessageBatch` requests.
+async fn drain_courier(client: &Arc<dyn DeliveryClient>, queue: &str, total: usize) -> Duration {
     let count = Arc::new(AtomicU64::new(0));
     let t = Instant::now();
-    // Ten handlers at a time, as the raw loop settles ten messages per round trip; their acks
-    // share DeleteMessageBatch requests.
-    let h = Consumer::new(client.clone(), Subscription::new(&cour_q, "bench"))
+    let h = Consumer::new(client.clone(), Subscription::new(queue, "bench"))
         .concurrency(10)
         .spawn(Count(count.clone()))
         .await
@@ -211,8 +259,30 @@ async fn main() {
     while count.load(Ordering::Relaxed) < total as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let cour_rate = total as f64 / t.elapsed().as_secs_f64();
+    let took = t.elapsed();
     h.shutdown().await.unwrap();
-    line("receive + delete", raw_rate, cour_rate);
-    client.close().await.unwrap();
+    took
+}
+
+/// Put `total` messages back on each queue, ten per request (not timed).
+async fn refill(
+    sqs: &aws_sdk_sqs::Client,
+    raw_url: &str,
+    client: &Arc<dyn DeliveryClient>,
+    cour_q: &str,
+    total: usize,
+) {
+    for round in 0..total / 10 {
+        let entries = raw_entries(round);
+        let out = sqs
+            .send_message_batch()
+            .queue_url(raw_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
+        assert!(out.failed.is_empty());
+        let batch = (round * 10..round * 10 + 10).map(msg).collect();
+        client.publish_batch(cour_q, batch).await.unwrap();
+    }
 }

@@ -14,6 +14,11 @@
 //! headers packed as JSON in `courier-headers`), so a message uses at most 4 of SQS's 10 attributes. Text
 //! payloads are sent as the body; binary payloads are base64-encoded with `courier-encoding = base64`.
 //! Exactly-once on a standard queue without an `[idempotency]` store is refused.
+//!
+//! Closing a subscription (a consumer's shutdown) waits for the long poll in flight — at most the
+//! `wait_time` (20 s by default) plus 5 s — and makes whatever it brought visible again at once:
+//! abandoning a long poll can leave the messages SQS hands it invisible for their whole
+//! visibility timeout. Lower `wait_time` for faster shutdowns.
 
 mod client;
 

@@ -20,10 +20,11 @@
 //!   proxy).
 //!
 //! Kills and cuts land at evenly spaced marks of progress, kills first: with `kill=K,cut=C` the
-//! i-th fault waits until i/(K+C+1) of the messages had their effect — or, when effects stop
-//! coming before the mark (a lossy at-most-once run), until the run has gone quiet. A kill that
-//! found no handler in flight, or a cut that dropped no connection, did not inject its fault:
-//! the run reports that as a violation, since it proves nothing about that fault.
+//! i-th fault waits until i/(K+C+1) of the messages had their effect, or less when the mark is
+//! out of reach (a lossy at-most-once run): a cut waits at most half the stall window, a kill
+//! until effects have stopped coming for that long. A kill that found no handler in flight, or a
+//! cut that dropped no connection, did not inject its fault: the run reports that as a
+//! violation, since it proves nothing about that fault.
 //!
 //! Exactly-once runs through the idempotent layer. When `[idempotency] store` is a PostgreSQL URL
 //! it runs in the transactional mode ([`TransactionalIdempotent`]): each effect is a row the

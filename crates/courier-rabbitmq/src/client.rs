@@ -155,6 +155,9 @@ fn watch(conn: &Connection, lost: CancellationToken) {
 pub(crate) struct Link {
     pub(crate) config: RabbitMqConfig,
     state: Mutex<Option<Live>>,
+    /// Exchanges this client declared (`auto_create`): publishing to them again skips the
+    /// declare, which costs a channel and two round trips.
+    declared: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Link {
@@ -162,6 +165,7 @@ impl Link {
         Link {
             config,
             state: Mutex::new(None),
+            declared: Default::default(),
         }
     }
 
@@ -473,6 +477,33 @@ impl RabbitMqClient {
             }
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(broker_err("exchange.declare passive", e)),
+        }
+    }
+
+    /// With `auto_create`, declare the exchange before its first publish by this client (not
+    /// before every publish).
+    async fn auto_declare(&self, name: &str) -> Result<()> {
+        if !self.link.config.auto_create || self.link.declared.lock().contains(name) {
+            return Ok(());
+        }
+        self.declare_exchange(name).await?;
+        self.link.declared.lock().insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Publish `batch` to `destination`'s exchange. With `auto_create`, an exchange deleted since
+    /// this client declared it is declared again and the batch sent once more: the broker
+    /// refused the first attempt whole (the channel closed with NOT_FOUND), so nothing of it was
+    /// routed.
+    async fn publish_to(&self, destination: &str, batch: &[Outbound]) -> Result<Vec<Receipt>> {
+        self.auto_declare(destination).await?;
+        match self.send(destination, None, batch).await {
+            Err(Error::DestinationNotFound { .. }) if self.link.config.auto_create => {
+                self.link.declared.lock().remove(destination);
+                self.auto_declare(destination).await?;
+                self.send(destination, None, batch).await
+            }
+            other => other,
         }
     }
 
@@ -802,11 +833,8 @@ impl DeliveryClient for RabbitMqClient {
             &message,
             self.link.config.max_message_bytes,
         )?;
-        if self.link.config.auto_create {
-            self.declare_exchange(destination).await?;
-        }
         let mut r = self
-            .send(destination, None, &[Outbound::plain(message)])
+            .publish_to(destination, &[Outbound::plain(message)])
             .await?;
         Ok(r.remove(0))
     }
@@ -819,11 +847,8 @@ impl DeliveryClient for RabbitMqClient {
         for m in &messages {
             check_payload(BACKEND, destination, m, self.link.config.max_message_bytes)?;
         }
-        if self.link.config.auto_create {
-            self.declare_exchange(destination).await?;
-        }
         let batch: Vec<Outbound> = messages.into_iter().map(Outbound::plain).collect();
-        self.send(destination, None, &batch).await
+        self.publish_to(destination, &batch).await
     }
 
     async fn subscribe(&self, sub: Subscription) -> Result<Deliveries> {

@@ -189,6 +189,64 @@ async fn publishing_where_nothing_is_bound_is_a_typed_unroutable_error() {
     assert!(matches!(e, Error::Unroutable { .. }), "{e}");
 }
 
+/// With `auto_create`, the exchange is declared before this client's first publish only. One
+/// deleted behind the client's back is declared again by the next publish — which is then
+/// unroutable (the deletion took the queue's binding with it), not a missing destination — and a
+/// new subscription binds the queue again; nothing published before is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_create_declares_again_an_exchange_deleted_since() {
+    let _lock = BROKER.lock().await;
+    let mut cfg = config(Guarantee::AtLeastOnce);
+    if let BackendConfig::Rabbitmq(r) = &mut cfg.backend {
+        r.auto_create = true;
+    }
+    let c = match courier_rabbitmq::connect(&cfg).await {
+        Ok(c) => c,
+        Err(e) => endpoints::unreachable("RabbitMQ", &endpoints::rabbitmq_url(), e),
+    };
+    let dest = unique("auto");
+    // The subscription declares the exchange and binds its queue.
+    c.subscribe(Subscription::new(&dest, "g"))
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    c.publish(&dest, Message::new("one")).await.unwrap();
+    c.publish(&dest, Message::new("two")).await.unwrap();
+
+    let conn = lapin::Connection::connect(
+        &endpoints::rabbitmq_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_delete(dest.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    let e = c.publish(&dest, Message::new("three")).await.unwrap_err();
+    assert!(matches!(e, Error::Unroutable { .. }), "{e}");
+
+    let mut sub = c.subscribe(Subscription::new(&dest, "g")).await.unwrap();
+    c.publish(&dest, Message::new("four")).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let d = sub
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("the queue's messages within 10 s")
+            .unwrap();
+        got.push(String::from_utf8_lossy(&d.message.payload).into_owned());
+        d.ack().await.unwrap();
+    }
+    sub.close().await.unwrap();
+    got.sort();
+    assert_eq!(got, ["four", "one", "two"]);
+}
+
 // ---- consumer processes SIGKILLed mid-handler ------------------------------------------------
 
 struct FileRecord(FileLedger);

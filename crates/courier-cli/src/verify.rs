@@ -237,25 +237,13 @@ struct Ledger {
 impl Ledger {
     /// Wait until `target` distinct ids had an effect, or until `deadline`.
     async fn reached(&self, target: usize, deadline: Instant) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.effects.lock().len() >= target {
-                return;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            let _ = tokio::time::timeout(left, changed).await;
-        }
+        self.reached_or_idle(target, None, deadline).await
     }
 
-    /// Like [`Ledger::reached`], but also return once effects stopped coming for `idle` after
-    /// the first one: a mark the run can no longer reach (an at-most-once run whose faults lost
-    /// the rest) must not hold the fault back until the deadline.
-    async fn reached_or_idle(&self, target: usize, idle: Duration, deadline: Instant) {
+    /// Like [`Ledger::reached`], but with `idle` also return once effects stopped coming for that
+    /// long after the first one: a mark the run can no longer reach (an at-most-once run whose
+    /// faults lost the rest) must not hold the fault back until the deadline.
+    async fn reached_or_idle(&self, target: usize, idle: Option<Duration>, deadline: Instant) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -268,7 +256,7 @@ impl Ledger {
                 return;
             }
             let mut wake = deadline;
-            if let Some(last) = *self.last_effect.lock() {
+            if let (Some(idle), Some(last)) = (idle, *self.last_effect.lock()) {
                 if now.saturating_duration_since(last) >= idle {
                     return;
                 }
@@ -845,16 +833,24 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let target = plan.messages as u64 * u64::from(i) / marks;
         // A mark out of reach (effects stopped) does not hold the kill until the deadline.
         ledger
-            .reached_or_idle(target as usize, stall / 2, Instant::now() + plan.timeout)
+            .reached_or_idle(
+                target as usize,
+                Some(stall / 2),
+                Instant::now() + plan.timeout,
+            )
             .await;
         if consumers.is_empty() {
             break;
         }
         // Wait (bounded) until a handler of any consumer is mid-way, then crash that consumer
-        // there. With nothing in flight anywhere for 5 s, the kill is skipped (not counted).
+        // there. Handlers can pause for a while — a Kafka group rebalancing after the previous
+        // kill, a client reconnecting after a cut — but resume within the stall window; with
+        // nothing in flight anywhere for that long (at least 5 s) the kill is skipped, and the
+        // report says the fault was not injected.
         let parked = kill.parked.notified();
         kill.armed.store(true, Ordering::SeqCst);
-        let hit = match tokio::time::timeout(Duration::from_secs(5), parked).await {
+        let window = stall.max(Duration::from_secs(5));
+        let hit = match tokio::time::timeout(window, parked).await {
             Ok(()) => true,
             // Still armed: nobody took it. Taken just now: its handler is about to notify.
             Err(_) if kill.armed.swap(false, Ordering::SeqCst) => false,

@@ -305,13 +305,40 @@ struct Work {
 }
 
 /// Lets the fault driver crash a consumer while one of its handlers is mid-way. Shared by all
-/// consumers: the first handler (of any consumer) to find it armed parks, and its consumer is
-/// the one crashed — a consumer that happens to have nothing to do is never picked.
-#[derive(Default)]
+/// consumers: the first handler (of any consumer) to start once the switch is armed and its
+/// mark reached parks, and its consumer is the one crashed — a consumer that happens to have
+/// nothing to do is never picked. The handlers check the mark themselves, so a kill lands on the
+/// first handler past it even when the run outpaces the driver.
 struct KillSwitch {
-    armed: AtomicBool,
+    /// Effects (distinct ids) at which the next handler parks; `DISARMED` when none.
+    armed_at: AtomicU64,
     parked: tokio::sync::Notify,
     victim: AtomicU64,
+}
+
+const DISARMED: u64 = u64::MAX;
+
+impl Default for KillSwitch {
+    fn default() -> Self {
+        KillSwitch {
+            armed_at: AtomicU64::new(DISARMED),
+            parked: tokio::sync::Notify::new(),
+            victim: AtomicU64::new(0),
+        }
+    }
+}
+
+impl KillSwitch {
+    /// Whether this handler takes the kill (at most one does per arming).
+    fn take(&self, effects: impl FnOnce() -> usize) -> bool {
+        let at = self.armed_at.load(Ordering::SeqCst);
+        at != DISARMED
+            && effects() as u64 >= at
+            && self
+                .armed_at
+                .compare_exchange(at, DISARMED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
 }
 
 impl Work {
@@ -324,7 +351,7 @@ impl Work {
             .entry(m.id.to_string())
             .or_default() += 1;
         tokio::time::sleep(Duration::from_micros(200)).await;
-        if self.kill_switch.armed.swap(false, Ordering::SeqCst) {
+        if self.kill_switch.take(|| self.ledger.effects.lock().len()) {
             // Crash point: tell the driver which consumer is mid-handler, then never finish.
             self.kill_switch
                 .victim
@@ -830,34 +857,44 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     });
     // Crash consumers while the run is in full swing, the i-th kill at mark i.
     for i in 1..=kills {
-        let target = plan.messages as u64 * u64::from(i) / marks;
-        // A mark out of reach (effects stopped) does not hold the kill until the deadline.
-        ledger
-            .reached_or_idle(
-                target as usize,
-                Some(stall / 2),
-                Instant::now() + plan.timeout,
-            )
-            .await;
         if consumers.is_empty() {
             break;
         }
-        // Wait (bounded) until a handler of any consumer is mid-way, then crash that consumer
-        // there. Handlers can pause for a while — a Kafka group rebalancing after the previous
-        // kill, a client reconnecting after a cut — but resume within the stall window; with
-        // nothing in flight anywhere for that long (at least 5 s) the kill is skipped, and the
-        // report says the fault was not injected.
+        let target = plan.messages as u64 * u64::from(i) / marks;
+        // Arm at the mark: the first handler to start once `target` ids had their effect parks
+        // mid-way, and its consumer is crashed there.
         let parked = kill.parked.notified();
-        kill.armed.store(true, Ordering::SeqCst);
-        let window = stall.max(Duration::from_secs(5));
-        let hit = match tokio::time::timeout(window, parked).await {
-            Ok(()) => true,
-            // Still armed: nobody took it. Taken just now: its handler is about to notify.
-            Err(_) if kill.armed.swap(false, Ordering::SeqCst) => false,
-            Err(_) => tokio::time::timeout(Duration::from_secs(5), kill.parked.notified())
-                .await
-                .is_ok(),
+        tokio::pin!(parked);
+        parked.as_mut().enable();
+        kill.armed_at.store(target, Ordering::SeqCst);
+        let mut hit = tokio::select! {
+            _ = parked.as_mut() => true,
+            // A mark out of reach (effects stopped) does not hold the kill until the deadline.
+            _ = ledger.reached_or_idle(
+                target as usize,
+                Some(stall / 2),
+                Instant::now() + plan.timeout,
+            ) => false,
         };
+        if !hit {
+            // Mark reached or out of reach: the next handler to start takes it. Handlers can
+            // pause for a while — a Kafka group rebalancing after the previous kill, a client
+            // reconnecting after a cut — but resume within the stall window; with nothing in
+            // flight anywhere for that long (at least 5 s) the kill is skipped, and the report
+            // says the fault was not injected.
+            let _ = kill
+                .armed_at
+                .compare_exchange(target, 0, Ordering::SeqCst, Ordering::SeqCst);
+            let window = stall.max(Duration::from_secs(5));
+            hit = match tokio::time::timeout(window, parked.as_mut()).await {
+                Ok(()) => true,
+                // Still armed: nobody took it. Taken just now: its handler is about to notify.
+                Err(_) if kill.armed_at.swap(DISARMED, Ordering::SeqCst) != DISARMED => false,
+                Err(_) => tokio::time::timeout(Duration::from_secs(5), parked.as_mut())
+                    .await
+                    .is_ok(),
+            };
+        }
         let victim = kill.victim.load(Ordering::SeqCst);
         let parked_on = consumers.iter().position(|c| c.id == victim);
         if let (true, Some(i)) = (hit, parked_on) {

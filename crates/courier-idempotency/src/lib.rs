@@ -13,8 +13,8 @@
 //! - **Completed** — a duplicate: acknowledge without running the handler (counted).
 //! - **Conflict** — same key, different payload: typed error, dead-lettered.
 //!
-//! Stores: [`MemoryStore`] (one process), [`RedisStore`] (Lua scripts make claim, extend,
-//! complete and release atomic) and [`PostgresStore`]. With PostgreSQL there is also a
+//! Stores: [`MemoryStore`] (one process), [`RedisStore`] (an atomic `SET NX PX` claims a key and
+//! `SET … GET` completes it; small Lua scripts extend and release a lease) and [`PostgresStore`]. With PostgreSQL there is also a
 //! transactional mode, [`TransactionalIdempotent`]: the handler gets the database transaction,
 //! and the dedup row commits together with its business writes.
 //!

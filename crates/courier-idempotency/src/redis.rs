@@ -1,5 +1,15 @@
-//! Redis store: one hash per key, claimed and completed atomically by Lua scripts; the key's
+//! Redis store: one string per key. The hot path is two plain commands — `SET … NX PX` claims
+//! a key, `SET … PX … GET` completes it — so a message costs Redis no script run; extending and
+//! releasing a lease (compare-then-act on the holder's token) are small Lua scripts. The key's
 //! expiry is the lease while in progress and the TTL once completed.
+//!
+//! Record layout (the value of the key):
+//!
+//! - in progress: `p<token length>:<token><fingerprint>`
+//! - completed: `c<fingerprint length>:<fingerprint>0`, or `…1<result bytes>` with a stored result
+//!
+//! Keys written as hashes by courier before this layout (`s`, `f`, `r`, `t` fields) are still
+//! read by `begin`, so completed keys from before an upgrade keep absorbing their duplicates.
 
 use std::time::Duration;
 
@@ -12,54 +22,29 @@ use courier_core::{Error, Result};
 
 use crate::store::{Begin, IdempotencyStore, LeaseToken};
 
-const BEGIN: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 's', 'f')
-if cur[1] then
-  if cur[2] ~= ARGV[1] then return {'conflict', cur[2]} end
-  if cur[1] == 'c' then
-    local r = redis.call('HGET', KEYS[1], 'r')
-    if r then return {'completed', '1', r} end
-    return {'completed', '0', ''}
-  end
-  return {'progress', tostring(redis.call('PTTL', KEYS[1]))}
-end
-redis.call('HSET', KEYS[1], 's', 'p', 'f', ARGV[1], 't', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {'begun'}
-"#;
-
+/// Extend the lease if the caller's token still holds it (ARGV[1] = the record's token prefix).
 const EXTEND: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[1] == 'p' and cur[2] == ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
 "#;
 
-const COMPLETE: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[1] == 'c' then return 0 end
-local held = 0
-if cur[1] == 'p' and cur[2] == ARGV[1] then held = 1 end
-redis.call('DEL', KEYS[1])
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 's', 'c', 'f', ARGV[2], 'r', ARGV[5])
-else
-  redis.call('HSET', KEYS[1], 's', 'c', 'f', ARGV[2])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return held
-"#;
-
+/// Delete the key if the caller's token still holds it.
 const RELEASE: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[1] == 'p' and cur[2] == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
-/// An idempotency store in Redis (`redis://` or `rediss://`). Every call is bounded by
-/// `op_timeout` (default 2 s), so an unreachable Redis becomes a store error quickly.
+/// The oldest Redis with `SET … GET` (used to complete a key and learn who held it, in one step).
+const MIN_VERSION: (u32, u32) = (6, 2);
+
+/// An idempotency store in Redis (`redis://` or `rediss://`; Redis 6.2 or later, or a
+/// compatible server such as Valkey). Every call is bounded by `op_timeout` (default 2 s), so
+/// an unreachable Redis becomes a store error quickly.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -68,11 +53,9 @@ pub struct RedisStore {
     scripts: std::sync::Arc<Scripts>,
 }
 
-/// The scripts, hashed once (EVALSHA; loaded on first use).
+/// The scripts, hashed once (EVALSHA; loaded again when Redis has forgotten them).
 struct Scripts {
-    begin: Script,
     extend: Script,
-    complete: Script,
     release: Script,
 }
 
@@ -92,8 +75,83 @@ fn store_err(operation: &'static str, e: impl Into<courier_core::BoxError>) -> E
     }
 }
 
+/// `major.minor` of an `INFO server` reply's `redis_version`.
+fn server_version(info: &str) -> Option<(u32, u32)> {
+    let v = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// The start of a record held by `token`: `p<len>:<token>`.
+fn holder_prefix(token: &LeaseToken) -> Vec<u8> {
+    format!("p{}:{}", token.0.len(), token.0).into_bytes()
+}
+
+fn in_progress(token: &LeaseToken, fingerprint: &str) -> Vec<u8> {
+    let mut v = holder_prefix(token);
+    v.extend_from_slice(fingerprint.as_bytes());
+    v
+}
+
+fn completed(fingerprint: &str, result: Option<&Bytes>) -> Vec<u8> {
+    let mut v = format!("c{}:{fingerprint}", fingerprint.len()).into_bytes();
+    match result {
+        Some(r) => {
+            v.push(b'1');
+            v.extend_from_slice(r);
+        }
+        None => v.push(b'0'),
+    }
+    v
+}
+
+/// The `s`, `f` and `r` fields of a key in the earlier hash layout.
+type HashFields = (Option<String>, Option<String>, Option<Vec<u8>>);
+
+/// A record read back.
+#[derive(Debug, PartialEq)]
+enum Record {
+    InProgress {
+        fingerprint: String,
+    },
+    Completed {
+        fingerprint: String,
+        result: Option<Bytes>,
+    },
+}
+
+/// Split `<len>:<rest>` into the `len` bytes after the colon and what follows them.
+fn counted(v: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = v.iter().position(|&b| b == b':')?;
+    let len: usize = std::str::from_utf8(&v[..colon]).ok()?.parse().ok()?;
+    let rest = &v[colon + 1..];
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+fn decode(v: &[u8]) -> Option<Record> {
+    let (&state, body) = v.split_first()?;
+    let (first, rest) = counted(body)?;
+    match state {
+        b'p' => Some(Record::InProgress {
+            fingerprint: String::from_utf8_lossy(rest).into_owned(),
+        }),
+        b'c' => {
+            let (&flag, result) = rest.split_first()?;
+            Some(Record::Completed {
+                fingerprint: String::from_utf8_lossy(first).into_owned(),
+                result: (flag == b'1').then(|| Bytes::copy_from_slice(result)),
+            })
+        }
+        _ => None,
+    }
+}
+
 impl RedisStore {
-    /// Connect to `url` (credentials in it are never printed).
+    /// Connect to `url` (credentials in it are never printed). A server older than Redis 6.2 is
+    /// a configuration error.
     pub async fn connect(url: &str) -> Result<Self> {
         let client = redis::Client::open(url)
             .map_err(|e| Error::config(format!("invalid redis URL: {e}")))?;
@@ -101,21 +159,37 @@ impl RedisStore {
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
+        let mut conn = tokio::time::timeout(
             Duration::from_secs(5),
             ConnectionManager::new_with_config(client, config),
         )
         .await
         .map_err(|_| store_err("connect", "timed out"))?
         .map_err(|e| store_err("connect", e))?;
+        let info: String = tokio::time::timeout(
+            Duration::from_secs(5),
+            redis::cmd("INFO").arg("server").query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| store_err("connect", "INFO timed out"))?
+        .map_err(|e| store_err("connect", e))?;
+        match server_version(&info) {
+            Some(v) if v >= MIN_VERSION => {}
+            found => {
+                return Err(Error::config(format!(
+                    "the Redis idempotency store needs Redis {}.{} or later (SET … GET); the server reports {}",
+                    MIN_VERSION.0,
+                    MIN_VERSION.1,
+                    found.map_or("no version".to_owned(), |(a, b)| format!("{a}.{b}")),
+                )))
+            }
+        }
         Ok(RedisStore {
             conn,
             prefix: "courier:idem:".into(),
             op_timeout: Duration::from_secs(2),
             scripts: std::sync::Arc::new(Scripts {
-                begin: Script::new(BEGIN),
                 extend: Script::new(EXTEND),
-                complete: Script::new(COMPLETE),
                 release: Script::new(RELEASE),
             }),
         })
@@ -127,27 +201,93 @@ impl RedisStore {
         self
     }
 
-    async fn run<T: redis::FromRedisValue>(
+    fn rkey(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Run one command or pipeline, bounded by `op_timeout`.
+    async fn query<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
-        script: &Script,
-        key: &str,
-        args: &[Vec<u8>],
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        let mut inv = script.key(format!("{}{key}", self.prefix));
-        for a in args {
-            inv.arg(a.as_slice());
-        }
-        let mut conn = self.conn.clone();
-        tokio::time::timeout(self.op_timeout, inv.invoke_async(&mut conn))
+        tokio::time::timeout(self.op_timeout, f)
             .await
             .map_err(|_| store_err(op, "timed out"))?
             .map_err(|e| store_err(op, e))
     }
+
+    async fn script(
+        &self,
+        op: &'static str,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<i64> {
+        let mut inv = script.key(self.rkey(key));
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        self.query(op, inv.invoke_async(&mut conn)).await
+    }
+
+    /// Read a key someone else holds or completed: its record and time left. `None` when it is
+    /// gone (expired since).
+    async fn read(&self, rkey: &str) -> Result<Option<(Record, i64)>> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.get(rkey).pttl(rkey);
+        let got: redis::RedisResult<(Option<Vec<u8>>, i64)> =
+            tokio::time::timeout(self.op_timeout, pipe.query_async(&mut conn))
+                .await
+                .map_err(|_| store_err("begin", "timed out"))?;
+        let (value, pttl) = match got {
+            Err(e) if e.code() == Some("WRONGTYPE") => return self.read_hash(rkey).await,
+            Err(e) => return Err(store_err("begin", e)),
+            Ok(v) => v,
+        };
+        match value {
+            None => Ok(None),
+            Some(v) => match decode(&v) {
+                Some(r) => Ok(Some((r, pttl))),
+                None => Err(store_err(
+                    "begin",
+                    format!("{rkey} holds a value that is not an idempotency record"),
+                )),
+            },
+        }
+    }
+
+    /// A key in the hash layout of earlier courier versions.
+    async fn read_hash(&self, rkey: &str) -> Result<Option<(Record, i64)>> {
+        let mut conn = self.conn.clone();
+        let ((state, fingerprint, result), pttl): (HashFields, i64) = self
+            .query(
+                "begin",
+                redis::pipe()
+                    .hget(rkey, &["s", "f", "r"])
+                    .pttl(rkey)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let fingerprint = fingerprint.unwrap_or_default();
+        Ok(match state.as_deref() {
+            Some("c") => Some((
+                Record::Completed {
+                    fingerprint,
+                    result: result.map(Bytes::from),
+                },
+                pttl,
+            )),
+            Some(_) => Some((Record::InProgress { fingerprint }, pttl)),
+            None => None,
+        })
+    }
 }
 
-fn ms(d: Duration) -> Vec<u8> {
-    d.as_millis().max(1).to_string().into_bytes()
+fn ms(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
 }
 
 #[async_trait]
@@ -157,60 +297,65 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn begin(&self, key: &str, fingerprint: &str, lease: Duration) -> Result<Begin> {
+        let rkey = self.rkey(key);
         let token = LeaseToken::new();
-        let out: Vec<Vec<u8>> = self
-            .run(
-                "begin",
-                &self.scripts.begin,
-                key,
-                &[
-                    fingerprint.as_bytes().to_vec(),
-                    token.0.as_bytes().to_vec(),
-                    ms(lease),
-                ],
-            )
-            .await?;
-        let tag = out
-            .first()
-            .map(|t| String::from_utf8_lossy(t).into_owned())
-            .unwrap_or_default();
-        match tag.as_str() {
-            "begun" => Ok(Begin::Begun(token)),
-            "conflict" => Err(Error::IdempotencyConflict {
-                key: key.to_owned(),
-                stored: out
-                    .get(1)
-                    .map(|f| String::from_utf8_lossy(f).into_owned())
-                    .unwrap_or_default(),
-                received: fingerprint.to_owned(),
-            }),
-            "completed" => Ok(Begin::Completed {
-                result: (out.get(1).map(Vec::as_slice) == Some(b"1"))
-                    .then(|| Bytes::from(out.get(2).cloned().unwrap_or_default())),
-            }),
-            "progress" => {
-                let pttl: i64 = out
-                    .get(1)
-                    .and_then(|v| String::from_utf8_lossy(v).parse().ok())
-                    .unwrap_or(100);
-                Ok(Begin::InProgress {
-                    retry_after: Duration::from_millis(pttl.max(1) as u64),
-                })
+        let value = in_progress(&token, fingerprint);
+        // A key that expires between the failed claim and the read is claimed again; three
+        // rounds of that in a row would take a lease as short as a round trip.
+        for _ in 0..3 {
+            let mut conn = self.conn.clone();
+            let claimed: Option<String> = self
+                .query(
+                    "begin",
+                    redis::cmd("SET")
+                        .arg(&rkey)
+                        .arg(&value)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ms(lease))
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if claimed.is_some() {
+                return Ok(Begin::Begun(token));
             }
-            other => Err(store_err(
-                "begin",
-                format!("unexpected script reply {other:?}"),
-            )),
+            let Some((record, pttl)) = self.read(&rkey).await? else {
+                continue;
+            };
+            let (Record::InProgress {
+                fingerprint: stored,
+            }
+            | Record::Completed {
+                fingerprint: stored,
+                ..
+            }) = &record;
+            if stored != fingerprint {
+                return Err(Error::IdempotencyConflict {
+                    key: key.to_owned(),
+                    stored: stored.clone(),
+                    received: fingerprint.to_owned(),
+                });
+            }
+            return Ok(match record {
+                Record::Completed { result, .. } => Begin::Completed { result },
+                Record::InProgress { .. } => Begin::InProgress {
+                    retry_after: Duration::from_millis(pttl.max(1) as u64),
+                },
+            });
         }
+        Err(store_err(
+            "begin",
+            format!("{rkey} kept expiring between claim and read"),
+        ))
     }
 
     async fn extend(&self, key: &str, token: &LeaseToken, lease: Duration) -> Result<bool> {
-        let n: i64 = self
-            .run(
+        let n = self
+            .script(
                 "extend",
                 &self.scripts.extend,
                 key,
-                &[token.0.as_bytes().to_vec(), ms(lease)],
+                &[&holder_prefix(token), ms(lease).to_string().as_bytes()],
             )
             .await?;
         Ok(n == 1)
@@ -224,37 +369,98 @@ impl IdempotencyStore for RedisStore {
         result: Option<Bytes>,
         ttl: Duration,
     ) -> Result<bool> {
-        let has = if result.is_some() {
-            b"1".to_vec()
-        } else {
-            b"0".to_vec()
-        };
-        let n: i64 = self
-            .run(
+        let rkey = self.rkey(key);
+        let mut conn = self.conn.clone();
+        let previous: Option<Vec<u8>> = self
+            .query(
                 "complete",
-                &self.scripts.complete,
-                key,
-                &[
-                    token.0.as_bytes().to_vec(),
-                    fingerprint.as_bytes().to_vec(),
-                    ms(ttl),
-                    has,
-                    result.map(|r| r.to_vec()).unwrap_or_default(),
-                ],
+                redis::cmd("SET")
+                    .arg(&rkey)
+                    .arg(completed(fingerprint, result.as_ref()))
+                    .arg("PX")
+                    .arg(ms(ttl))
+                    .arg("GET")
+                    .query_async(&mut conn),
             )
             .await?;
-        Ok(n == 1)
+        match previous {
+            // Another worker completed the key first (this one had lost its lease): its record
+            // stands, result included.
+            Some(v) if v.first() == Some(&b'c') => {
+                let mut conn = self.conn.clone();
+                let () = self
+                    .query(
+                        "complete",
+                        redis::cmd("SET")
+                            .arg(&rkey)
+                            .arg(v)
+                            .arg("PX")
+                            .arg(ms(ttl))
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                Ok(false)
+            }
+            Some(v) => Ok(v.starts_with(&holder_prefix(token))),
+            None => Ok(false),
+        }
     }
 
     async fn release(&self, key: &str, token: &LeaseToken) -> Result<()> {
-        let _: i64 = self
-            .run(
-                "release",
-                &self.scripts.release,
-                key,
-                &[token.0.as_bytes().to_vec()],
-            )
-            .await?;
+        self.script(
+            "release",
+            &self.scripts.release,
+            key,
+            &[&holder_prefix(token)],
+        )
+        .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let t = LeaseToken::new();
+        assert_eq!(
+            decode(&in_progress(&t, "fp:with:colons")),
+            Some(Record::InProgress {
+                fingerprint: "fp:with:colons".into()
+            })
+        );
+        assert!(in_progress(&t, "fp").starts_with(&holder_prefix(&t)));
+        assert!(!in_progress(&LeaseToken::new(), "fp").starts_with(&holder_prefix(&t)));
+        let r = Bytes::from_static(b"1:receipt\x00\xff");
+        assert_eq!(
+            decode(&completed("fp", Some(&r))),
+            Some(Record::Completed {
+                fingerprint: "fp".into(),
+                result: Some(r)
+            })
+        );
+        assert_eq!(
+            decode(&completed("", None)),
+            Some(Record::Completed {
+                fingerprint: "".into(),
+                result: None
+            })
+        );
+        for bad in [&b""[..], b"x3:abc0", b"c9:abc0", b"c3abc0", b"cx:abc0"] {
+            assert_eq!(decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn versions_are_read_from_info() {
+        assert_eq!(
+            server_version("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n"),
+            Some((7, 0))
+        );
+        assert_eq!(server_version("redis_version:6.2.0"), Some((6, 2)));
+        assert!(server_version("redis_version:6.0.9").unwrap() < MIN_VERSION);
+        assert_eq!(server_version("# Server\r\n"), None);
     }
 }

@@ -300,23 +300,88 @@ async fn redis_concurrent_calls_get_their_own_replies() {
     }
 }
 
-/// A Redis restart (or `SCRIPT FLUSH`) forgets the scripts: the store must load them again
-/// instead of failing every call with NOSCRIPT.
+/// A Redis restart (or `SCRIPT FLUSH`) forgets the scripts that extend and release a lease: the
+/// store must load them again instead of failing those calls with NOSCRIPT.
 #[tokio::test]
 async fn redis_reloads_flushed_scripts() {
     let s = redis().await;
     let key = unique("flush");
     let t = begun(s.begin(&key, "fp", LEASE).await.unwrap());
-    let client = ::redis::Client::open(redis_url()).unwrap();
+    let flush = || async {
+        let client = ::redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = ::redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    flush().await;
+    assert!(s.extend(&key, &t, LEASE).await.unwrap());
+    flush().await;
+    s.release(&key, &t).await.unwrap();
+    begun(s.begin(&key, "fp", LEASE).await.unwrap());
+}
+
+/// Keys that courier wrote as hashes before the string records (an upgrade with keys in flight)
+/// still answer `begin`: completed ones absorb their duplicates, with their result.
+#[tokio::test]
+async fn redis_reads_keys_of_the_earlier_hash_layout() {
+    let prefix = unique("legacy:");
+    let url = redis_url();
+    let s = RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| unreachable("Redis", &url, e))
+        .with_prefix(prefix.clone());
+    let client = ::redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = ::redis::cmd("SCRIPT")
-        .arg("FLUSH")
+    let _: () = ::redis::pipe()
+        .hset_multiple(
+            format!("{prefix}done"),
+            &[("s", "c"), ("f", "fp"), ("r", "receipt-9")],
+        )
+        .hset_multiple(
+            format!("{prefix}busy"),
+            &[("s", "p"), ("f", "fp"), ("t", "tok")],
+        )
+        .pexpire(format!("{prefix}busy"), 30_000)
+        .pexpire(format!("{prefix}done"), 30_000)
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(s.complete(&key, &t, "fp", None, TTL).await.unwrap());
     assert_eq!(
-        s.begin(&key, "fp", LEASE).await.unwrap(),
-        Begin::Completed { result: None }
+        s.begin("done", "fp", LEASE).await.unwrap(),
+        Begin::Completed {
+            result: Some(Bytes::from_static(b"receipt-9"))
+        }
     );
+    let e = s.begin("done", "other", LEASE).await.unwrap_err();
+    assert!(matches!(e, Error::IdempotencyConflict { .. }), "{e}");
+    assert!(matches!(
+        s.begin("busy", "fp", LEASE).await.unwrap(),
+        Begin::InProgress { .. }
+    ));
+}
+
+/// A value courier did not write under its prefix is a store error, not a guess.
+#[tokio::test]
+async fn redis_foreign_value_is_a_store_error() {
+    let prefix = unique("foreign:");
+    let url = redis_url();
+    let s = RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| unreachable("Redis", &url, e))
+        .with_prefix(prefix.clone());
+    let client = ::redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SET")
+        .arg(format!("{prefix}k"))
+        .arg("hello")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let e = s.begin("k", "fp", LEASE).await.unwrap_err();
+    assert_eq!(e.kind(), "store", "{e}");
 }

@@ -314,6 +314,8 @@ struct KillSwitch {
     armed_at: AtomicU64,
     parked: tokio::sync::Notify,
     victim: AtomicU64,
+    /// The consumer being crashed: its other handlers do not take the next kill.
+    doomed: AtomicU64,
 }
 
 const DISARMED: u64 = u64::MAX;
@@ -324,15 +326,18 @@ impl Default for KillSwitch {
             armed_at: AtomicU64::new(DISARMED),
             parked: tokio::sync::Notify::new(),
             victim: AtomicU64::new(0),
+            doomed: AtomicU64::new(DISARMED),
         }
     }
 }
 
 impl KillSwitch {
-    /// Whether this handler takes the kill (at most one does per arming).
-    fn take(&self, effects: impl FnOnce() -> usize) -> bool {
+    /// Whether this handler, of consumer `consumer`, takes the kill (at most one does per
+    /// arming).
+    fn take(&self, consumer: u64, effects: impl FnOnce() -> usize) -> bool {
         let at = self.armed_at.load(Ordering::SeqCst);
         at != DISARMED
+            && consumer != self.doomed.load(Ordering::SeqCst)
             && effects() as u64 >= at
             && self
                 .armed_at
@@ -351,7 +356,10 @@ impl Work {
             .entry(m.id.to_string())
             .or_default() += 1;
         tokio::time::sleep(Duration::from_micros(200)).await;
-        if self.kill_switch.take(|| self.ledger.effects.lock().len()) {
+        if self
+            .kill_switch
+            .take(self.consumer, || self.ledger.effects.lock().len())
+        {
             // Crash point: tell the driver which consumer is mid-handler, then never finish.
             self.kill_switch
                 .victim
@@ -855,18 +863,22 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             }
         })
     });
-    // Crash consumers while the run is in full swing, the i-th kill at mark i.
+    // Crash consumers while the run is in full swing, the i-th kill at mark i. Arm at the mark:
+    // the first handler to start once that many ids had their effect parks mid-way, and its
+    // consumer is crashed there. The next kill is armed as soon as one has parked, before its
+    // consumer is torn down and replaced: a fast run can pass the next mark meanwhile (a
+    // replacement subscribing on a busy machine took longer than the rest of a 500-message run).
+    let target_of = |i: u32| plan.messages as u64 * u64::from(i) / marks;
+    let mut parked = Box::pin(kill.parked.notified());
+    parked.as_mut().enable();
+    if kills > 0 {
+        kill.armed_at.store(target_of(1), Ordering::SeqCst);
+    }
     for i in 1..=kills {
         if consumers.is_empty() {
             break;
         }
-        let target = plan.messages as u64 * u64::from(i) / marks;
-        // Arm at the mark: the first handler to start once `target` ids had their effect parks
-        // mid-way, and its consumer is crashed there.
-        let parked = kill.parked.notified();
-        tokio::pin!(parked);
-        parked.as_mut().enable();
-        kill.armed_at.store(target, Ordering::SeqCst);
+        let target = target_of(i);
         let mut hit = tokio::select! {
             _ = parked.as_mut() => true,
             // A mark out of reach (effects stopped) does not hold the kill until the deadline.
@@ -897,6 +909,14 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         }
         let victim = kill.victim.load(Ordering::SeqCst);
         let parked_on = consumers.iter().position(|c| c.id == victim);
+        if hit {
+            kill.doomed.store(victim, Ordering::SeqCst);
+        }
+        parked = Box::pin(kill.parked.notified());
+        parked.as_mut().enable();
+        if i < kills {
+            kill.armed_at.store(target_of(i + 1), Ordering::SeqCst);
+        }
         if let (true, Some(i)) = (hit, parked_on) {
             let victim = consumers.remove(i);
             victim.handle.abort();

@@ -88,16 +88,22 @@ async fn backend_cells(
                     ..IdempotencyConfig::default()
                 });
             }
+            let base_plan = plan(f, None);
             let plan = Plan {
                 messages,
                 destination: provision.map(|p| p()),
-                ..plan(f, None)
+                // Full-size cells get longer (10,000 messages: 10 minutes, as scripts/full-matrix).
+                timeout: base_plan
+                    .timeout
+                    .max(Duration::from_millis(messages as u64 * 60)),
+                ..base_plan
             };
             let r = match verify::run(&config, &plan).await {
                 Ok(r) => r,
                 Err(e) => panic!("{name}: the experiment could not run ({e:#}); are the broker and PostgreSQL up? `scripts/services up`"),
             };
             println!("{name} {g} [{f}]\n{r}");
+            keep_report(&r, f);
             if !r.holds {
                 failures.push(format!("{g} [{f}]: {}", r.violations.join("; ")));
             }
@@ -108,6 +114,23 @@ async fn backend_cells(
         "guarantee violated on {name}:\n{}",
         failures.join("\n")
     );
+}
+
+/// With `FULL_MATRIX_OUT` set (by `scripts/full-matrix`), keep a cell's report there as JSON,
+/// named as the script names the reports of `courier verify --json`.
+fn keep_report(r: &verify::Report, faults: &str) {
+    let Ok(dir) = std::env::var("FULL_MATRIX_OUT") else {
+        return;
+    };
+    let name: String = faults
+        .chars()
+        .map(|c| if "=,.".contains(c) { '_' } else { c })
+        .collect();
+    let path = format!("{dir}/{}-{}-{name}.json", r.backend, r.guarantee);
+    let json = serde_json::to_string(r).expect("a report serializes");
+    if let Err(e) = std::fs::write(&path, json) {
+        panic!("writing {path}: {e}");
+    }
 }
 
 /// Faults every broker backend is checked under (the broker restart is the RabbitMQ fault
@@ -309,6 +332,27 @@ async fn kafka_crash_cells_hold_on_mock_cluster() {
         "kafka (MockCluster)",
         kafka_config(courier_testkit::kafka_mock::bootstrap()),
         200,
+        &[Guarantee::AtLeastOnce, Guarantee::ExactlyOnce],
+        &["kill=2", ALL_FAULTS],
+        &[],
+        Some(provision_mock_topics),
+    )
+    .await;
+}
+
+/// The same cells at full size for `scripts/full-matrix kafka` (`FULL_MESSAGES`, default 10,000
+/// per cell), which renders the reports this writes into `FULL_MATRIX_OUT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "full size (minutes): run by scripts/full-matrix kafka"]
+async fn kafka_crash_cells_hold_on_mock_cluster_at_full_size() {
+    let messages = std::env::var("FULL_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    backend_cells(
+        "kafka (MockCluster)",
+        kafka_config(courier_testkit::kafka_mock::bootstrap()),
+        messages,
         &[Guarantee::AtLeastOnce, Guarantee::ExactlyOnce],
         &["kill=2", ALL_FAULTS],
         &[],

@@ -323,18 +323,23 @@ async fn redis_reloads_flushed_scripts() {
     begun(s.begin(&key, "fp", LEASE).await.unwrap());
 }
 
+/// A store under `prefix`, and a plain connection to the same Redis to write keys behind its back.
+async fn redis_and_raw(prefix: &str) -> (RedisStore, ::redis::aio::MultiplexedConnection) {
+    let url = redis_url();
+    let s = RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| unreachable("Redis", &url, e))
+        .with_prefix(prefix);
+    let client = ::redis::Client::open(url).unwrap();
+    (s, client.get_multiplexed_async_connection().await.unwrap())
+}
+
 /// Keys that courier wrote as hashes before the string records (an upgrade with keys in flight)
 /// still answer `begin`: completed ones absorb their duplicates, with their result.
 #[tokio::test]
 async fn redis_reads_keys_of_the_earlier_hash_layout() {
     let prefix = unique("legacy:");
-    let url = redis_url();
-    let s = RedisStore::connect(&url)
-        .await
-        .unwrap_or_else(|e| unreachable("Redis", &url, e))
-        .with_prefix(prefix.clone());
-    let client = ::redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (s, mut conn) = redis_and_raw(&prefix).await;
     let _: () = ::redis::pipe()
         .hset_multiple(
             format!("{prefix}done"),
@@ -367,13 +372,7 @@ async fn redis_reads_keys_of_the_earlier_hash_layout() {
 #[tokio::test]
 async fn redis_foreign_value_is_a_store_error() {
     let prefix = unique("foreign:");
-    let url = redis_url();
-    let s = RedisStore::connect(&url)
-        .await
-        .unwrap_or_else(|e| unreachable("Redis", &url, e))
-        .with_prefix(prefix.clone());
-    let client = ::redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (s, mut conn) = redis_and_raw(&prefix).await;
     let _: () = ::redis::cmd("SET")
         .arg(format!("{prefix}k"))
         .arg("hello")

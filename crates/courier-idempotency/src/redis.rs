@@ -207,16 +207,25 @@ impl RedisStore {
         format!("{}{key}", self.prefix)
     }
 
+    /// Run one command or pipeline, bounded by `op_timeout`; Redis's own error is left to the
+    /// caller to look at.
+    async fn bounded<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<redis::RedisResult<T>> {
+        tokio::time::timeout(self.op_timeout, f)
+            .await
+            .map_err(|_| store_err(op, "timed out"))
+    }
+
     /// Run one command or pipeline, bounded by `op_timeout`.
     async fn query<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        tokio::time::timeout(self.op_timeout, f)
-            .await
-            .map_err(|_| store_err(op, "timed out"))?
-            .map_err(|e| store_err(op, e))
+        self.bounded(op, f).await?.map_err(|e| store_err(op, e))
     }
 
     async fn script(
@@ -241,9 +250,7 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.get(rkey).pttl(rkey);
         let got: redis::RedisResult<(Option<Vec<u8>>, i64)> =
-            tokio::time::timeout(self.op_timeout, pipe.query_async(&mut conn))
-                .await
-                .map_err(|_| store_err("begin", "timed out"))?;
+            self.bounded("begin", pipe.query_async(&mut conn)).await?;
         let (value, pttl) = match got {
             Err(e) if e.code() == Some("WRONGTYPE") => return self.read_hash(rkey).await,
             Err(e) => return Err(store_err("begin", e)),

@@ -304,23 +304,21 @@ async fn redis_concurrent_calls_get_their_own_replies() {
 /// store must load them again instead of failing those calls with NOSCRIPT.
 #[tokio::test]
 async fn redis_reloads_flushed_scripts() {
-    let s = redis().await;
-    let key = unique("flush");
-    let t = begun(s.begin(&key, "fp", LEASE).await.unwrap());
-    let flush = || async {
-        let client = ::redis::Client::open(redis_url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = ::redis::cmd("SCRIPT")
-            .arg("FLUSH")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    };
-    flush().await;
-    assert!(s.extend(&key, &t, LEASE).await.unwrap());
-    flush().await;
-    s.release(&key, &t).await.unwrap();
-    begun(s.begin(&key, "fp", LEASE).await.unwrap());
+    let (s, mut conn) = redis_and_raw(&unique("flush:")).await;
+    let t = begun(s.begin("k", "fp", LEASE).await.unwrap());
+    script_flush(&mut conn).await;
+    assert!(s.extend("k", &t, LEASE).await.unwrap());
+    script_flush(&mut conn).await;
+    s.release("k", &t).await.unwrap();
+    begun(s.begin("k", "fp", LEASE).await.unwrap());
+}
+
+async fn script_flush(conn: &mut ::redis::aio::MultiplexedConnection) {
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(conn)
+        .await
+        .unwrap();
 }
 
 /// A store under `prefix`, and a plain connection to the same Redis to write keys behind its back.

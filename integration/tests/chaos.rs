@@ -23,7 +23,27 @@ fn plan(faults: &str, sabotage: Option<Sabotage>) -> Plan {
         timeout: Duration::from_secs(120),
         progress: false,
         destination: None,
+        // Consumers are child processes, crashed with SIGKILL (the memory backend's stay in
+        // this process: the broker lives here).
+        workers: verify::Workers::Processes(courier_exe()),
     }
+}
+
+/// The `courier` binary beside this test's (cargo builds it for courier-cli's tests in the same
+/// `cargo test --workspace`).
+fn courier_exe() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let courier = dir.join(format!("courier{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        courier.exists(),
+        "{} is missing: build it with `cargo build -p courier-cli` (`cargo test --workspace` does)",
+        courier.display()
+    );
+    courier
 }
 
 async fn cell(url: &str, guarantee: Guarantee, faults: &str) -> verify::Report {
@@ -82,7 +102,10 @@ async fn backend_cells(
                 continue;
             }
             let mut config = base.clone().with_guarantee(g);
-            if g == Guarantee::ExactlyOnce {
+            // At-most-once gets the store too: its consumers are processes, and an id the
+            // producer published twice may reach two of them; the consumer's in-memory window
+            // skips it within one process only, the store across them (finding 7).
+            if g != Guarantee::AtLeastOnce {
                 config.idempotency = Some(IdempotencyConfig {
                     store: SecretUrl::new(courier_testkit::endpoints::database_url()),
                     ..IdempotencyConfig::default()
@@ -104,6 +127,10 @@ async fn backend_cells(
             };
             println!("{name} {g} [{f}]\n{r}");
             keep_report(&r, f);
+            assert!(
+                r.consumer_processes,
+                "{name}: the consumers ran in the test process, not as processes"
+            );
             if !r.holds {
                 failures.push(format!("{g} [{f}]: {}", r.violations.join("; ")));
             }
@@ -307,6 +334,56 @@ async fn verify_catches_ack_before_handler() {
     assert!(
         !r.holds && r.lost > 0,
         "ack-before-handler with crashes must lose messages and be reported: {r}"
+    );
+}
+
+/// The same mistake with consumer processes on a real broker: each crash is a SIGKILL, and the
+/// messages the killed process had acked but not handled are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_catches_ack_before_handler_with_consumer_processes() {
+    let url = courier_testkit::endpoints::rabbitmq_url();
+    let config = Config::from_url(&url)
+        .unwrap()
+        .with_guarantee(Guarantee::AtLeastOnce);
+    let r = verify::run(
+        &config,
+        &Plan {
+            messages: 500,
+            ..plan("kill=2", Some(Sabotage::AckFirst))
+        },
+    )
+    .await
+    .unwrap();
+    println!("{r}");
+    assert!(
+        r.consumer_processes && r.crashes == 2 && !r.holds && r.lost > 0,
+        "ack-before-handler with SIGKILLed consumer processes must lose messages and be reported: {r}"
+    );
+}
+
+/// Finding 7: at-most-once consumers in several processes, without an `[idempotency]` store,
+/// handle an id the producer published twice once in each process that got a copy — the
+/// consumer's duplicate window is per process. verify must report it (the cells of the matrix
+/// run at-most-once with the store, which skips the second copy in any process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_finds_at_most_once_duplicates_across_processes_without_a_store() {
+    let url = courier_testkit::endpoints::rabbitmq_url();
+    let config = Config::from_url(&url)
+        .unwrap()
+        .with_guarantee(Guarantee::AtMostOnce);
+    let r = verify::run(
+        &config,
+        &Plan {
+            messages: 500,
+            ..plan("duplicates=0.2", None)
+        },
+    )
+    .await
+    .unwrap();
+    println!("{r}");
+    assert!(
+        r.consumer_processes && !r.holds && r.duplicate_effects > 0,
+        "at-most-once duplicates across consumer processes without a store must be reported: {r}"
     );
 }
 

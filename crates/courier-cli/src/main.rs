@@ -156,7 +156,14 @@ enum Command {
         /// creating fresh ones (for brokers where courier may not create them).
         #[arg(long)]
         destination: Option<String>,
+        /// Run the consumers as tasks of this process instead of child processes (a crash is
+        /// then a task abort, not SIGKILL). The memory backend's always run in-process.
+        #[arg(long)]
+        in_process: bool,
     },
+    /// One consumer process of `courier verify` (started by it; reads its spec on stdin).
+    #[command(hide = true)]
+    VerifyWorker,
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,7 +210,7 @@ fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
 async fn main() {
     let cli = Cli::parse();
     // verify injects failures on purpose: only errors are worth printing by default.
-    let default_level = if matches!(cli.command, Command::Verify { .. }) {
+    let default_level = if matches!(cli.command, Command::Verify { .. } | Command::VerifyWorker) {
         "error"
     } else {
         "warn"
@@ -320,8 +327,17 @@ async fn run(cli: Cli) -> Result<()> {
             timeout,
             json,
             destination,
+            in_process,
         } => {
             let config = target.load()?;
+            let workers = if in_process {
+                verify::Workers::Tasks
+            } else {
+                verify::Workers::Processes(
+                    std::env::current_exe()
+                        .context("cannot find the courier executable to start consumer processes (use --in-process)")?,
+                )
+            };
             let plan = verify::Plan {
                 messages: if full { 10_000 } else { messages },
                 consumers,
@@ -330,6 +346,7 @@ async fn run(cli: Cli) -> Result<()> {
                 timeout,
                 progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 destination,
+                workers,
             };
             let report = verify::run(&config, &plan).await?;
             if json {
@@ -341,6 +358,7 @@ async fn run(cli: Cli) -> Result<()> {
                 std::process::exit(2);
             }
         }
+        Command::VerifyWorker => verify::worker().await?,
         Command::Explain { target, json } => {
             let config = target.load()?;
             let e = courier::explain(&config)?;

@@ -35,8 +35,13 @@
 //!
 //! Exit status is non-zero when the guarantee was violated.
 
+mod workers;
+
+pub use workers::worker;
+
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -156,6 +161,9 @@ pub struct Report {
     pub duplicates_absorbed: u64,
     /// Consumer crashes injected.
     pub crashes: u32,
+    /// Whether the consumers ran as child processes (a crash is `SIGKILL`) rather than as tasks
+    /// of the verify process.
+    pub consumer_processes: bool,
     /// Connections dropped by the fault proxy's cuts.
     pub connections_cut: u64,
     /// Effects per second.
@@ -174,7 +182,7 @@ pub struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, String); 15] = [
+        let rows: [(&str, String); 16] = [
             ("backend", self.backend.clone()),
             ("guarantee", self.guarantee.to_string()),
             ("sent", self.sent.to_string()),
@@ -194,6 +202,14 @@ impl fmt::Display for Report {
             ("redeliveries", self.redeliveries.to_string()),
             ("dead-lettered", self.dead_lettered.to_string()),
             ("duplicates absorbed", self.duplicates_absorbed.to_string()),
+            (
+                "consumers",
+                if self.consumer_processes {
+                    "processes (a crash is SIGKILL)".into()
+                } else {
+                    "tasks of this process".into()
+                },
+            ),
             ("consumer crashes", self.crashes.to_string()),
             (
                 "connections cut",
@@ -295,13 +311,23 @@ fn now_micros() -> u64 {
 /// the effect — counted in memory, or (transactional mode) a row inserted into [`EFFECTS_TABLE`]
 /// in the transaction that records the key.
 struct Work {
-    ledger: Arc<Ledger>,
+    sink: Sink,
     error_rate: f64,
-    kill_switch: Arc<KillSwitch>,
     /// Which consumer this handler belongs to.
     consumer: u64,
     /// The run's id in the effects table.
     run: String,
+}
+
+/// Where a handler reports its invocations and effects, and learns of kills.
+enum Sink {
+    /// A consumer task of the verify process: the run's ledger and kill switch.
+    Local {
+        ledger: Arc<Ledger>,
+        kill: Arc<KillSwitch>,
+    },
+    /// A consumer process: lines to the parent, which keeps the ledger ([`workers`]).
+    Pipe(Arc<workers::Pipe>),
 }
 
 /// Lets the fault driver crash a consumer while one of its handlers is mid-way. Shared by all
@@ -316,9 +342,14 @@ struct KillSwitch {
     victim: AtomicU64,
     /// The consumer being crashed: its other handlers do not take the next kill.
     doomed: AtomicU64,
+    /// Woken when a kill is armed (consumer processes are offered it by a relay).
+    rearmed: tokio::sync::Notify,
 }
 
 const DISARMED: u64 = u64::MAX;
+/// `armed_at` while the kill is offered to consumer processes: the first to report a parked
+/// handler takes it.
+const OFFERED: u64 = u64::MAX - 1;
 
 impl Default for KillSwitch {
     fn default() -> Self {
@@ -327,11 +358,18 @@ impl Default for KillSwitch {
             parked: tokio::sync::Notify::new(),
             victim: AtomicU64::new(0),
             doomed: AtomicU64::new(DISARMED),
+            rearmed: tokio::sync::Notify::new(),
         }
     }
 }
 
 impl KillSwitch {
+    /// Arm the next kill at `at` effects.
+    fn arm(&self, at: u64) {
+        self.armed_at.store(at, Ordering::SeqCst);
+        self.rearmed.notify_waiters();
+    }
+
     /// Whether this handler, of consumer `consumer`, takes the kill (at most one does per
     /// arming).
     fn take(&self, consumer: u64, effects: impl FnOnce() -> usize) -> bool {
@@ -349,23 +387,28 @@ impl KillSwitch {
 impl Work {
     /// Everything before the effect: count the invocation, work, crash or fail when told to.
     async fn prelude(&self, m: &Message) -> Result<(), HandlerError> {
-        *self
-            .ledger
-            .invocations
-            .lock()
-            .entry(m.id.to_string())
-            .or_default() += 1;
-        tokio::time::sleep(Duration::from_micros(200)).await;
-        if self
-            .kill_switch
-            .take(self.consumer, || self.ledger.effects.lock().len())
-        {
-            // Crash point: tell the driver which consumer is mid-handler, then never finish.
-            self.kill_switch
-                .victim
-                .store(self.consumer, Ordering::SeqCst);
-            self.kill_switch.parked.notify_one();
-            std::future::pending::<()>().await;
+        match &self.sink {
+            Sink::Local { ledger, kill } => {
+                *ledger
+                    .invocations
+                    .lock()
+                    .entry(m.id.to_string())
+                    .or_default() += 1;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                if kill.take(self.consumer, || ledger.effects.lock().len()) {
+                    // Crash point: tell the driver which consumer is mid-handler, then never
+                    // finish.
+                    kill.victim.store(self.consumer, Ordering::SeqCst);
+                    kill.parked.notify_one();
+                    std::future::pending::<()>().await;
+                }
+            }
+            Sink::Pipe(pipe) => {
+                pipe.send(&format!("I {}", m.id));
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                // Crash point: parked until SIGKILL (or resumed when another took the kill).
+                pipe.maybe_park().await;
+            }
         }
         if self.error_rate > 0.0 && fastrand::f64() < self.error_rate {
             return Err(HandlerError::retryable("injected handler error"));
@@ -378,7 +421,14 @@ impl Work {
 impl Handler for Work {
     async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
         self.prelude(m).await?;
-        self.ledger.record(m.id.to_string(), latency_ms(m));
+        match &self.sink {
+            Sink::Local { ledger, .. } => ledger.record(m.id.to_string(), latency_ms(m)),
+            Sink::Pipe(pipe) => pipe.send(&format!(
+                "E {} {}",
+                m.id,
+                latency_ms(m).map_or_else(|| "-".to_owned(), |l| format!("{l:.3}"))
+            )),
+        }
         Ok(())
     }
 }
@@ -421,17 +471,31 @@ struct PgLedger {
 }
 
 impl PgLedger {
-    async fn connect(url: &str, run: &str) -> Result<Self> {
-        let app = format!("courier-verify-{run}");
+    /// The application name of run `run`'s store connections (what the outage terminates).
+    fn app(run: &str) -> String {
+        format!("courier-verify-{run}")
+    }
+
+    /// The store's pool of run `run`, `max` connections (in the verify process, or a consumer
+    /// process with its four handlers).
+    async fn store_pool(url: &str, run: &str, max: u32) -> Result<PgPool> {
         let opts: PgConnectOptions = url
             .parse()
             .map_err(|e| anyhow!("idempotency.store is not a PostgreSQL URL: {e}"))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
+        PgPoolOptions::new()
+            .max_connections(max)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts.clone().application_name(&app))
+            .connect_with(opts.application_name(&Self::app(run)))
             .await
-            .map_err(|e| anyhow!("connecting to the idempotency database: {e}"))?;
+            .map_err(|e| anyhow!("connecting to the idempotency database: {e}"))
+    }
+
+    async fn connect(url: &str, run: &str) -> Result<Self> {
+        let app = Self::app(run);
+        let opts: PgConnectOptions = url
+            .parse()
+            .map_err(|e| anyhow!("idempotency.store is not a PostgreSQL URL: {e}"))?;
+        let pool = Self::store_pool(url, run, 16).await?;
         let admin = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(5))
@@ -580,11 +644,103 @@ pub struct Plan {
     /// Run on these existing, empty destinations (`NAME` and its dead-letter `NAME-dlq`) instead
     /// of creating fresh ones — for brokers where courier may not create topics or queues.
     pub destination: Option<String>,
+    /// Where the consumers run. The memory backend's always run in the verify process (the
+    /// broker lives there).
+    pub workers: Workers,
 }
 
-struct Running {
-    handle: ConsumerHandle,
-    id: u64,
+/// Where `verify` runs its consumers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workers {
+    /// Tasks of the verify process; a crash aborts the consumer's task (nothing it held is
+    /// settled, its connection stays up).
+    Tasks,
+    /// Child processes of this executable (`EXE verify-worker`), each with its own broker
+    /// connection; a crash is `SIGKILL` of the process while a handler is mid-way.
+    Processes(PathBuf),
+}
+
+/// A consumer of the run.
+enum Running {
+    Task { handle: ConsumerHandle, id: u64 },
+    Proc(workers::Proc),
+}
+
+impl Running {
+    fn id(&self) -> u64 {
+        match self {
+            Running::Task { id, .. } => *id,
+            Running::Proc(p) => p.id,
+        }
+    }
+}
+
+/// The experiment's consumer settings (in the verify process and in consumer processes alike).
+fn consumer_for(client: Arc<dyn DeliveryClient>, dest: &str, group: &str, dlq: &str) -> Consumer {
+    Consumer::new(client, Subscription::new(dest, group).dead_letter(dlq))
+        .concurrency(4)
+        .retry(
+            RetryPolicy::attempts(8).backoff(Duration::from_millis(10), Duration::from_millis(500)),
+        )
+        .shutdown_timeout(Duration::from_secs(10))
+}
+
+/// The non-transactional idempotent layer of exactly-once runs.
+fn store_layer(
+    work: Work,
+    store: Arc<dyn IdempotencyStore>,
+    dest: &str,
+    lease: Duration,
+) -> courier::idempotency::Idempotent<Work> {
+    courier::idempotency::Idempotent::new(work, store)
+        .namespace(dest.to_owned())
+        .lease(lease)
+        .store_retry_delay(Duration::from_millis(200))
+}
+
+/// A consumer process's start (`courier verify-worker`, [`workers::worker`]): its client, its
+/// consumer with the layer `spec` names, and the layer's counters.
+#[allow(clippy::type_complexity)]
+async fn start_worker(
+    spec: &workers::WorkerSpec,
+    pipe: Arc<workers::Pipe>,
+    store_down: Arc<AtomicBool>,
+) -> Result<(
+    ConsumerHandle,
+    Option<Arc<courier::idempotency::IdempotencyStats>>,
+    Arc<dyn DeliveryClient>,
+)> {
+    let config = Config::from_toml_str(&spec.config)?;
+    let client: Arc<dyn DeliveryClient> = courier::connect(&config).await?.into();
+    let work = Work {
+        sink: Sink::Pipe(pipe),
+        error_rate: spec.error_rate,
+        consumer: spec.consumer,
+        run: spec.run.clone(),
+    };
+    let consumer = consumer_for(client.clone(), &spec.dest, &spec.group, &spec.dlq);
+    let section = config.idempotency.clone().unwrap_or_default();
+    let (handle, stats) = match spec.layer {
+        workers::Layer::None => (consumer.spawn(work).await?, None),
+        workers::Layer::Store { lease_ms } => {
+            let store = Arc::new(Flaky {
+                inner: courier::idempotency_store(&section).await?,
+                down: store_down,
+            });
+            let layer = store_layer(work, store, &spec.dest, Duration::from_millis(lease_ms));
+            let stats = layer.stats();
+            (consumer.spawn(layer).await?, Some(stats))
+        }
+        workers::Layer::Transactional => {
+            let store = PostgresStore::from_pool(
+                PgLedger::store_pool(section.store.expose(), &spec.run, 8).await?,
+            );
+            let layer = TransactionalIdempotent::new(work, &store).namespace(spec.dest.clone());
+            let stats = layer.stats();
+            (consumer.spawn(layer).await?, Some(stats))
+        }
+    };
+    Ok((handle, stats, client))
 }
 
 /// Run the experiment described by `config` and `plan`.
@@ -616,7 +772,11 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let ledger = Arc::new(Ledger::default());
     let store_down = Arc::new(AtomicBool::new(false));
     let section = config.idempotency.clone().unwrap_or_default();
-    let use_layer = g == Guarantee::ExactlyOnce && plan.sabotage != Some(Sabotage::NoDedup);
+    // As `courier::consumer` does: exactly-once, or any guarantee with an `[idempotency]` section,
+    // runs the idempotent layer. At-most-once needs it to skip an id published twice across
+    // consumer processes (the consumer's own window covers one process; docs/proving.md).
+    let use_layer = (g == Guarantee::ExactlyOnce || config.idempotency.is_some())
+        && plan.sabotage != Some(Sabotage::NoDedup);
     let url = section.store.expose();
     let pg = if use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         Some(Arc::new(PgLedger::connect(url, &suffix).await?))
@@ -636,6 +796,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let absorbed = Arc::new(Mutex::new(
         Vec::<Arc<courier::idempotency::IdempotencyStats>>::new(),
     ));
+    let kill = Arc::new(KillSwitch::default());
 
     // Sabotage: ack-first = an at-most-once consumer posing as the configured guarantee;
     // no-dedup = at-least-once everywhere (no broker dedup, no idempotent layer) posing as
@@ -657,12 +818,32 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             }
             None => (client.clone(), client.clone()),
         };
-    let retry =
-        RetryPolicy::attempts(8).backoff(Duration::from_millis(10), Duration::from_millis(500));
+    // Consumer processes (not for the memory broker, which lives in this process).
+    let fleet = match &plan.workers {
+        Workers::Processes(exe) if !matches!(config.backend, BackendConfig::Memory(_)) => {
+            if store.is_some() && url.trim().eq_ignore_ascii_case("memory") {
+                bail!("exactly-once with the in-process idempotency store cannot be checked with consumer processes (each would dedup on its own): set [idempotency] store to a redis:// or postgres:// URL, or run the consumers in-process (--in-process)");
+            }
+            Some(Arc::new(workers::Fleet::new(
+                exe.clone(),
+                ledger.clone(),
+                kill.clone(),
+                client.backend(),
+            )))
+        }
+        _ => None,
+    };
+    // What consumer processes are told: the consumer side's configuration (the sabotage's
+    // guarantee), secrets included — it goes over their stdin.
+    let consumer_toml = match plan.sabotage {
+        Some(Sabotage::AckFirst) => config.clone().with_guarantee(Guarantee::AtMostOnce),
+        Some(Sabotage::NoDedup) => config.clone().with_guarantee(Guarantee::AtLeastOnce),
+        None => config.clone(),
+    }
+    .to_toml_with_secrets()?;
     // Short, so a crashed consumer's message is retried soon; longer than a store outage plus
     // the complete retries after it, so a live worker's lease does not lapse meanwhile.
     let lease = section.lease.unwrap_or(Duration::from_secs(5));
-    let kill = Arc::new(KillSwitch::default());
     let spawn = {
         let consumer_client = consumer_client.clone();
         let ledger = ledger.clone();
@@ -673,9 +854,10 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let dlq = dlq.clone();
         let group = group.clone();
         let error_rate = plan.faults.errors;
-        let retry = retry.clone();
         let run = suffix.clone();
         let kill = kill.clone();
+        let fleet = fleet.clone();
+        let consumer_toml = consumer_toml.clone();
         let ids = Arc::new(AtomicU64::new(0));
         move || {
             let kill = kill.clone();
@@ -689,22 +871,36 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             let dest = dest.clone();
             let dlq = dlq.clone();
             let group = group.clone();
-            let retry = retry.clone();
+            let fleet = fleet.clone();
+            let consumer_toml = consumer_toml.clone();
             async move {
+                if let Some(fleet) = fleet {
+                    let layer = match (&pg, &store) {
+                        (Some(_), _) => workers::Layer::Transactional,
+                        (None, Some(_)) => workers::Layer::Store {
+                            lease_ms: lease.as_millis() as u64,
+                        },
+                        (None, None) => workers::Layer::None,
+                    };
+                    let spec = workers::WorkerSpec {
+                        config: consumer_toml,
+                        consumer: id,
+                        dest,
+                        dlq,
+                        group,
+                        run,
+                        error_rate,
+                        layer,
+                    };
+                    return fleet.spawn(&spec).await.map(Running::Proc);
+                }
                 let work = Work {
-                    ledger,
+                    sink: Sink::Local { ledger, kill },
                     error_rate,
-                    kill_switch: kill,
                     consumer: id,
                     run,
                 };
-                let consumer = Consumer::new(
-                    consumer_client,
-                    Subscription::new(&dest, &group).dead_letter(&dlq),
-                )
-                .concurrency(4)
-                .retry(retry)
-                .shutdown_timeout(Duration::from_secs(10));
+                let consumer = consumer_for(consumer_client, &dest, &group, &dlq);
                 let handle = match (&pg, store) {
                     (Some(pg), _) => {
                         let layer =
@@ -713,16 +909,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                         consumer.spawn(layer).await?
                     }
                     (None, Some(store)) => {
-                        let layer = courier::idempotency::Idempotent::new(work, store)
-                            .namespace(dest.clone())
-                            .lease(lease)
-                            .store_retry_delay(Duration::from_millis(200));
+                        let layer = store_layer(work, store, &dest, lease);
                         absorbed.lock().push(layer.stats());
                         consumer.spawn(layer).await?
                     }
                     (None, None) => consumer.spawn(work).await?,
                 };
-                Ok::<_, courier::Error>(Running { handle, id })
+                Ok::<_, courier::Error>(Running::Task { handle, id })
             }
         }
     };
@@ -800,9 +993,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let cuts = plan.faults.cut;
     let connections_cut = Arc::new(AtomicU64::new(0));
     let backend = client.backend();
+    let relay = fleet
+        .clone()
+        .map(|f| tokio::spawn(f.relay_kills(stop_faults.clone())));
     let driver = {
         let stop = stop_faults.clone();
         let store_down = store_down.clone();
+        let fleet = fleet.clone();
         let ledger = ledger.clone();
         let pg = pg.clone();
         let n = plan.messages;
@@ -821,8 +1018,14 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                     pg.outage(Instant::now() + d, &stop).await;
                 } else {
                     store_down.store(true, Ordering::SeqCst);
+                    if let Some(f) = &fleet {
+                        f.set_store_down(true);
+                    }
                     tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(d) => {} }
                     store_down.store(false, Ordering::SeqCst);
+                    if let Some(f) = &fleet {
+                        f.set_store_down(false);
+                    }
                 }
             }
             if restart {
@@ -872,7 +1075,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let mut parked = Box::pin(kill.parked.notified());
     parked.as_mut().enable();
     if kills > 0 {
-        kill.armed_at.store(target_of(1), Ordering::SeqCst);
+        kill.arm(target_of(1));
     }
     for i in 1..=kills {
         if consumers.is_empty() {
@@ -894,32 +1097,47 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             // reconnecting after a cut — but resume within the stall window; with nothing in
             // flight anywhere for that long (at least 5 s) the kill is skipped, and the report
             // says the fault was not injected.
-            let _ = kill
+            if kill
                 .armed_at
-                .compare_exchange(target, 0, Ordering::SeqCst, Ordering::SeqCst);
+                .compare_exchange(target, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                kill.rearmed.notify_waiters();
+            }
             let window = stall.max(Duration::from_secs(5));
             hit = match tokio::time::timeout(window, parked.as_mut()).await {
                 Ok(()) => true,
                 // Still armed: nobody took it. Taken just now: its handler is about to notify.
-                Err(_) if kill.armed_at.swap(DISARMED, Ordering::SeqCst) != DISARMED => false,
+                Err(_) if kill.armed_at.swap(DISARMED, Ordering::SeqCst) != DISARMED => {
+                    if let Some(f) = &fleet {
+                        f.disarm();
+                    }
+                    false
+                }
                 Err(_) => tokio::time::timeout(Duration::from_secs(5), parked.as_mut())
                     .await
                     .is_ok(),
             };
         }
         let victim = kill.victim.load(Ordering::SeqCst);
-        let parked_on = consumers.iter().position(|c| c.id == victim);
+        let parked_on = consumers.iter().position(|c| c.id() == victim);
         if hit {
             kill.doomed.store(victim, Ordering::SeqCst);
         }
         parked = Box::pin(kill.parked.notified());
         parked.as_mut().enable();
         if i < kills {
-            kill.armed_at.store(target_of(i + 1), Ordering::SeqCst);
+            kill.arm(target_of(i + 1));
         }
         if let (true, Some(i)) = (hit, parked_on) {
-            let victim = consumers.remove(i);
-            victim.handle.abort();
+            match consumers.remove(i) {
+                Running::Task { handle, .. } => handle.abort(),
+                Running::Proc(p) => {
+                    if let Some(f) = &fleet {
+                        p.kill(f).await;
+                    }
+                }
+            }
             crashes += 1;
             // The replacement subscribes while other faults (a connection cut) may be under
             // way: retry a transient failure, as a restarting service would.
@@ -967,10 +1185,18 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     if let Some(cutter) = cutter {
         let _ = cutter.await;
     }
+    if let Some(relay) = relay {
+        let _ = relay.await;
+    }
     let mut dead_lettered = 0;
     for c in consumers {
-        let stats = c.handle.shutdown().await?;
-        dead_lettered += stats.dead_lettered;
+        dead_lettered += match c {
+            Running::Task { handle, .. } => handle.shutdown().await?.dead_lettered,
+            Running::Proc(p) => match &fleet {
+                Some(f) => p.shutdown(f, Duration::from_secs(30)).await?,
+                None => 0,
+            },
+        };
     }
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -1022,7 +1248,8 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         .lock()
         .iter()
         .map(|s| s.duplicates_absorbed.load(Ordering::Relaxed))
-        .sum();
+        .sum::<u64>()
+        + fleet.as_ref().map_or(0, |f| f.absorbed());
     let mut violations = Vec::new();
     if !g.allows_loss() && lost > 0 {
         violations.push(format!("{lost} messages lost under {g}"));
@@ -1058,6 +1285,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         dead_lettered,
         duplicates_absorbed: absorbed,
         crashes,
+        consumer_processes: fleet.is_some(),
         connections_cut,
         throughput: ledger.total_effects.load(Ordering::Relaxed) as f64 / busy,
         p50_ms: pct(0.50),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::secret::is_secret_setting;
+use super::secret::{is_secret_setting, secrets_exposed};
 
 /// Configuration of the Kafka backend.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -69,7 +69,7 @@ fn serialize_redacted<S: serde::Serializer>(
     for (k, v) in settings {
         m.serialize_entry(
             k,
-            if is_secret_setting(k) {
+            if is_secret_setting(k) && !secrets_exposed() {
                 "***"
             } else {
                 v.as_str()

@@ -183,6 +183,16 @@ impl Config {
         Ok(c)
     }
 
+    /// The configuration as TOML **with its secrets in clear** (passwords, credentials in URLs,
+    /// secret client settings), such that [`Config::from_toml_str`] gives it back. Only for
+    /// handing the configuration to a process of your own over a private channel (`courier
+    /// verify` passes it to its consumer processes over a pipe); never log or store it. Plain
+    /// serialization redacts secrets as `***`.
+    pub fn to_toml_with_secrets(&self) -> Result<String> {
+        secret::with_secrets_exposed(|| toml::to_string(self))
+            .map_err(|e| Error::config(format!("cannot serialize the configuration: {e}")))
+    }
+
     /// Read a TOML file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -409,6 +419,22 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!c.to_toml().contains("hunter2"));
+        // The child-process hand-over keeps every secret, and only for that call.
+        let exposed = c.to_toml_with_secrets().unwrap();
+        assert_eq!(Config::from_toml_str(&exposed).unwrap(), c);
+        assert!(!c.to_toml().contains("hunter2"));
+        for url in [
+            "amqp://user:hunter2@127.0.0.1:5672/%2f?guarantee=at-most-once",
+            "sqs://us-east-1?endpoint=http://127.0.0.1:4566",
+        ] {
+            let mut c = Config::from_url(url).unwrap();
+            if let BackendConfig::Sqs(s) = &mut c.backend {
+                s.secret_access_key = Some(Secret::new("hunter2"));
+            }
+            let back = Config::from_toml_str(&c.to_toml_with_secrets().unwrap()).unwrap();
+            assert_eq!(back, c, "{url}");
+            assert!(!c.to_toml().contains("hunter2"), "{url}");
+        }
 
         for kind in ["memory", "rabbitmq", "sqs"] {
             let c = Config::from_toml_str(&format!("[backend]\nkind = \"{kind}\"\n")).unwrap();

@@ -1,5 +1,6 @@
 //! Values that must never be printed: passwords, tokens, URLs with credentials.
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -32,9 +33,33 @@ impl fmt::Display for Secret {
     }
 }
 
+thread_local! {
+    /// Set while [`with_secrets_exposed`] runs on this thread.
+    static EXPOSE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with secrets serialized in clear on this thread (for [`crate::Config::to_toml_with_secrets`]:
+/// handing a whole configuration to a child process over a pipe). Everywhere else they
+/// serialize as `***`.
+pub(crate) fn with_secrets_exposed<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            EXPOSE.with(|e| e.set(self.0));
+        }
+    }
+    let _reset = Reset(EXPOSE.with(|e| e.replace(true)));
+    f()
+}
+
+/// Whether secrets serialize in clear right now (see [`with_secrets_exposed`]).
+pub(crate) fn secrets_exposed() -> bool {
+    EXPOSE.with(Cell::get)
+}
+
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("***")
+        s.serialize_str(if secrets_exposed() { &self.0 } else { "***" })
     }
 }
 
@@ -116,7 +141,11 @@ impl fmt::Display for SecretUrl {
 
 impl Serialize for SecretUrl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.redacted())
+        if secrets_exposed() {
+            s.serialize_str(&self.0)
+        } else {
+            s.serialize_str(&self.redacted())
+        }
     }
 }
 

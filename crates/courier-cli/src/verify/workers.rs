@@ -1,0 +1,476 @@
+//! Consumer processes for `courier verify`: each consumer of the experiment runs as a child
+//! process (`courier verify-worker`), and a crash is a real `SIGKILL` of that process.
+//!
+//! The parent is the ledger. It hands each child its spec (the configuration, secrets included,
+//! over the child's stdin — never on the command line), and the child reports over its stdout,
+//! one line per event, each written with a single `write` of less than `PIPE_BUF` bytes, so a
+//! line is in the pipe whole or not at all when the child is killed:
+//!
+//! | child → parent          | meaning                                                      |
+//! |-------------------------|--------------------------------------------------------------|
+//! | `ready`                 | subscribed; handlers may run                                 |
+//! | `fail <0/1> <message>`  | could not start (1: retrying may help)                       |
+//! | `I <id>`                | a handler started on message `<id>` (an invocation)          |
+//! | `E <id> <latency-ms>`   | the handler's effect (not in the PostgreSQL transactional mode, whose effects are rows) |
+//! | `P`                     | a handler took the armed kill and is parked mid-way          |
+//! | `S <absorbed> <dead>`   | counters: duplicates absorbed by the layer, dead-lettered    |
+//!
+//! | parent → child | meaning                                                               |
+//! |----------------|-----------------------------------------------------------------------|
+//! | `arm`          | the next handler to start parks and reports `P`                       |
+//! | `disarm`       | a kill was taken elsewhere (or given up): do not park                 |
+//! | `resume`       | the parked handler was not chosen: carry on                           |
+//! | `down` / `up`  | the idempotency store is unreachable / back (store-outage fault)      |
+//! | `stop`         | shut the consumer down gracefully, report counters, exit              |
+//!
+//! The chosen victim is never resumed: the parent kills it with `SIGKILL` while its handler is
+//! parked, and starts a fresh child in its place. Whatever the victim's pipe held is still read:
+//! an effect the child reported before it died counts.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _, Result};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{KillSwitch, Ledger, DISARMED, OFFERED};
+
+/// Which idempotent layer a consumer process runs its handler through.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) enum Layer {
+    /// None (at-most-once, at-least-once, or a sabotaged exactly-once).
+    None,
+    /// The idempotent layer over the configured store, with this lease.
+    Store {
+        /// Lease of an in-progress key, milliseconds.
+        lease_ms: u64,
+    },
+    /// The PostgreSQL transactional mode: effects are rows.
+    Transactional,
+}
+
+/// What a consumer process is told to do (the first line on its stdin, JSON).
+#[derive(Serialize, Deserialize)]
+pub(super) struct WorkerSpec {
+    /// The consumer's configuration as TOML, secrets included.
+    pub config: String,
+    /// This consumer's id in the run.
+    pub consumer: u64,
+    pub dest: String,
+    pub dlq: String,
+    pub group: String,
+    /// The run's id (the effects table's `run`, the PostgreSQL application name's suffix).
+    pub run: String,
+    pub error_rate: f64,
+    pub layer: Layer,
+}
+
+/// The child's side of the pipe: reports to the parent, and the kill it may be armed with.
+#[derive(Default)]
+pub(super) struct Pipe {
+    armed: AtomicBool,
+    resume: tokio::sync::Notify,
+}
+
+impl Pipe {
+    /// Write one line to the parent: a single `write` (see the module docs).
+    pub(super) fn send(&self, line: &str) {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        let mut out = std::io::stdout().lock();
+        // The parent gone means the run is over; nothing to report to.
+        let _ = out.write_all(&buf);
+        let _ = out.flush();
+    }
+
+    /// Called by a handler mid-way: when armed, take the kill, tell the parent, and wait — for
+    /// `SIGKILL` (chosen) or `resume` (another handler was chosen first).
+    pub(super) async fn maybe_park(&self) {
+        if self
+            .armed
+            .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            let resumed = self.resume.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            self.send("P");
+            resumed.await;
+        }
+    }
+}
+
+/// The `courier verify-worker` process: run one consumer of the experiment as `stdin` says.
+pub async fn worker() -> Result<()> {
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let line = stdin.next_line().await?.ok_or_else(|| {
+        anyhow!("verify-worker: no spec on stdin (it is started by `courier verify`)")
+    })?;
+    let spec: WorkerSpec = serde_json::from_str(&line).context("verify-worker: bad spec")?;
+    let pipe = Arc::new(Pipe::default());
+    let store_down = Arc::new(AtomicBool::new(false));
+    let (handle, absorbed, client) =
+        match super::start_worker(&spec, pipe.clone(), store_down.clone()).await {
+            Ok(started) => started,
+            Err(e) => {
+                let retryable = e
+                    .downcast_ref::<courier::Error>()
+                    .is_some_and(courier::Error::is_retryable);
+                let msg = format!("{e:#}").replace('\n', " ");
+                pipe.send(&format!("fail {} {msg}", u8::from(retryable)));
+                return Err(e);
+            }
+        };
+    pipe.send("ready");
+    let counters = |dead: u64| {
+        let absorbed = absorbed
+            .as_ref()
+            .map_or(0, |s| s.duplicates_absorbed.load(Ordering::Relaxed));
+        format!("S {absorbed} {dead}")
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            line = stdin.next_line() => match line {
+                Ok(Some(cmd)) => match cmd.trim() {
+                    "arm" => pipe.armed.store(true, Ordering::SeqCst),
+                    "disarm" => pipe.armed.store(false, Ordering::SeqCst),
+                    "resume" => pipe.resume.notify_one(),
+                    "down" => store_down.store(true, Ordering::SeqCst),
+                    "up" => store_down.store(false, Ordering::SeqCst),
+                    "stop" => break,
+                    other => tracing::warn!(command = other, "verify-worker: unknown command"),
+                },
+                // The parent is gone (or closed our stdin): stop like on `stop`.
+                Ok(None) | Err(_) => break,
+            },
+            _ = tick.tick() => pipe.send(&counters(handle.stats().dead_lettered)),
+        }
+    }
+    let stats = handle.shutdown().await?;
+    pipe.send(&counters(stats.dead_lettered));
+    client.close().await.ok();
+    Ok(())
+}
+
+/// Counters a consumer process last reported.
+#[derive(Default)]
+pub(super) struct ProcStats {
+    pub absorbed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// The parent's side: every consumer process of the run, for broadcasts and counters.
+pub(super) struct Fleet {
+    exe: PathBuf,
+    ledger: Arc<Ledger>,
+    kill: Arc<KillSwitch>,
+    backend: &'static str,
+    senders: Mutex<Vec<(u64, mpsc::UnboundedSender<String>)>>,
+    store_down: AtomicBool,
+    /// Counters of every process the run started, killed ones included.
+    stats: Mutex<Vec<Arc<ProcStats>>>,
+}
+
+/// One consumer process.
+pub(super) struct Proc {
+    pub id: u64,
+    child: tokio::process::Child,
+    tx: mpsc::UnboundedSender<String>,
+    reader: JoinHandle<()>,
+    stats: Arc<ProcStats>,
+}
+
+impl Fleet {
+    pub(super) fn new(
+        exe: PathBuf,
+        ledger: Arc<Ledger>,
+        kill: Arc<KillSwitch>,
+        backend: &'static str,
+    ) -> Self {
+        Fleet {
+            exe,
+            ledger,
+            kill,
+            backend,
+            senders: Mutex::new(Vec::new()),
+            store_down: AtomicBool::new(false),
+            stats: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Send `line` to every live consumer process but `except`.
+    pub(super) fn broadcast(&self, line: &str, except: Option<u64>) {
+        for (id, tx) in self.senders.lock().iter() {
+            if Some(*id) != except {
+                let _ = tx.send(line.to_owned());
+            }
+        }
+    }
+
+    /// The store-outage fault, in every process (and in those started during it).
+    pub(super) fn set_store_down(&self, down: bool) {
+        self.store_down.store(down, Ordering::SeqCst);
+        self.broadcast(if down { "down" } else { "up" }, None);
+    }
+
+    /// Duplicates absorbed, summed over every process of the run.
+    pub(super) fn absorbed(&self) -> u64 {
+        self.stats
+            .lock()
+            .iter()
+            .map(|s| s.absorbed.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Offer the armed kill to the processes whenever its mark is reached (the in-process
+    /// handlers check the mark themselves; a process cannot see the ledger). Runs until `stop`.
+    pub(super) async fn relay_kills(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let rearmed = self.kill.rearmed.notified();
+            let changed = self.ledger.changed.notified();
+            tokio::pin!(rearmed, changed);
+            rearmed.as_mut().enable();
+            changed.as_mut().enable();
+            let at = self.kill.armed_at.load(Ordering::SeqCst);
+            if at != DISARMED
+                && at != OFFERED
+                && self.ledger.effects.lock().len() as u64 >= at
+                && self
+                    .kill
+                    .armed_at
+                    .compare_exchange(at, OFFERED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                let doomed = self.kill.doomed.load(Ordering::SeqCst);
+                self.broadcast("arm", Some(doomed));
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = rearmed => {}
+                _ = changed => {}
+            }
+        }
+    }
+
+    /// A kill given up: no process is to park for it any more.
+    pub(super) fn disarm(&self) {
+        self.broadcast("disarm", None);
+    }
+
+    /// Start consumer process `spec.consumer` and wait until it has subscribed.
+    pub(super) async fn spawn(self: &Arc<Self>, spec: &WorkerSpec) -> courier::Result<Proc> {
+        let id = spec.consumer;
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg("verify-worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                courier::Error::config(format!(
+                    "cannot start the consumer process {}: {e} (verify runs its consumers as `courier verify-worker`; build the courier binary, or run them in-process with --in-process)",
+                    self.exe.display()
+                ))
+            })?;
+        let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(courier::Error::config("consumer process without pipes"));
+        };
+        let spec_line = serde_json::to_string(spec)
+            .map_err(|e| courier::Error::config(format!("worker spec: {e}")))?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            let mut first = Some(spec_line);
+            loop {
+                let line = match first.take() {
+                    Some(l) => l,
+                    None => match rx.recv().await {
+                        Some(l) => l,
+                        None => break,
+                    },
+                };
+                if stdin
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                    || stdin.flush().await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let stats = Arc::new(ProcStats::default());
+        self.stats.lock().push(stats.clone());
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), (bool, String)>>();
+        let reader =
+            tokio::spawn(
+                self.clone()
+                    .read(id, stdout, tx.clone(), stats.clone(), ready_tx),
+            );
+        let started = tokio::time::timeout(Duration::from_secs(60), ready_rx).await;
+        let failed = |retryable: bool, msg: String| courier::Error::Broker {
+            backend: self.backend,
+            operation: "starting a consumer process",
+            retryable,
+            source: msg.into(),
+        };
+        match started {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err((retryable, msg)))) => {
+                let _ = child.wait().await;
+                return Err(failed(retryable, msg));
+            }
+            Ok(Err(_)) => {
+                let status = child.wait().await.ok();
+                return Err(failed(
+                    false,
+                    format!("the consumer process exited before it subscribed ({status:?}; its error is above)"),
+                ));
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(courier::Error::Timeout {
+                    operation: "starting a consumer process".into(),
+                    after: Duration::from_secs(60),
+                });
+            }
+        }
+        self.senders.lock().push((id, tx.clone()));
+        // A process started mid-fault joins it.
+        if self.store_down.load(Ordering::SeqCst) {
+            let _ = tx.send("down".into());
+        }
+        if self.kill.armed_at.load(Ordering::SeqCst) == OFFERED {
+            let _ = tx.send("arm".into());
+        }
+        Ok(Proc {
+            id,
+            child,
+            tx,
+            reader,
+            stats,
+        })
+    }
+
+    /// Read one process's reports into the ledger until its stdout closes.
+    async fn read(
+        self: Arc<Self>,
+        id: u64,
+        stdout: tokio::process::ChildStdout,
+        tx: mpsc::UnboundedSender<String>,
+        stats: Arc<ProcStats>,
+        ready: oneshot::Sender<Result<(), (bool, String)>>,
+    ) {
+        let mut ready = Some(ready);
+        let mut out = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match out.read_line(&mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            // A line without its newline was cut by the kill: never written whole, not counted.
+            let Some(l) = line.strip_suffix('\n') else {
+                break;
+            };
+            let mut parts = l.splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("I"), Some(msg), _) => {
+                    *self
+                        .ledger
+                        .invocations
+                        .lock()
+                        .entry(msg.to_owned())
+                        .or_default() += 1;
+                }
+                (Some("E"), Some(msg), latency) => {
+                    let latency = latency.and_then(|l| l.parse().ok());
+                    self.ledger.record(msg.to_owned(), latency);
+                }
+                (Some("P"), _, _) => {
+                    if self
+                        .kill
+                        .armed_at
+                        .compare_exchange(OFFERED, DISARMED, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        self.kill.victim.store(id, Ordering::SeqCst);
+                        self.kill.parked.notify_one();
+                        self.broadcast("disarm", Some(id));
+                    } else {
+                        let _ = tx.send("resume".into());
+                    }
+                }
+                (Some("S"), Some(absorbed), Some(dead)) => {
+                    if let (Ok(a), Ok(d)) = (absorbed.parse(), dead.parse()) {
+                        stats.absorbed.store(a, Ordering::Relaxed);
+                        stats.dead_lettered.store(d, Ordering::Relaxed);
+                    }
+                }
+                (Some("ready"), _, _) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                (Some("fail"), Some(retryable), msg) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Err((retryable == "1", msg.unwrap_or("").to_owned())));
+                    }
+                }
+                _ => tracing::warn!(line = l, "verify: unexpected line from a consumer process"),
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.senders.lock().retain(|(i, _)| *i != id);
+    }
+}
+
+impl Proc {
+    /// `SIGKILL`, then read what its pipe still held.
+    pub(super) async fn kill(mut self, fleet: &Fleet) {
+        fleet.forget(self.id);
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.reader).await;
+    }
+
+    /// Graceful stop (`stop`: in-flight handlers finish, the subscription closes); the
+    /// dead-lettered count it reported last. Killed if it does not exit within `grace`.
+    pub(super) async fn shutdown(mut self, fleet: &Fleet, grace: Duration) -> Result<u64> {
+        fleet.forget(self.id);
+        let _ = self.tx.send("stop".into());
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(s) => s.ok(),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                let _ = self.child.wait().await;
+                None
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.reader).await;
+        match status {
+            Some(s) if s.success() => Ok(self.stats.dead_lettered.load(Ordering::Relaxed)),
+            Some(s) => Err(anyhow!(
+                "consumer process {} exited with {s} on shutdown",
+                self.id
+            )),
+            None => Err(anyhow!(
+                "consumer process {} did not stop within {grace:?} and was killed",
+                self.id
+            )),
+        }
+    }
+}

@@ -26,6 +26,7 @@ fn plan(faults: &str, sabotage: Option<Sabotage>) -> Plan {
         // Consumers are child processes, crashed with SIGKILL (the memory backend's stay in
         // this process: the broker lives here).
         workers: verify::Workers::Processes(courier_exe()),
+        keep: false,
     }
 }
 
@@ -385,6 +386,83 @@ async fn verify_finds_at_most_once_duplicates_across_processes_without_a_store()
         r.consumer_processes && !r.holds && r.duplicate_effects > 0,
         "at-most-once duplicates across consumer processes without a store must be reported: {r}"
     );
+}
+
+/// A run removes what it created: its destination, dead-letter destination and consumer group
+/// (RabbitMQ: exchanges and the group's work, delay and dead-letter queues; SQS: both queues;
+/// Kafka: both topics and the group), checked with each broker's own client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_removes_what_it_created() {
+    let small = |p: Plan| Plan { messages: 50, ..p };
+    let rabbit = Config::from_url(&courier_testkit::endpoints::rabbitmq_url()).unwrap();
+    let r = verify::run(&rabbit, &small(plan("none", None)))
+        .await
+        .unwrap();
+    assert!(r.holds && r.cleanup_error.is_none(), "{r}");
+    let conn = lapin::Connection::connect(
+        &courier_testkit::endpoints::rabbitmq_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    for queue in [
+        format!("{0}.{0}", r.destination),
+        format!("{0}.{0}.delay", r.destination),
+        format!("{}-dlq", r.destination),
+    ] {
+        let ch = conn.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = ch
+            .queue_declare(queue.as_str().into(), passive, Default::default())
+            .await;
+        assert!(
+            found.is_err(),
+            "queue {queue} is still there: {:?}",
+            r.removed
+        );
+    }
+    assert_eq!(r.removed.len(), 5, "{:?}", r.removed);
+
+    let r = verify::run(&sqs_config(), &small(plan("none", None)))
+        .await
+        .unwrap();
+    assert!(r.holds && r.cleanup_error.is_none(), "{r}");
+    let sdk = aws_sdk_sqs::Client::new(
+        &aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(
+                courier_testkit::endpoints::aws_region(),
+            ))
+            .endpoint_url(courier_testkit::endpoints::sqs_endpoint())
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .load()
+            .await,
+    );
+    for queue in [r.destination.clone(), format!("{}-dlq", r.destination)] {
+        let found = sdk.get_queue_url().queue_name(&queue).send().await;
+        assert!(found.is_err(), "SQS queue {queue} is still there");
+    }
+
+    let kafka = kafka_config(courier_testkit::endpoints::kafka_bootstrap());
+    let r = verify::run(&kafka, &small(plan("none", None)))
+        .await
+        .unwrap();
+    assert!(r.holds && r.cleanup_error.is_none(), "{r}");
+    for object in [
+        format!("topic {}", r.destination),
+        format!("topic {}-dlq", r.destination),
+        format!("group {}", r.destination),
+    ] {
+        assert!(
+            r.removed.contains(&object),
+            "{object} not removed: {:?}",
+            r.removed
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -121,8 +121,8 @@ async fn rabbitmq(out: &mut Out<'_>, r: &RabbitMqConfig, queues: &[String]) {
     let _ = conn.close(200, "doctor".into()).await;
 }
 
-async fn sqs(out: &mut Out<'_>, s: &SqsConfig, queues: &[String]) {
-    use aws_sdk_sqs::types::QueueAttributeName;
+/// A raw SQS client for `[backend]` (region, endpoint, credentials as courier's own).
+pub(crate) async fn sqs_client(s: &SqsConfig) -> aws_sdk_sqs::Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(r) = &s.region {
         loader = loader.region(aws_config::Region::new(r.clone()));
@@ -139,7 +139,22 @@ async fn sqs(out: &mut Out<'_>, s: &SqsConfig, queues: &[String]) {
             "courier-config",
         ));
     }
-    let client = aws_sdk_sqs::Client::new(&loader.load().await);
+    aws_sdk_sqs::Client::new(&loader.load().await)
+}
+
+/// Raw Kafka client settings for `[backend]` (its passthrough settings and bootstrap servers).
+pub(crate) fn kafka_client_config(k: &KafkaConfig) -> rdkafka::ClientConfig {
+    let mut cc = rdkafka::ClientConfig::new();
+    for (name, v) in &k.settings {
+        cc.set(name, v);
+    }
+    cc.set("bootstrap.servers", &k.bootstrap);
+    cc
+}
+
+async fn sqs(out: &mut Out<'_>, s: &SqsConfig, queues: &[String]) {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let client = sqs_client(s).await;
     let handler_timeout = out.config.consumer.handler_timeout;
     for q in queues {
         let url = match tokio::time::timeout(TIMEOUT, client.get_queue_url().queue_name(q).send())
@@ -218,12 +233,7 @@ async fn kafka(out: &mut Out<'_>, k: &KafkaConfig, topics: &[String]) {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::consumer::Consumer as _;
-    use rdkafka::ClientConfig;
-    let mut cc = ClientConfig::new();
-    for (name, v) in &k.settings {
-        cc.set(name, v);
-    }
-    cc.set("bootstrap.servers", &k.bootstrap);
+    let cc = kafka_client_config(k);
     let admin: AdminClient<DefaultClientContext> = match cc.create() {
         Ok(a) => a,
         Err(e) => {

@@ -160,6 +160,9 @@ enum Command {
         /// then a task abort, not SIGKILL). The memory backend's always run in-process.
         #[arg(long)]
         in_process: bool,
+        /// Leave the run's destinations and consumer group on the broker (removed by default).
+        #[arg(long)]
+        keep: bool,
     },
     /// One consumer process of `courier verify` (started by it; reads its spec on stdin).
     #[command(hide = true)]
@@ -328,6 +331,7 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             destination,
             in_process,
+            keep,
         } => {
             let config = target.load()?;
             let workers = if in_process {
@@ -347,6 +351,7 @@ async fn run(cli: Cli) -> Result<()> {
                 progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 destination,
                 workers,
+                keep,
             };
             let report = verify::run(&config, &plan).await?;
             if json {

@@ -35,6 +35,7 @@
 //!
 //! Exit status is non-zero when the guarantee was violated.
 
+mod cleanup;
 mod workers;
 
 pub use workers::worker;
@@ -178,11 +179,17 @@ pub struct Report {
     pub violations: Vec<String>,
     /// Wall time, seconds.
     pub seconds: f64,
+    /// The run's destination (its dead-letter destination is `DESTINATION-dlq`).
+    pub destination: String,
+    /// What was removed from the broker after the run (empty when kept).
+    pub removed: Vec<String>,
+    /// Why removing the run's destinations failed, if it did (they are left behind).
+    pub cleanup_error: Option<String>,
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, String); 16] = [
+        let rows: [(&str, String); 17] = [
             ("backend", self.backend.clone()),
             ("guarantee", self.guarantee.to_string()),
             ("sent", self.sent.to_string()),
@@ -222,6 +229,16 @@ impl fmt::Display for Report {
             ("throughput", format!("{:.0} msg/s", self.throughput)),
             ("latency p50", format!("{:.1} ms", self.p50_ms)),
             ("latency p99", format!("{:.1} ms", self.p99_ms)),
+            (
+                "destination",
+                match (&self.cleanup_error, self.removed.len()) {
+                    (Some(e), _) => format!("{} left behind: {e}", self.destination),
+                    (None, 0) => format!("{} (kept)", self.destination),
+                    (None, n) => {
+                        format!("{} (removed after the run: {n} objects)", self.destination)
+                    }
+                },
+            ),
             (
                 "verdict",
                 if self.holds {
@@ -647,6 +664,9 @@ pub struct Plan {
     /// Where the consumers run. The memory backend's always run in the verify process (the
     /// broker lives there).
     pub workers: Workers,
+    /// Leave the run's destinations and consumer group on the broker (by default they are
+    /// removed after the run; never those of [`Plan::destination`]).
+    pub keep: bool,
 }
 
 /// Where `verify` runs its consumers.
@@ -754,6 +774,8 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     } else {
         (config.clone(), None)
     };
+    // The broker itself, not through the proxy (for the cleanup).
+    let direct = config;
     let config = &proxied;
     let client: Arc<dyn DeliveryClient> = courier::connect(config).await?.into();
     let suffix = uuid_suffix();
@@ -1202,6 +1224,15 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         b.finish_and_clear();
     }
     client.close().await.ok();
+    // What the run created goes again (the broker's own client; verify's is closed).
+    let (removed, cleanup_error) = if plan.destination.is_some() || plan.keep {
+        (Vec::new(), None)
+    } else {
+        match cleanup::remove(direct, &dest, &dlq, &group).await {
+            Ok(removed) => (removed, None),
+            Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+        }
+    };
     if let Some(pg) = &pg {
         stop_sync.cancel();
         if let Some(t) = syncer {
@@ -1293,6 +1324,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         holds: violations.is_empty(),
         violations,
         seconds,
+        destination: dest,
+        removed,
+        cleanup_error,
     })
 }
 

@@ -237,7 +237,10 @@ impl Consumer {
     }
 
     /// How many recent ids an at-most-once consumer remembers to skip duplicate deliveries
-    /// (0 disables the check).
+    /// (0 disables the check). The window is shared by the consumers of one subscription in
+    /// one process; consumers in several processes need the idempotent layer's store to skip
+    /// an id published twice (`courier::consumer` runs it when the config has an
+    /// `[idempotency]` section).
     pub fn at_most_once_dedup_window(mut self, ids: usize) -> Self {
         self.amo_dedup_window = ids;
         self

@@ -1,0 +1,132 @@
+//! After a run: remove what `verify` created on the broker (its destination, dead-letter
+//! destination and consumer group), with the broker's own client, so runs do not pile up
+//! `verify-…` queues and topics. Not done for `--destination` (the user's) or with `--keep`.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+
+use courier::config::{KafkaConfig, RabbitMqConfig, SqsConfig};
+use courier::{BackendConfig, Config};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Remove the run's `dest`, `dlq` and `group` from the broker of `config`; what was removed.
+/// Something already gone is not an error.
+pub(super) async fn remove(
+    config: &Config,
+    dest: &str,
+    dlq: &str,
+    group: &str,
+) -> Result<Vec<String>> {
+    match &config.backend {
+        BackendConfig::Rabbitmq(r) => rabbitmq(r, dest, dlq, group).await,
+        BackendConfig::Sqs(s) => sqs(s, dest, dlq).await,
+        BackendConfig::Kafka(k) => kafka(k, dest, dlq, group).await,
+        // The memory broker's destinations live and die with the verify process.
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// courier's RabbitMQ topology of the run (courier-rabbitmq): an exchange per destination, the
+/// group's work queue `DEST.GROUP` and its delay queue `DEST.GROUP.delay`, and the dead-letter
+/// exchange with its queue of the same name.
+async fn rabbitmq(r: &RabbitMqConfig, dest: &str, dlq: &str, group: &str) -> Result<Vec<String>> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = tokio::time::timeout(
+        TIMEOUT,
+        lapin::Connection::connect(r.url.expose(), lapin::ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {} timed out", r.url.redacted()))??;
+    let work = format!("{dest}.{group}");
+    let delay = format!("{work}.delay");
+    let mut removed = Vec::new();
+    // One channel per deletion: a refused one closes its channel.
+    for queue in [&work, &delay, &dlq.to_owned()] {
+        let ch = conn.create_channel().await?;
+        let deleted = tokio::time::timeout(
+            TIMEOUT,
+            ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
+        )
+        .await;
+        if let Ok(Ok(_)) = deleted {
+            removed.push(format!("queue {queue}"));
+        }
+    }
+    for exchange in [dest, dlq] {
+        let ch = conn.create_channel().await?;
+        let deleted = tokio::time::timeout(
+            TIMEOUT,
+            ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()),
+        )
+        .await;
+        if let Ok(Ok(())) = deleted {
+            removed.push(format!("exchange {exchange}"));
+        }
+    }
+    let _ = conn.close(200, "verify cleaned up".into()).await;
+    Ok(removed)
+}
+
+/// The run's queues (names as courier-sqs gives them: `.fifo` appended on a FIFO config).
+async fn sqs(s: &SqsConfig, dest: &str, dlq: &str) -> Result<Vec<String>> {
+    let client = crate::doctor::sqs_client(s).await;
+    let mut removed = Vec::new();
+    for name in [dest, dlq] {
+        let name = if s.fifo && !name.ends_with(".fifo") {
+            format!("{name}.fifo")
+        } else {
+            name.to_owned()
+        };
+        let Ok(Ok(url)) =
+            tokio::time::timeout(TIMEOUT, client.get_queue_url().queue_name(&name).send()).await
+        else {
+            continue;
+        };
+        let Some(url) = url.queue_url else { continue };
+        tokio::time::timeout(TIMEOUT, client.delete_queue().queue_url(&url).send())
+            .await
+            .map_err(|_| anyhow!("deleting SQS queue {name} timed out"))?
+            .map_err(|e| {
+                anyhow!(
+                    "deleting SQS queue {name}: {}",
+                    aws_sdk_sqs::error::DisplayErrorContext(e)
+                )
+            })?;
+        removed.push(format!("queue {name}"));
+    }
+    Ok(removed)
+}
+
+/// The run's topics and its consumer group (its committed offsets).
+async fn kafka(k: &KafkaConfig, dest: &str, dlq: &str, group: &str) -> Result<Vec<String>> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> =
+        crate::doctor::kafka_client_config(k).create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+    let mut removed = Vec::new();
+    let groups = tokio::time::timeout(TIMEOUT * 2, admin.delete_groups(&[group], &opts))
+        .await
+        .map_err(|_| anyhow!("deleting Kafka group {group} timed out"))??;
+    for r in groups {
+        match r {
+            Ok(g) => removed.push(format!("group {g}")),
+            Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+            Err((g, code)) => return Err(anyhow!("deleting Kafka group {g}: {code}")),
+        }
+    }
+    let topics = tokio::time::timeout(TIMEOUT * 2, admin.delete_topics(&[dest, dlq], &opts))
+        .await
+        .map_err(|_| anyhow!("deleting Kafka topics {dest}, {dlq} timed out"))??;
+    for r in topics {
+        match r {
+            Ok(t) => removed.push(format!("topic {t}")),
+            Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((t, code)) => return Err(anyhow!("deleting Kafka topic {t}: {code}")),
+        }
+    }
+    Ok(removed)
+}

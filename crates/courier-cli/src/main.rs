@@ -363,7 +363,12 @@ async fn run(cli: Cli) -> Result<()> {
                 std::process::exit(2);
             }
         }
-        Command::VerifyWorker => verify::worker().await?,
+        Command::VerifyWorker => {
+            verify::worker().await?;
+            // Exit here: tokio's stdin read cannot be cancelled, and the runtime's shutdown
+            // would wait for it (for the parent's next line, which never comes).
+            std::process::exit(0);
+        }
         Command::Explain { target, json } => {
             let config = target.load()?;
             let e = courier::explain(&config)?;

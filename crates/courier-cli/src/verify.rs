@@ -20,9 +20,10 @@
 //!   proxy).
 //!
 //! Kills and cuts land at evenly spaced marks of progress, kills first: with `kill=K,cut=C` the
-//! i-th fault waits until i/(K+C+1) of the messages had their effect, or less when the mark is
-//! out of reach (a lossy at-most-once run): a cut waits at most half the stall window, a kill
-//! until effects have stopped coming for that long. A kill that found no handler in flight, or a
+//! i-th fault waits until i/(K+C+1) of the messages reached a handler (kills) or had their
+//! effect (cuts, which also wait for the kills to land), or less when the mark is out of reach
+//! (a lossy at-most-once run): a cut waits at most half the stall window, a kill until effects
+//! have stopped coming for that long. A kill that found no handler in flight, or a
 //! cut that dropped no connection, did not inject its fault: the run reports that as a
 //! violation, since it proves nothing about that fault.
 //!
@@ -267,21 +268,53 @@ struct Ledger {
     changed: tokio::sync::Notify,
 }
 
+/// What a fault's mark counts.
+#[derive(Clone, Copy)]
+enum Progress {
+    /// Distinct ids that had an effect.
+    Effects,
+    /// Distinct ids that reached a handler: what the kills count, since a kill needs a handler
+    /// to start — under at-most-once, failed handlers and store outages hold effects back while
+    /// deliveries keep reaching handlers.
+    Invocations,
+}
+
 impl Ledger {
     /// Wait until `target` distinct ids had an effect, or until `deadline`.
     async fn reached(&self, target: usize, deadline: Instant) {
-        self.reached_or_idle(target, None, deadline).await
+        self.reached_or_idle(target, Progress::Effects, None, deadline)
+            .await
     }
 
-    /// Like [`Ledger::reached`], but with `idle` also return once effects stopped coming for that
-    /// long after the first one: a mark the run can no longer reach (an at-most-once run whose
-    /// faults lost the rest) must not hold the fault back until the deadline.
-    async fn reached_or_idle(&self, target: usize, idle: Option<Duration>, deadline: Instant) {
+    fn progress(&self, by: Progress) -> usize {
+        match by {
+            Progress::Effects => self.effects.lock().len(),
+            Progress::Invocations => self.invocations.lock().len(),
+        }
+    }
+
+    /// Count one handler start on `id`.
+    fn invoked(&self, id: String) {
+        *self.invocations.lock().entry(id).or_default() += 1;
+        self.changed.notify_waiters();
+    }
+
+    /// Like [`Ledger::reached`] (counting `by`), but with `idle` also return once effects stopped
+    /// coming for that long after the first one: a mark the run can no longer reach (an
+    /// at-most-once run whose faults lost the rest) must not hold the fault back until the
+    /// deadline.
+    async fn reached_or_idle(
+        &self,
+        target: usize,
+        by: Progress,
+        idle: Option<Duration>,
+        deadline: Instant,
+    ) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.effects.lock().len() >= target {
+            if self.progress(by) >= target {
                 return;
             }
             let now = Instant::now();
@@ -406,13 +439,9 @@ impl Work {
     async fn prelude(&self, m: &Message) -> Result<(), HandlerError> {
         match &self.sink {
             Sink::Local { ledger, kill } => {
-                *ledger
-                    .invocations
-                    .lock()
-                    .entry(m.id.to_string())
-                    .or_default() += 1;
+                ledger.invoked(m.id.to_string());
                 tokio::time::sleep(Duration::from_micros(200)).await;
-                if kill.take(self.consumer, || ledger.effects.lock().len()) {
+                if kill.take(self.consumer, || ledger.progress(Progress::Invocations)) {
                     // Crash point: tell the driver which consumer is mid-handler, then never
                     // finish.
                     kill.victim.store(self.consumer, Ordering::SeqCst);
@@ -1062,12 +1091,22 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // for a mark the run never reaches (finding 6 in docs/proving.md).
     let marks = u64::from(kills) + u64::from(cuts) + 1;
     // Connection cuts, the i-th at mark kills+i.
+    // The cuts wait until the kills have landed (or were given up): under at-most-once each cut
+    // loses every prefetched delivery, and cuts made early on their time bound could leave too
+    // little of the run for a kill's mark to be passed with handlers still starting (finding 6).
+    let kills_done = CancellationToken::new();
+    let kills_done_guard = kills_done.clone().drop_guard();
     let cutter = proxy.clone().map(|proxy| {
         let stop = stop_faults.clone();
         let ledger = ledger.clone();
         let connections_cut = connections_cut.clone();
         let n = plan.messages;
+        let kills_done = kills_done.clone();
         tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = kills_done.cancelled() => {}
+            }
             for i in 1..=cuts {
                 let target = (n as u64 * (u64::from(kills) + u64::from(i)) / marks) as usize;
                 // Or sooner, well before the run could end for lack of progress: under
@@ -1089,7 +1128,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         })
     });
     // Crash consumers while the run is in full swing, the i-th kill at mark i. Arm at the mark:
-    // the first handler to start once that many ids had their effect parks mid-way, and its
+    // the first handler to start once that many ids reached a handler parks mid-way, and its
     // consumer is crashed there. The next kill is armed as soon as one has parked, before its
     // consumer is torn down and replaced: a fast run can pass the next mark meanwhile (a
     // replacement subscribing on a busy machine took longer than the rest of a 500-message run).
@@ -1109,6 +1148,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             // A mark out of reach (effects stopped) does not hold the kill until the deadline.
             _ = ledger.reached_or_idle(
                 target as usize,
+                Progress::Invocations,
                 Some(stall / 2),
                 Instant::now() + plan.timeout,
             ) => false,
@@ -1179,6 +1219,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             consumers.push(fresh);
         }
     }
+    drop(kills_done_guard);
     let published = producer
         .await
         .map_err(|e| anyhow!("producer task failed: {e}"))?;

@@ -12,8 +12,20 @@ use courier::{BackendConfig, Config};
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Remove the run's `dest`, `dlq` and `group` from the broker of `config`; what was removed.
-/// Something already gone is not an error.
+/// Something already gone is not an error. Bounded as a whole: a broker that stops answering
+/// leaves the run's destinations behind, it does not hold the report back.
 pub(super) async fn remove(
+    config: &Config,
+    dest: &str,
+    dlq: &str,
+    group: &str,
+) -> Result<Vec<String>> {
+    tokio::time::timeout(TIMEOUT * 6, remove_unbounded(config, dest, dlq, group))
+        .await
+        .map_err(|_| anyhow!("the broker did not answer within {:?}", TIMEOUT * 6))?
+}
+
+async fn remove_unbounded(
     config: &Config,
     dest: &str,
     dlq: &str,
@@ -43,8 +55,14 @@ async fn rabbitmq(r: &RabbitMqConfig, dest: &str, dlq: &str, group: &str) -> Res
     let delay = format!("{work}.delay");
     let mut removed = Vec::new();
     // One channel per deletion: a refused one closes its channel.
+    let channel = || async {
+        tokio::time::timeout(TIMEOUT, conn.create_channel())
+            .await
+            .map_err(|_| anyhow!("opening a channel timed out"))?
+            .map_err(anyhow::Error::from)
+    };
     for queue in [&work, &delay, &dlq.to_owned()] {
-        let ch = conn.create_channel().await?;
+        let ch = channel().await?;
         let deleted = tokio::time::timeout(
             TIMEOUT,
             ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
@@ -55,7 +73,7 @@ async fn rabbitmq(r: &RabbitMqConfig, dest: &str, dlq: &str, group: &str) -> Res
         }
     }
     for exchange in [dest, dlq] {
-        let ch = conn.create_channel().await?;
+        let ch = channel().await?;
         let deleted = tokio::time::timeout(
             TIMEOUT,
             ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()),
@@ -65,7 +83,7 @@ async fn rabbitmq(r: &RabbitMqConfig, dest: &str, dlq: &str, group: &str) -> Res
             removed.push(format!("exchange {exchange}"));
         }
     }
-    let _ = conn.close(200, "verify cleaned up".into()).await;
+    let _ = tokio::time::timeout(TIMEOUT, conn.close(200, "verify cleaned up".into())).await;
     Ok(removed)
 }
 

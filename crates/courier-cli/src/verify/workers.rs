@@ -41,7 +41,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{KillSwitch, Ledger, DISARMED, OFFERED};
+use super::{KillSwitch, Ledger, Progress, DISARMED, OFFERED};
 
 /// Which idempotent layer a consumer process runs its handler through.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -244,7 +244,7 @@ impl Fleet {
             let at = self.kill.armed_at.load(Ordering::SeqCst);
             if at != DISARMED
                 && at != OFFERED
-                && self.ledger.effects.lock().len() as u64 >= at
+                && self.ledger.progress(Progress::Invocations) as u64 >= at
                 && self
                     .kill
                     .armed_at
@@ -327,18 +327,18 @@ impl Fleet {
         match started {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err((retryable, msg)))) => {
-                let _ = child.wait().await;
+                reap(&mut child).await;
                 return Err(failed(retryable, msg));
             }
             Ok(Err(_)) => {
-                let status = child.wait().await.ok();
+                let status = reap(&mut child).await;
                 return Err(failed(
                     false,
                     format!("the consumer process exited before it subscribed ({status:?}; its error is above)"),
                 ));
             }
             Err(_) => {
-                let _ = child.start_kill();
+                reap(&mut child).await;
                 return Err(courier::Error::Timeout {
                     operation: "starting a consumer process".into(),
                     after: Duration::from_secs(60),
@@ -386,14 +386,7 @@ impl Fleet {
             };
             let mut parts = l.splitn(3, ' ');
             match (parts.next(), parts.next(), parts.next()) {
-                (Some("I"), Some(msg), _) => {
-                    *self
-                        .ledger
-                        .invocations
-                        .lock()
-                        .entry(msg.to_owned())
-                        .or_default() += 1;
-                }
+                (Some("I"), Some(msg), _) => self.ledger.invoked(msg.to_owned()),
                 (Some("E"), Some(msg), latency) => {
                     let latency = latency.and_then(|l| l.parse().ok());
                     self.ledger.record(msg.to_owned(), latency);
@@ -438,6 +431,18 @@ impl Fleet {
     }
 }
 
+/// Wait a little for a child that is on its way out, then kill it; its exit status.
+async fn reap(child: &mut tokio::process::Child) -> Option<std::process::ExitStatus> {
+    if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        return Some(status);
+    }
+    let _ = child.start_kill();
+    tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
 impl Proc {
     /// `SIGKILL`, then read what its pipe still held.
     pub(super) async fn kill(mut self, fleet: &Fleet) {
@@ -455,8 +460,7 @@ impl Proc {
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(s) => s.ok(),
             Err(_) => {
-                let _ = self.child.start_kill();
-                let _ = self.child.wait().await;
+                reap(&mut self.child).await;
                 None
             }
         };

@@ -338,24 +338,24 @@ async fn verify_catches_ack_before_handler() {
     );
 }
 
+/// A 500-message run on RabbitMQ (consumer processes, no idempotency store), its report printed.
+async fn rabbitmq_run(g: Guarantee, faults: &str, sabotage: Option<Sabotage>) -> verify::Report {
+    let url = courier_testkit::endpoints::rabbitmq_url();
+    let config = Config::from_url(&url).unwrap().with_guarantee(g);
+    let plan = Plan {
+        messages: 500,
+        ..plan(faults, sabotage)
+    };
+    let r = verify::run(&config, &plan).await.unwrap();
+    println!("{r}");
+    r
+}
+
 /// The same mistake with consumer processes on a real broker: each crash is a SIGKILL, and the
 /// messages the killed process had acked but not handled are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_catches_ack_before_handler_with_consumer_processes() {
-    let url = courier_testkit::endpoints::rabbitmq_url();
-    let config = Config::from_url(&url)
-        .unwrap()
-        .with_guarantee(Guarantee::AtLeastOnce);
-    let r = verify::run(
-        &config,
-        &Plan {
-            messages: 500,
-            ..plan("kill=2", Some(Sabotage::AckFirst))
-        },
-    )
-    .await
-    .unwrap();
-    println!("{r}");
+    let r = rabbitmq_run(Guarantee::AtLeastOnce, "kill=2", Some(Sabotage::AckFirst)).await;
     assert!(
         r.consumer_processes && r.crashes == 2 && !r.holds && r.lost > 0,
         "ack-before-handler with SIGKILLed consumer processes must lose messages and be reported: {r}"
@@ -368,20 +368,7 @@ async fn verify_catches_ack_before_handler_with_consumer_processes() {
 /// run at-most-once with the store, which skips the second copy in any process).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_finds_at_most_once_duplicates_across_processes_without_a_store() {
-    let url = courier_testkit::endpoints::rabbitmq_url();
-    let config = Config::from_url(&url)
-        .unwrap()
-        .with_guarantee(Guarantee::AtMostOnce);
-    let r = verify::run(
-        &config,
-        &Plan {
-            messages: 500,
-            ..plan("duplicates=0.2", None)
-        },
-    )
-    .await
-    .unwrap();
-    println!("{r}");
+    let r = rabbitmq_run(Guarantee::AtMostOnce, "duplicates=0.2", None).await;
     assert!(
         r.consumer_processes && !r.holds && r.duplicate_effects > 0,
         "at-most-once duplicates across consumer processes without a store must be reported: {r}"

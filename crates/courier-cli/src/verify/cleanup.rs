@@ -126,25 +126,27 @@ async fn kafka(k: &KafkaConfig, dest: &str, dlq: &str, group: &str) -> Result<Ve
         crate::doctor::kafka_client_config(k).create()?;
     let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
     let mut removed = Vec::new();
+    // Each name's outcome; one that is already gone (`missing`) is not an error.
+    let mut tally = |kind: &str,
+                     results: Vec<Result<String, (String, RDKafkaErrorCode)>>,
+                     missing: RDKafkaErrorCode|
+     -> Result<()> {
+        for r in results {
+            match r {
+                Ok(name) => removed.push(format!("{kind} {name}")),
+                Err((_, code)) if code == missing => {}
+                Err((name, code)) => return Err(anyhow!("deleting Kafka {kind} {name}: {code}")),
+            }
+        }
+        Ok(())
+    };
     let groups = tokio::time::timeout(TIMEOUT * 2, admin.delete_groups(&[group], &opts))
         .await
         .map_err(|_| anyhow!("deleting Kafka group {group} timed out"))??;
-    for r in groups {
-        match r {
-            Ok(g) => removed.push(format!("group {g}")),
-            Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
-            Err((g, code)) => return Err(anyhow!("deleting Kafka group {g}: {code}")),
-        }
-    }
+    tally("group", groups, RDKafkaErrorCode::GroupIdNotFound)?;
     let topics = tokio::time::timeout(TIMEOUT * 2, admin.delete_topics(&[dest, dlq], &opts))
         .await
         .map_err(|_| anyhow!("deleting Kafka topics {dest}, {dlq} timed out"))??;
-    for r in topics {
-        match r {
-            Ok(t) => removed.push(format!("topic {t}")),
-            Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((t, code)) => return Err(anyhow!("deleting Kafka topic {t}: {code}")),
-        }
-    }
+    tally("topic", topics, RDKafkaErrorCode::UnknownTopicOrPartition)?;
     Ok(removed)
 }

@@ -1,11 +1,13 @@
 //! `courier verify`: run a real experiment against the configured broker under injected faults
 //! and check the guarantee with a delivery ledger.
 //!
-//! Producer and consumers run against the configured broker; the ledger counts what was sent and
-//! every handler effect, so loss and duplicate *effects* are measured, not assumed. Faults:
+//! The producer and the ledger run in this process, the consumers in child processes (`courier
+//! verify-worker`; or as tasks here, [`Workers::Tasks`], and always for the memory broker); the
+//! ledger counts what was sent and every handler effect, so loss and duplicate *effects* are
+//! measured, not assumed. Faults:
 //!
-//! - `kill=N` — N consumer crashes in the middle of a handler (the consumer is torn down without
-//!   settling anything; a fresh one takes its place);
+//! - `kill=N` — N consumer crashes in the middle of a handler (the consumer process is killed
+//!   with `SIGKILL`, or its task aborted, without settling anything; a fresh one takes its place);
 //! - `errors=P` — each handler run fails (retryably) with probability P;
 //! - `duplicates=P` — the producer publishes a fraction P of messages a second time with the same
 //!   id (a producer retry after a lost confirm);
@@ -386,7 +388,8 @@ enum Sink {
 /// nothing to do is never picked. The handlers check the mark themselves, so a kill lands on the
 /// first handler past it even when the run outpaces the driver.
 struct KillSwitch {
-    /// Effects (distinct ids) at which the next handler parks; `DISARMED` when none.
+    /// Handler starts (distinct ids) at which the next handler parks; `DISARMED` when none,
+    /// `OFFERED` while consumer processes are offered it.
     armed_at: AtomicU64,
     parked: tokio::sync::Notify,
     victim: AtomicU64,
@@ -414,7 +417,7 @@ impl Default for KillSwitch {
 }
 
 impl KillSwitch {
-    /// Arm the next kill at `at` effects.
+    /// Arm the next kill at `at` handler starts (distinct ids).
     fn arm(&self, at: u64) {
         self.armed_at.store(at, Ordering::SeqCst);
         self.rearmed.notify_waiters();
@@ -422,11 +425,11 @@ impl KillSwitch {
 
     /// Whether this handler, of consumer `consumer`, takes the kill (at most one does per
     /// arming).
-    fn take(&self, consumer: u64, effects: impl FnOnce() -> usize) -> bool {
+    fn take(&self, consumer: u64, started: impl FnOnce() -> usize) -> bool {
         let at = self.armed_at.load(Ordering::SeqCst);
         at != DISARMED
             && consumer != self.doomed.load(Ordering::SeqCst)
-            && effects() as u64 >= at
+            && started() as u64 >= at
             && self
                 .armed_at
                 .compare_exchange(at, DISARMED, Ordering::SeqCst, Ordering::SeqCst)
@@ -734,7 +737,7 @@ fn consumer_for(client: Arc<dyn DeliveryClient>, dest: &str, group: &str, dlq: &
         .shutdown_timeout(Duration::from_secs(10))
 }
 
-/// The non-transactional idempotent layer of exactly-once runs.
+/// The idempotent layer over a store outside the effect's transaction (Redis, in-process).
 fn store_layer(
     work: Work,
     store: Arc<dyn IdempotencyStore>,

@@ -377,46 +377,62 @@ async fn verify_finds_at_most_once_duplicates_across_processes_without_a_store()
 
 /// A run removes what it created: its destination, dead-letter destination and consumer group
 /// (RabbitMQ: exchanges and the group's work, delay and dead-letter queues; SQS: both queues;
-/// Kafka: both topics and the group), checked with each broker's own client.
+/// Kafka: both topics and the group), checked with each broker's own client. Runs with `keep`
+/// first show the objects are there under the names checked, so "gone" cannot pass vacuously.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_removes_what_it_created() {
-    let small = |p: Plan| Plan { messages: 50, ..p };
+    let small = |keep: bool| Plan {
+        messages: 50,
+        keep,
+        ..plan("none", None)
+    };
+
+    // RabbitMQ: kept, there; removed with `remove_run`, gone; a plain run removes its own.
     let rabbit = Config::from_url(&courier_testkit::endpoints::rabbitmq_url()).unwrap();
-    let r = verify::run(&rabbit, &small(plan("none", None)))
-        .await
-        .unwrap();
-    assert!(r.holds && r.cleanup_error.is_none(), "{r}");
     let conn = lapin::Connection::connect(
         &courier_testkit::endpoints::rabbitmq_url(),
         lapin::ConnectionProperties::default(),
     )
     .await
     .unwrap();
-    for queue in [
-        format!("{0}.{0}", r.destination),
-        format!("{0}.{0}.delay", r.destination),
-        format!("{}-dlq", r.destination),
-    ] {
-        let ch = conn.create_channel().await.unwrap();
-        let passive = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let found = ch
-            .queue_declare(queue.as_str().into(), passive, Default::default())
-            .await;
-        assert!(
-            found.is_err(),
-            "queue {queue} is still there: {:?}",
-            r.removed
-        );
-    }
-    assert_eq!(r.removed.len(), 5, "{:?}", r.removed);
-
-    let r = verify::run(&sqs_config(), &small(plan("none", None)))
+    let queues_there = |dest: String| {
+        let conn = &conn;
+        async move {
+            let mut there = Vec::new();
+            for queue in [
+                format!("{dest}.{dest}"),
+                format!("{dest}.{dest}.delay"),
+                format!("{dest}-dlq"),
+            ] {
+                let ch = conn.create_channel().await.unwrap();
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let declared = ch
+                    .queue_declare(queue.as_str().into(), passive, Default::default())
+                    .await;
+                there.push(declared.is_ok());
+            }
+            there
+        }
+    };
+    let kept = verify::run(&rabbit, &small(true)).await.unwrap();
+    assert!(kept.holds && kept.removed.is_empty(), "{kept}");
+    assert_eq!(queues_there(kept.destination.clone()).await, [true; 3]);
+    let removed = verify::remove_run(&rabbit, &kept.destination)
         .await
         .unwrap();
-    assert!(r.holds && r.cleanup_error.is_none(), "{r}");
+    assert_eq!(removed.len(), 5, "{removed:?}");
+    assert_eq!(queues_there(kept.destination.clone()).await, [false; 3]);
+    let r = verify::run(&rabbit, &small(false)).await.unwrap();
+    assert!(
+        r.holds && r.cleanup_error.is_none() && r.removed.len() == 5,
+        "{r}"
+    );
+    assert_eq!(queues_there(r.destination.clone()).await, [false; 3]);
+
+    // SQS: kept, there; removed, gone.
     let sdk = aws_sdk_sqs::Client::new(
         &aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(
@@ -429,15 +445,31 @@ async fn verify_removes_what_it_created() {
             .load()
             .await,
     );
-    for queue in [r.destination.clone(), format!("{}-dlq", r.destination)] {
-        let found = sdk.get_queue_url().queue_name(&queue).send().await;
-        assert!(found.is_err(), "SQS queue {queue} is still there");
-    }
-
-    let kafka = kafka_config(courier_testkit::endpoints::kafka_bootstrap());
-    let r = verify::run(&kafka, &small(plan("none", None)))
+    let queues_there = |dest: String| {
+        let sdk = &sdk;
+        async move {
+            let mut there = Vec::new();
+            for queue in [dest.clone(), format!("{dest}-dlq")] {
+                there.push(sdk.get_queue_url().queue_name(&queue).send().await.is_ok());
+            }
+            there
+        }
+    };
+    let kept = verify::run(&sqs_config(), &small(true)).await.unwrap();
+    assert!(kept.holds && kept.removed.is_empty(), "{kept}");
+    assert_eq!(queues_there(kept.destination.clone()).await, [true; 2]);
+    let r = verify::run(&sqs_config(), &small(false)).await.unwrap();
+    assert!(r.holds && r.cleanup_error.is_none(), "{r}");
+    assert_eq!(queues_there(r.destination.clone()).await, [false; 2]);
+    verify::remove_run(&sqs_config(), &kept.destination)
         .await
         .unwrap();
+    assert_eq!(queues_there(kept.destination.clone()).await, [false; 2]);
+
+    // Kafka: deleting a topic or group that does not exist is reported as such, so the names
+    // in `removed` are objects that were there.
+    let kafka = kafka_config(courier_testkit::endpoints::kafka_bootstrap());
+    let r = verify::run(&kafka, &small(false)).await.unwrap();
     assert!(r.holds && r.cleanup_error.is_none(), "{r}");
     for object in [
         format!("topic {}", r.destination),

@@ -417,6 +417,12 @@ impl Default for KillSwitch {
 }
 
 impl KillSwitch {
+    /// A handler of consumer `consumer` took the kill and is parked: it is the victim.
+    fn report_parked(&self, consumer: u64) {
+        self.victim.store(consumer, Ordering::SeqCst);
+        self.parked.notify_one();
+    }
+
     /// Arm the next kill at `at` handler starts (distinct ids).
     fn arm(&self, at: u64) {
         self.armed_at.store(at, Ordering::SeqCst);
@@ -447,8 +453,7 @@ impl Work {
                 if kill.take(self.consumer, || ledger.progress(Progress::Invocations)) {
                     // Crash point: tell the driver which consumer is mid-handler, then never
                     // finish.
-                    kill.victim.store(self.consumer, Ordering::SeqCst);
-                    kill.parked.notify_one();
+                    kill.report_parked(self.consumer);
                     std::future::pending::<()>().await;
                 }
             }
@@ -725,6 +730,22 @@ impl Running {
             Running::Proc(p) => p.id,
         }
     }
+
+    /// Crash it mid-handler: abort the task, or `SIGKILL` the process.
+    async fn crash(self) {
+        match self {
+            Running::Task { handle, .. } => handle.abort(),
+            Running::Proc(p) => p.kill().await,
+        }
+    }
+
+    /// Stop it gracefully; how many messages it dead-lettered.
+    async fn shutdown(self) -> Result<u64> {
+        Ok(match self {
+            Running::Task { handle, .. } => handle.shutdown().await?.dead_lettered,
+            Running::Proc(p) => p.shutdown(Duration::from_secs(30)).await?,
+        })
+    }
 }
 
 /// The experiment's consumer settings (in the verify process and in consumer processes alike).
@@ -875,13 +896,14 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // Consumer processes (not for the memory broker, which lives in this process).
     let fleet = match &plan.workers {
         Workers::Processes(exe) if !matches!(config.backend, BackendConfig::Memory(_)) => {
-            if store.is_some() && url.trim().eq_ignore_ascii_case("memory") {
+            if store.as_ref().is_some_and(|s| s.name() == "memory") {
                 bail!("exactly-once with the in-process idempotency store cannot be checked with consumer processes (each would dedup on its own): set [idempotency] store to a redis:// or postgres:// URL, or run the consumers in-process (--in-process)");
             }
             Some(Arc::new(workers::Fleet::new(
                 exe.clone(),
                 ledger.clone(),
                 kill.clone(),
+                store_down.clone(),
                 client.backend(),
             )))
         }
@@ -1071,15 +1093,15 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                 if let Some(pg) = &pg {
                     pg.outage(Instant::now() + d, &stop).await;
                 } else {
-                    store_down.store(true, Ordering::SeqCst);
-                    if let Some(f) = &fleet {
-                        f.set_store_down(true);
-                    }
+                    let switch = |down: bool| {
+                        store_down.store(down, Ordering::SeqCst);
+                        if let Some(f) = &fleet {
+                            f.store_switched(down);
+                        }
+                    };
+                    switch(true);
                     tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(d) => {} }
-                    store_down.store(false, Ordering::SeqCst);
-                    if let Some(f) = &fleet {
-                        f.set_store_down(false);
-                    }
+                    switch(false);
                 }
             }
             if restart {
@@ -1195,14 +1217,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             kill.arm(target_of(i + 1));
         }
         if let (true, Some(i)) = (hit, parked_on) {
-            match consumers.remove(i) {
-                Running::Task { handle, .. } => handle.abort(),
-                Running::Proc(p) => {
-                    if let Some(f) = &fleet {
-                        p.kill(f).await;
-                    }
-                }
-            }
+            consumers.remove(i).crash().await;
             crashes += 1;
             // The replacement subscribes while other faults (a connection cut) may be under
             // way: retry a transient failure, as a restarting service would.
@@ -1256,13 +1271,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     }
     let mut dead_lettered = 0;
     for c in consumers {
-        dead_lettered += match c {
-            Running::Task { handle, .. } => handle.shutdown().await?.dead_lettered,
-            Running::Proc(p) => match &fleet {
-                Some(f) => p.shutdown(f, Duration::from_secs(30)).await?,
-                None => 0,
-            },
-        };
+        dead_lettered += c.shutdown().await?;
     }
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -1272,7 +1281,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let (removed, cleanup_error) = if plan.destination.is_some() || plan.keep {
         (Vec::new(), None)
     } else {
-        match cleanup::remove(direct, &dest, &dlq, &group).await {
+        match remove_run(direct, &dest).await {
             Ok(removed) => (removed, None),
             Err(e) => (Vec::new(), Some(format!("{e:#}"))),
         }
@@ -1372,6 +1381,20 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         removed,
         cleanup_error,
     })
+}
+
+/// Remove from the broker of `config` what a run on `destination` created: the destination, its
+/// dead-letter destination `DESTINATION-dlq` and the consumer group of the same name (a run does
+/// this at its end unless [`Plan::keep`] or [`Plan::destination`]). What was removed; something
+/// already gone is not an error.
+pub async fn remove_run(config: &Config, destination: &str) -> Result<Vec<String>> {
+    cleanup::remove(
+        config,
+        destination,
+        &format!("{destination}-dlq"),
+        destination,
+    )
+    .await
 }
 
 /// `config` with the broker reached through a fresh fault proxy.

@@ -176,7 +176,8 @@ pub(super) struct Fleet {
     kill: Arc<KillSwitch>,
     backend: &'static str,
     senders: Mutex<Vec<(u64, mpsc::UnboundedSender<String>)>>,
-    store_down: AtomicBool,
+    /// The run's store-outage switch (the one the in-process store wrapper reads too).
+    store_down: Arc<AtomicBool>,
     /// Counters of every process the run started, killed ones included.
     stats: Mutex<Vec<Arc<ProcStats>>>,
 }
@@ -184,6 +185,7 @@ pub(super) struct Fleet {
 /// One consumer process.
 pub(super) struct Proc {
     pub id: u64,
+    fleet: Arc<Fleet>,
     child: tokio::process::Child,
     tx: mpsc::UnboundedSender<String>,
     reader: JoinHandle<()>,
@@ -195,6 +197,7 @@ impl Fleet {
         exe: PathBuf,
         ledger: Arc<Ledger>,
         kill: Arc<KillSwitch>,
+        store_down: Arc<AtomicBool>,
         backend: &'static str,
     ) -> Self {
         Fleet {
@@ -203,7 +206,7 @@ impl Fleet {
             kill,
             backend,
             senders: Mutex::new(Vec::new()),
-            store_down: AtomicBool::new(false),
+            store_down,
             stats: Mutex::new(Vec::new()),
         }
     }
@@ -217,9 +220,9 @@ impl Fleet {
         }
     }
 
-    /// The store-outage fault, in every process (and in those started during it).
-    pub(super) fn set_store_down(&self, down: bool) {
-        self.store_down.store(down, Ordering::SeqCst);
+    /// Tell every process the store-outage switch changed (processes started during the
+    /// outage read the switch when they start).
+    pub(super) fn store_switched(&self, down: bool) {
         self.broadcast(if down { "down" } else { "up" }, None);
     }
 
@@ -355,6 +358,7 @@ impl Fleet {
         }
         Ok(Proc {
             id,
+            fleet: self.clone(),
             child,
             tx,
             reader,
@@ -398,8 +402,7 @@ impl Fleet {
                         .compare_exchange(OFFERED, DISARMED, Ordering::SeqCst, Ordering::SeqCst)
                         .is_ok()
                     {
-                        self.kill.victim.store(id, Ordering::SeqCst);
-                        self.kill.parked.notify_one();
+                        self.kill.report_parked(id);
                         self.broadcast("disarm", Some(id));
                     } else {
                         let _ = tx.send("resume".into());
@@ -445,8 +448,8 @@ async fn reap(child: &mut tokio::process::Child) -> Option<std::process::ExitSta
 
 impl Proc {
     /// `SIGKILL`, then read what its pipe still held.
-    pub(super) async fn kill(mut self, fleet: &Fleet) {
-        fleet.forget(self.id);
+    pub(super) async fn kill(mut self) {
+        self.fleet.forget(self.id);
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.reader).await;
@@ -454,8 +457,8 @@ impl Proc {
 
     /// Graceful stop (`stop`: in-flight handlers finish, the subscription closes); the
     /// dead-lettered count it reported last. Killed if it does not exit within `grace`.
-    pub(super) async fn shutdown(mut self, fleet: &Fleet, grace: Duration) -> Result<u64> {
-        fleet.forget(self.id);
+    pub(super) async fn shutdown(mut self, grace: Duration) -> Result<u64> {
+        self.fleet.forget(self.id);
         let _ = self.tx.send("stop".into());
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(s) => s.ok(),

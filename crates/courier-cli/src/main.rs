@@ -156,8 +156,9 @@ enum Command {
         /// creating fresh ones (for brokers where courier may not create them).
         #[arg(long)]
         destination: Option<String>,
-        /// Run the consumers as tasks of this process instead of child processes (a crash is
-        /// then a task abort, not SIGKILL). The memory backend's always run in-process.
+        /// Run the producer and the consumers as tasks of this process instead of child
+        /// processes (a crash is then a task abort, not SIGKILL). The memory backend's always
+        /// run in-process.
         #[arg(long)]
         in_process: bool,
         /// Leave the run's destinations and consumer group on the broker (removed by default).
@@ -167,6 +168,9 @@ enum Command {
     /// One consumer process of `courier verify` (started by it; reads its spec on stdin).
     #[command(hide = true)]
     VerifyWorker,
+    /// The producer process of `courier verify` (started by it; reads its spec on stdin).
+    #[command(hide = true)]
+    VerifyProducer,
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,7 +217,10 @@ fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
 async fn main() {
     let cli = Cli::parse();
     // verify injects failures on purpose: only errors are worth printing by default.
-    let default_level = if matches!(cli.command, Command::Verify { .. } | Command::VerifyWorker) {
+    let default_level = if matches!(
+        cli.command,
+        Command::Verify { .. } | Command::VerifyWorker | Command::VerifyProducer
+    ) {
         "error"
     } else {
         "warn"
@@ -367,6 +374,10 @@ async fn run(cli: Cli) -> Result<()> {
             verify::worker().await?;
             // Exit here: tokio's stdin read cannot be cancelled, and the runtime's shutdown
             // would wait for it (for the parent's next line, which never comes).
+            std::process::exit(0);
+        }
+        Command::VerifyProducer => {
+            verify::producer().await?;
             std::process::exit(0);
         }
         Command::Explain { target, json } => {

@@ -1,9 +1,9 @@
 //! `courier verify`: run a real experiment against the configured broker under injected faults
 //! and check the guarantee with a delivery ledger.
 //!
-//! The producer and the ledger run in this process, the consumers in child processes (`courier
-//! verify-worker`; or as tasks here, [`Workers::Tasks`], and always for the memory broker); the
-//! ledger counts what was sent and every handler effect, so loss and duplicate *effects* are
+//! The ledger runs in this process, the producer and the consumers in child processes (`courier
+//! verify-producer`, `courier verify-worker`; or as tasks here, [`Workers::Tasks`], and always
+//! for the memory broker); the ledger counts what was sent and every handler effect, so loss and duplicate *effects* are
 //! measured, not assumed. Faults:
 //!
 //! - `kill=N` — N consumer crashes in the middle of a handler (the consumer process is killed
@@ -41,7 +41,7 @@
 mod cleanup;
 mod workers;
 
-pub use workers::worker;
+pub use workers::{producer, worker};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -168,6 +168,9 @@ pub struct Report {
     /// Whether the consumers ran as child processes (a crash is `SIGKILL`) rather than as tasks
     /// of the verify process.
     pub consumer_processes: bool,
+    /// Whether the producer ran as a child process of its own (with the consumer processes)
+    /// rather than as a task of the verify process.
+    pub producer_process: bool,
     /// Connections dropped by the fault proxy's cuts.
     pub connections_cut: u64,
     /// Effects per second.
@@ -192,7 +195,7 @@ pub struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, String); 17] = [
+        let rows: [(&str, String); 18] = [
             ("backend", self.backend.clone()),
             ("guarantee", self.guarantee.to_string()),
             ("sent", self.sent.to_string()),
@@ -218,6 +221,14 @@ impl fmt::Display for Report {
                     "processes (a crash is SIGKILL)".into()
                 } else {
                     "tasks of this process".into()
+                },
+            ),
+            (
+                "producer",
+                if self.producer_process {
+                    "a process of its own".into()
+                } else {
+                    "a task of this process".into()
                 },
             ),
             ("consumer crashes", self.crashes.to_string()),
@@ -698,22 +709,23 @@ pub struct Plan {
     /// Run on these existing, empty destinations (`NAME` and its dead-letter `NAME-dlq`) instead
     /// of creating fresh ones — for brokers where courier may not create topics or queues.
     pub destination: Option<String>,
-    /// Where the consumers run. The memory backend's always run in the verify process (the
-    /// broker lives there).
+    /// Where the producer and the consumers run. The memory backend's always run in the verify
+    /// process (the broker lives there).
     pub workers: Workers,
     /// Leave the run's destinations and consumer group on the broker (by default they are
     /// removed after the run; never those of [`Plan::destination`]).
     pub keep: bool,
 }
 
-/// Where `verify` runs its consumers.
+/// Where `verify` runs its producer and consumers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Workers {
     /// Tasks of the verify process; a crash aborts the consumer's task (nothing it held is
-    /// settled, its connection stays up).
+    /// settled, its connection stays up). The producer is a task too.
     Tasks,
-    /// Child processes of this executable (`EXE verify-worker`), each with its own broker
-    /// connection; a crash is `SIGKILL` of the process while a handler is mid-way.
+    /// Child processes of this executable (`EXE verify-worker`, and `EXE verify-producer` for
+    /// the producer), each with its own broker connection; a crash is `SIGKILL` of the consumer
+    /// process while a handler is mid-way.
     Processes(PathBuf),
 }
 
@@ -746,6 +758,33 @@ impl Running {
             Running::Proc(p) => p.shutdown(Duration::from_secs(30)).await?,
         })
     }
+}
+
+/// The experiment's publishing, in the producer process or a task of the verify process:
+/// `messages` messages over 64 keys, a share `duplicates` of them published a second time with
+/// the same id (a producer retry after a lost confirm). `sent` sees the id of each message whose
+/// first publish succeeded; returns how many did.
+async fn publish_all(
+    client: &dyn DeliveryClient,
+    dest: &str,
+    messages: u64,
+    duplicates: f64,
+    mut sent: impl FnMut(&str),
+) -> u64 {
+    let mut published = 0u64;
+    for i in 0..messages {
+        let m = Message::new(format!("verify #{i}"))
+            .with_key(format!("k{}", i % 64))
+            .with_header(SENT_AT, now_micros().to_string());
+        if client.publish(dest, m.clone()).await.is_ok() {
+            sent(&m.id.to_string());
+            published += 1;
+            if duplicates > 0.0 && fastrand::f64() < duplicates {
+                let _ = client.publish(dest, m).await;
+            }
+        }
+    }
+    published
 }
 
 /// The experiment's consumer settings (in the verify process and in consumer processes alike).
@@ -917,6 +956,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         None => config.clone(),
     }
     .to_toml_with_secrets()?;
+    // The producer process's: the publishing side's configuration (at-least-once under the
+    // no-dedup sabotage, as `client` above).
+    let producer_toml = match plan.sabotage {
+        Some(Sabotage::NoDedup) => config.clone().with_guarantee(Guarantee::AtLeastOnce),
+        Some(Sabotage::AckFirst) | None => config.clone(),
+    }
+    .to_toml_with_secrets()?;
     // Short, so a crashed consumer's message is retried soon; longer than a store outage plus
     // the complete retries after it, so a live worker's lease does not lapse meanwhile.
     let lease = section.lease.unwrap_or(Duration::from_secs(5));
@@ -1012,29 +1058,30 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         b
     });
 
-    // Producer.
-    let producer = {
-        let client = client.clone();
-        let ledger = ledger.clone();
-        let dest = dest.clone();
-        let n = plan.messages;
-        let dup = plan.faults.duplicates;
-        tokio::spawn(async move {
-            let mut published = 0u64;
-            for i in 0..n {
-                let m = Message::new(format!("verify #{i}"))
-                    .with_key(format!("k{}", i % 64))
-                    .with_header(SENT_AT, now_micros().to_string());
-                if client.publish(&dest, m.clone()).await.is_ok() {
-                    ledger.sent.lock().insert(m.id.to_string(), ());
-                    published += 1;
-                    if dup > 0.0 && fastrand::f64() < dup {
-                        let _ = client.publish(&dest, m).await;
-                    }
-                }
-            }
-            published
-        })
+    // Producer: a process of its own next to the consumer processes, else a task here.
+    let producer_process = fleet.is_some();
+    let producer = match &plan.workers {
+        Workers::Processes(exe) if producer_process => {
+            let spec = workers::ProducerSpec {
+                config: producer_toml,
+                dest: dest.clone(),
+                messages: plan.messages as u64,
+                duplicates: plan.faults.duplicates,
+            };
+            workers::spawn_producer(exe, &spec, ledger.clone(), client.backend()).await?
+        }
+        _ => {
+            let client = client.clone();
+            let ledger = ledger.clone();
+            let dest = dest.clone();
+            let (n, dup) = (plan.messages as u64, plan.faults.duplicates);
+            tokio::spawn(async move {
+                Ok(publish_all(&*client, &dest, n, dup, |id| {
+                    ledger.sent.lock().insert(id.to_owned(), ());
+                })
+                .await)
+            })
+        }
     };
 
     // Transactional mode: the effects are rows; keep the in-memory ledger (progress, kills,
@@ -1238,9 +1285,20 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         }
     }
     drop(kills_done_guard);
-    let published = producer
-        .await
-        .map_err(|e| anyhow!("producer task failed: {e}"))?;
+    // Bounded: a producer stuck on a broker that stopped answering ends the run with an error
+    // (aborting its task stops a producer process too).
+    let mut producer = producer;
+    let published = match tokio::time::timeout(plan.timeout, &mut producer).await {
+        Ok(joined) => joined.map_err(|e| anyhow!("producer task failed: {e}"))??,
+        Err(_) => {
+            producer.abort();
+            bail!(
+                "the producer did not finish publishing {} messages within {:?} (--timeout)",
+                plan.messages,
+                plan.timeout
+            );
+        }
+    };
 
     // Wait for the effects: until every sent id had one, or nothing moved for a while — longer
     // than the broker takes to hand a crashed consumer's messages to another one.
@@ -1370,6 +1428,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         duplicates_absorbed: absorbed,
         crashes,
         consumer_processes: fleet.is_some(),
+        producer_process,
         connections_cut,
         throughput: ledger.total_effects.load(Ordering::Relaxed) as f64 / busy,
         p50_ms: pct(0.50),

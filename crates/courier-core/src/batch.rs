@@ -1,5 +1,5 @@
-//! Request batching without timers, shared by the backends and stores that turn many concurrent
-//! small calls into one request (SQS deletes, Redis idempotency claims).
+//! Request batching without timers, for backends that turn many concurrent
+//! small calls into one request (SQS deletes).
 
 use tokio::sync::mpsc;
 

@@ -1,5 +1,7 @@
-//! Consumer processes for `courier verify`: each consumer of the experiment runs as a child
-//! process (`courier verify-worker`), and a crash is a real `SIGKILL` of that process.
+//! Producer and consumer processes for `courier verify`: each consumer of the experiment runs
+//! as a child process (`courier verify-worker`), and a crash is a real `SIGKILL` of that
+//! process; the messages are published by one more child (`courier verify-producer`, which
+//! reports `T <id>` for each message sent and `done <count>`, see [`producer`]).
 //!
 //! The parent is the ledger. It hands each child its spec (the configuration, secrets included,
 //! over the child's stdin — never on the command line), and the child reports over its stdout,
@@ -28,13 +30,13 @@
 //! an effect the child reported before it died counts.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -273,22 +275,7 @@ impl Fleet {
     /// Start consumer process `spec.consumer` and wait until it has subscribed.
     pub(super) async fn spawn(self: &Arc<Self>, spec: &WorkerSpec) -> courier::Result<Proc> {
         let id = spec.consumer;
-        let mut child = tokio::process::Command::new(&self.exe)
-            .arg("verify-worker")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                courier::Error::config(format!(
-                    "cannot start the consumer process {}: {e} (verify runs its consumers as `courier verify-worker`; build the courier binary, or run them in-process with --in-process)",
-                    self.exe.display()
-                ))
-            })?;
-        let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(courier::Error::config("consumer process without pipes"));
-        };
+        let (mut child, mut stdin, stdout) = start_child(&self.exe, "verify-worker", "consumer")?;
         let spec_line = serde_json::to_string(spec)
             .map_err(|e| courier::Error::config(format!("worker spec: {e}")))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -432,6 +419,161 @@ impl Fleet {
     fn forget(&self, id: u64) {
         self.senders.lock().retain(|(i, _)| *i != id);
     }
+}
+
+/// Start `exe subcommand` with piped stdin and stdout (its stderr is ours); `role` names it in
+/// the error.
+fn start_child(
+    exe: &Path,
+    subcommand: &str,
+    role: &str,
+) -> courier::Result<(
+    tokio::process::Child,
+    tokio::process::ChildStdin,
+    tokio::process::ChildStdout,
+)> {
+    let mut child = tokio::process::Command::new(exe)
+        .arg(subcommand)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            courier::Error::config(format!(
+                "cannot start the {role} process {}: {e} (verify runs its producer and consumers as `courier {subcommand}`; build the courier binary, or run them in-process with --in-process)",
+                exe.display()
+            ))
+        })?;
+    match (child.stdin.take(), child.stdout.take()) {
+        (Some(stdin), Some(stdout)) => Ok((child, stdin, stdout)),
+        _ => Err(courier::Error::config(format!(
+            "{role} process without pipes"
+        ))),
+    }
+}
+
+/// What the producer process is told (the first line on its stdin, JSON).
+#[derive(Serialize, Deserialize)]
+pub(super) struct ProducerSpec {
+    /// The publishing side's configuration as TOML, secrets included.
+    pub config: String,
+    pub dest: String,
+    pub messages: u64,
+    /// Share of messages published a second time with the same id.
+    pub duplicates: f64,
+}
+
+/// The `courier verify-producer` process: publish the run's messages as `stdin` says. It reports
+/// `ready` once connected (or `fail <0/1> <message>`), `T <id>` for each message whose publish
+/// succeeded (the ledger's "sent"), and `done <count>` at the end — each line one `write`, as
+/// the consumer processes' are.
+pub async fn producer() -> Result<()> {
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let line = stdin.next_line().await?.ok_or_else(|| {
+        anyhow!("verify-producer: no spec on stdin (it is started by `courier verify`)")
+    })?;
+    let spec: ProducerSpec = serde_json::from_str(&line).context("verify-producer: bad spec")?;
+    let pipe = Pipe::default();
+    let connected = async {
+        let config = courier::Config::from_toml_str(&spec.config)?;
+        courier::connect(&config).await
+    };
+    let client = match connected.await {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            pipe.send(&format!("fail {} {msg}", u8::from(e.is_retryable())));
+            return Err(e.into());
+        }
+    };
+    pipe.send("ready");
+    let sent = super::publish_all(&*client, &spec.dest, spec.messages, spec.duplicates, |id| {
+        pipe.send(&format!("T {id}"))
+    })
+    .await;
+    pipe.send(&format!("done {sent}"));
+    client.close().await.ok();
+    Ok(())
+}
+
+/// Start the producer process and wait until it has connected. The task it returns records each
+/// sent id in the ledger and ends with the number of messages sent, once the process said
+/// `done` — an error if it ended without saying so.
+pub(super) async fn spawn_producer(
+    exe: &Path,
+    spec: &ProducerSpec,
+    ledger: Arc<Ledger>,
+    backend: &'static str,
+) -> courier::Result<JoinHandle<Result<u64>>> {
+    let (mut child, mut stdin, stdout) = start_child(exe, "verify-producer", "producer")?;
+    let spec_line = serde_json::to_string(spec)
+        .map_err(|e| courier::Error::config(format!("producer spec: {e}")))?;
+    let written = async {
+        stdin.write_all(format!("{spec_line}\n").as_bytes()).await?;
+        stdin.flush().await
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), async {
+        written.await?;
+        lines.next_line().await
+    })
+    .await;
+    let failed = |retryable: bool, msg: String| courier::Error::Broker {
+        backend,
+        operation: "starting the producer process",
+        retryable,
+        source: msg.into(),
+    };
+    match first {
+        Ok(Ok(Some(l))) if l == "ready" => {}
+        Ok(Ok(Some(l))) if l.starts_with("fail ") => {
+            reap(&mut child).await;
+            let mut parts = l.splitn(3, ' ').skip(1);
+            let retryable = parts.next() == Some("1");
+            return Err(failed(retryable, parts.next().unwrap_or("").to_owned()));
+        }
+        Ok(other) => {
+            let status = reap(&mut child).await;
+            return Err(failed(
+                false,
+                format!("the producer process ended before it connected ({other:?}, {status:?}; its error is above)"),
+            ));
+        }
+        Err(_) => {
+            reap(&mut child).await;
+            return Err(courier::Error::Timeout {
+                operation: "starting the producer process".into(),
+                after: Duration::from_secs(60),
+            });
+        }
+    }
+    Ok(tokio::spawn(async move {
+        let mut sent = 0u64;
+        loop {
+            let line = match lines.next_line().await {
+                Ok(Some(l)) => l,
+                Ok(None) | Err(_) => {
+                    let status = reap(&mut child).await;
+                    bail!("the producer process ended before it was done ({sent} messages sent; {status:?}; its error is above)");
+                }
+            };
+            match line.split_once(' ') {
+                Some(("T", id)) => {
+                    ledger.sent.lock().insert(id.to_owned(), ());
+                    sent += 1;
+                }
+                Some(("done", n)) => {
+                    reap(&mut child).await;
+                    if n.parse() != Ok(sent) {
+                        bail!("the producer process reported {n} messages sent, but {sent} reached the ledger");
+                    }
+                    return Ok(sent);
+                }
+                _ => tracing::warn!(line, "verify: unexpected line from the producer process"),
+            }
+        }
+    }))
 }
 
 /// Wait a little for a child that is on its way out, then kill it; its exit status.

@@ -111,13 +111,21 @@ impl Pipe {
     }
 }
 
+/// A child's spec: the first line on its stdin, JSON.
+async fn read_spec<T: serde::de::DeserializeOwned>(
+    stdin: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>,
+    command: &str,
+) -> Result<T> {
+    let line = stdin.next_line().await?.ok_or_else(|| {
+        anyhow!("{command}: no spec on stdin (it is started by `courier verify`)")
+    })?;
+    serde_json::from_str(&line).with_context(|| format!("{command}: bad spec"))
+}
+
 /// The `courier verify-worker` process: run one consumer of the experiment as `stdin` says.
 pub async fn worker() -> Result<()> {
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    let line = stdin.next_line().await?.ok_or_else(|| {
-        anyhow!("verify-worker: no spec on stdin (it is started by `courier verify`)")
-    })?;
-    let spec: WorkerSpec = serde_json::from_str(&line).context("verify-worker: bad spec")?;
+    let spec: WorkerSpec = read_spec(&mut stdin, "verify-worker").await?;
     let pipe = Arc::new(Pipe::default());
     let store_down = Arc::new(AtomicBool::new(false));
     let (handle, absorbed, client) =
@@ -307,33 +315,15 @@ impl Fleet {
                 self.clone()
                     .read(id, stdout, tx.clone(), stats.clone(), ready_tx),
             );
-        let started = tokio::time::timeout(Duration::from_secs(60), ready_rx).await;
-        let failed = |retryable: bool, msg: String| courier::Error::Broker {
-            backend: self.backend,
-            operation: "starting a consumer process",
-            retryable,
-            source: msg.into(),
+        let start = match tokio::time::timeout(START_TIMEOUT, ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err((retryable, msg)))) => Err(NotStarted::Failed(retryable, msg)),
+            Ok(Err(_)) => Err(NotStarted::Gone),
+            Err(_) => Err(NotStarted::TimedOut),
         };
-        match started {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err((retryable, msg)))) => {
-                reap(&mut child).await;
-                return Err(failed(retryable, msg));
-            }
-            Ok(Err(_)) => {
-                let status = reap(&mut child).await;
-                return Err(failed(
-                    false,
-                    format!("the consumer process exited before it subscribed ({status:?}; its error is above)"),
-                ));
-            }
-            Err(_) => {
-                reap(&mut child).await;
-                return Err(courier::Error::Timeout {
-                    operation: "starting a consumer process".into(),
-                    after: Duration::from_secs(60),
-                });
-            }
+        if let Err(why) = start {
+            let op = "starting a consumer process";
+            return Err(not_started(&mut child, why, op, self.backend).await);
         }
         self.senders.lock().push((id, tx.clone()));
         // A process started mid-fault joins it.
@@ -453,6 +443,48 @@ fn start_child(
     }
 }
 
+/// How long a child may take to say `ready`.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a child did not start.
+enum NotStarted {
+    /// It said `fail <0/1> <message>` (1: retrying may help).
+    Failed(bool, String),
+    /// It ended (or said something else) before either.
+    Gone,
+    /// Nothing within [`START_TIMEOUT`].
+    TimedOut,
+}
+
+/// The error for a child that did not start (`operation` says which), once it is reaped.
+async fn not_started(
+    child: &mut tokio::process::Child,
+    why: NotStarted,
+    operation: &'static str,
+    backend: &'static str,
+) -> courier::Error {
+    let status = reap(child).await;
+    let (retryable, reason) = match why {
+        NotStarted::TimedOut => {
+            return courier::Error::Timeout {
+                operation: operation.into(),
+                after: START_TIMEOUT,
+            }
+        }
+        NotStarted::Failed(retryable, msg) => (retryable, msg),
+        NotStarted::Gone => (
+            false,
+            format!("the process ended before it was ready ({status:?}; its error is above)"),
+        ),
+    };
+    courier::Error::Broker {
+        backend,
+        operation,
+        retryable,
+        source: reason.into(),
+    }
+}
+
 /// What the producer process is told (the first line on its stdin, JSON).
 #[derive(Serialize, Deserialize)]
 pub(super) struct ProducerSpec {
@@ -470,10 +502,7 @@ pub(super) struct ProducerSpec {
 /// the consumer processes' are.
 pub async fn producer() -> Result<()> {
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    let line = stdin.next_line().await?.ok_or_else(|| {
-        anyhow!("verify-producer: no spec on stdin (it is started by `courier verify`)")
-    })?;
-    let spec: ProducerSpec = serde_json::from_str(&line).context("verify-producer: bad spec")?;
+    let spec: ProducerSpec = read_spec(&mut stdin, "verify-producer").await?;
     let pipe = Pipe::default();
     let connected = async {
         let config = courier::Config::from_toml_str(&spec.config)?;
@@ -514,39 +543,26 @@ pub(super) async fn spawn_producer(
         stdin.flush().await
     };
     let mut lines = BufReader::new(stdout).lines();
-    let first = tokio::time::timeout(Duration::from_secs(60), async {
+    let first = tokio::time::timeout(START_TIMEOUT, async {
         written.await?;
         lines.next_line().await
     })
     .await;
-    let failed = |retryable: bool, msg: String| courier::Error::Broker {
-        backend,
-        operation: "starting the producer process",
-        retryable,
-        source: msg.into(),
+    let start = match first {
+        Ok(Ok(Some(l))) if l == "ready" => Ok(()),
+        Ok(Ok(Some(l))) => match l.strip_prefix("fail ") {
+            Some(rest) => {
+                let (retryable, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+                Err(NotStarted::Failed(retryable == "1", msg.to_owned()))
+            }
+            None => Err(NotStarted::Gone),
+        },
+        Ok(_) => Err(NotStarted::Gone),
+        Err(_) => Err(NotStarted::TimedOut),
     };
-    match first {
-        Ok(Ok(Some(l))) if l == "ready" => {}
-        Ok(Ok(Some(l))) if l.starts_with("fail ") => {
-            reap(&mut child).await;
-            let mut parts = l.splitn(3, ' ').skip(1);
-            let retryable = parts.next() == Some("1");
-            return Err(failed(retryable, parts.next().unwrap_or("").to_owned()));
-        }
-        Ok(other) => {
-            let status = reap(&mut child).await;
-            return Err(failed(
-                false,
-                format!("the producer process ended before it connected ({other:?}, {status:?}; its error is above)"),
-            ));
-        }
-        Err(_) => {
-            reap(&mut child).await;
-            return Err(courier::Error::Timeout {
-                operation: "starting the producer process".into(),
-                after: Duration::from_secs(60),
-            });
-        }
+    if let Err(why) = start {
+        let op = "starting the producer process";
+        return Err(not_started(&mut child, why, op, backend).await);
     }
     Ok(tokio::spawn(async move {
         let mut sent = 0u64;

@@ -3,8 +3,8 @@
 //!
 //! The ledger runs in this process, the producer and the consumers in child processes (`courier
 //! verify-producer`, `courier verify-worker`; or as tasks here, [`Workers::Tasks`], and always
-//! for the memory broker); the ledger counts what was sent and every handler effect, so loss and duplicate *effects* are
-//! measured, not assumed. Faults:
+//! for the memory broker); the ledger counts what was sent and every handler effect, so loss
+//! and duplicate *effects* are measured, not assumed. Faults:
 //!
 //! - `kill=N` — N consumer crashes in the middle of a handler (the consumer process is killed
 //!   with `SIGKILL`, or its task aborted, without settling anything; a fresh one takes its place);

@@ -22,8 +22,9 @@
 //!   proxy).
 //!
 //! Kills and cuts land at evenly spaced marks of progress, kills first: with `kill=K,cut=C` the
-//! i-th fault waits until i/(K+C+1) of the messages reached a handler (kills) or had their
-//! effect (cuts, which also wait for the kills to land), or less when the mark is out of reach
+//! i-th fault waits until i/(K+C+1) of the messages reached a handler (kills; half that under
+//! at-most-once, where each crash loses what its consumer held) or had their effect (cuts,
+//! which also wait for the kills to land), or less when the mark is out of reach
 //! (a lossy at-most-once run): a cut waits at most half the stall window, a kill until effects
 //! have stopped coming for that long. A kill that found no handler in flight, or a
 //! cut that dropped no connection, did not inject its fault: the run reports that as a
@@ -1158,7 +1159,8 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         })
     };
     // Kills and cuts share one schedule of evenly spaced marks, kills first: the i-th kill
-    // when i/(kills+cuts+1) of the messages had their effect, then the cuts. Under at-most-once
+    // when i/(kills+cuts+1) of the messages reached a handler (half that for consumers that
+    // settle first, below), then the cuts. Under at-most-once
     // a cut loses everything a consumer had buffered, so a kill placed after the cuts could wait
     // for a mark the run never reaches (finding 6 in docs/proving.md).
     let marks = u64::from(kills) + u64::from(cuts) + 1;
@@ -1204,7 +1206,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // consumer is crashed there. The next kill is armed as soon as one has parked, before its
     // consumer is torn down and replaced: a fast run can pass the next mark meanwhile (a
     // replacement subscribing on a busy machine took longer than the rest of a 500-message run).
-    let target_of = |i: u32| plan.messages as u64 * u64::from(i) / marks;
+    // Consumers that settle a delivery before its handler (at-most-once, or the ack-first
+    // sabotage) lose with each crash everything the victim held — a third of what was left, or
+    // more — so their kills are spread over the first half of the run: a later mark would be out
+    // of reach, with no handler left to take the kill (finding 6, fourth part).
+    let settle_first = g == Guarantee::AtMostOnce || plan.sabotage == Some(Sabotage::AckFirst);
+    let kill_span = if settle_first { 2 * marks } else { marks };
+    let target_of = |i: u32| plan.messages as u64 * u64::from(i) / kill_span;
     let mut parked = Box::pin(kill.parked.notified());
     parked.as_mut().enable();
     if kills > 0 {

@@ -47,9 +47,18 @@ fn courier_exe() -> std::path::PathBuf {
     courier
 }
 
+/// `verify::run`, failing the test with the reason when the experiment cannot run (`what` names
+/// it) — a broker that is down fails, never skips.
+async fn must_run(what: &str, config: &Config, plan: &Plan) -> verify::Report {
+    match verify::run(config, plan).await {
+        Ok(r) => r,
+        Err(e) => panic!("{what}: the experiment could not run ({e:#}); are the broker and PostgreSQL up? `scripts/services up`"),
+    }
+}
+
 async fn cell(url: &str, guarantee: Guarantee, faults: &str) -> verify::Report {
     let config = Config::from_url(url).unwrap().with_guarantee(guarantee);
-    let report = verify::run(&config, &plan(faults, None)).await.unwrap();
+    let report = must_run(url, &config, &plan(faults, None)).await;
     println!("{url} {guarantee} [{faults}]\n{report}");
     report
 }
@@ -122,10 +131,7 @@ async fn backend_cells(
                     .max(Duration::from_millis(messages as u64 * 60)),
                 ..base_plan
             };
-            let r = match verify::run(&config, &plan).await {
-                Ok(r) => r,
-                Err(e) => panic!("{name}: the experiment could not run ({e:#}); are the broker and PostgreSQL up? `scripts/services up`"),
-            };
+            let r = must_run(name, &config, &plan).await;
             println!("{name} {g} [{f}]\n{r}");
             keep_report(&r, f);
             assert!(
@@ -346,7 +352,7 @@ async fn rabbitmq_run(g: Guarantee, faults: &str, sabotage: Option<Sabotage>) ->
         messages: 500,
         ..plan(faults, sabotage)
     };
-    let r = verify::run(&config, &plan).await.unwrap();
+    let r = must_run("rabbitmq", &config, &plan).await;
     println!("{r}");
     r
 }
@@ -417,7 +423,7 @@ async fn verify_removes_what_it_created() {
             there
         }
     };
-    let kept = verify::run(&rabbit, &small(true)).await.unwrap();
+    let kept = must_run("rabbitmq", &rabbit, &small(true)).await;
     assert!(kept.holds && kept.removed.is_empty(), "{kept}");
     assert_eq!(queues_there(kept.destination.clone()).await, [true; 3]);
     let removed = verify::remove_run(&rabbit, &kept.destination)
@@ -425,7 +431,7 @@ async fn verify_removes_what_it_created() {
         .unwrap();
     assert_eq!(removed.len(), 5, "{removed:?}");
     assert_eq!(queues_there(kept.destination.clone()).await, [false; 3]);
-    let r = verify::run(&rabbit, &small(false)).await.unwrap();
+    let r = must_run("rabbitmq", &rabbit, &small(false)).await;
     assert!(
         r.holds && r.cleanup_error.is_none() && r.removed.len() == 5,
         "{r}"
@@ -455,10 +461,10 @@ async fn verify_removes_what_it_created() {
             there
         }
     };
-    let kept = verify::run(&sqs_config(), &small(true)).await.unwrap();
+    let kept = must_run("sqs", &sqs_config(), &small(true)).await;
     assert!(kept.holds && kept.removed.is_empty(), "{kept}");
     assert_eq!(queues_there(kept.destination.clone()).await, [true; 2]);
-    let r = verify::run(&sqs_config(), &small(false)).await.unwrap();
+    let r = must_run("sqs", &sqs_config(), &small(false)).await;
     assert!(r.holds && r.cleanup_error.is_none(), "{r}");
     assert_eq!(queues_there(r.destination.clone()).await, [false; 2]);
     verify::remove_run(&sqs_config(), &kept.destination)
@@ -469,7 +475,7 @@ async fn verify_removes_what_it_created() {
     // Kafka: deleting a topic or group that does not exist is reported as such, so the names
     // in `removed` are objects that were there.
     let kafka = kafka_config(courier_testkit::endpoints::kafka_bootstrap());
-    let r = verify::run(&kafka, &small(false)).await.unwrap();
+    let r = must_run("kafka", &kafka, &small(false)).await;
     assert!(r.holds && r.cleanup_error.is_none(), "{r}");
     for object in [
         format!("topic {}", r.destination),

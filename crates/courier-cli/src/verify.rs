@@ -294,6 +294,11 @@ enum Progress {
 }
 
 impl Ledger {
+    /// Message `id` was published (its first publish succeeded).
+    fn sent(&self, id: &str) {
+        self.sent.lock().insert(id.to_owned(), ());
+    }
+
     /// Wait until `target` distinct ids had an effect, or until `deadline`.
     async fn reached(&self, target: usize, deadline: Instant) {
         self.reached_or_idle(target, Progress::Effects, None, deadline)
@@ -1077,10 +1082,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             let dest = dest.clone();
             let (n, dup) = (plan.messages as u64, plan.faults.duplicates);
             tokio::spawn(async move {
-                Ok(publish_all(&*client, &dest, n, dup, |id| {
-                    ledger.sent.lock().insert(id.to_owned(), ());
-                })
-                .await)
+                Ok(publish_all(&*client, &dest, n, dup, |id| ledger.sent(id)).await)
             })
         }
     };

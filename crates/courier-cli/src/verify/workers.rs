@@ -94,6 +94,13 @@ impl Pipe {
         let _ = out.flush();
     }
 
+    /// Tell the parent this process could not start: `fail <0/1> <message>` (1: retrying may
+    /// help), the message on one line.
+    pub(super) fn fail(&self, retryable: bool, error: &dyn std::fmt::Display) {
+        let msg = format!("{error:#}").replace('\n', " ");
+        self.send(&format!("fail {} {msg}", u8::from(retryable)));
+    }
+
     /// Called by a handler mid-way: when armed, take the kill, tell the parent, and wait — for
     /// `SIGKILL` (chosen) or `resume` (another handler was chosen first).
     pub(super) async fn maybe_park(&self) {
@@ -135,8 +142,7 @@ pub async fn worker() -> Result<()> {
                 let retryable = e
                     .downcast_ref::<courier::Error>()
                     .is_some_and(courier::Error::is_retryable);
-                let msg = format!("{e:#}").replace('\n', " ");
-                pipe.send(&format!("fail {} {msg}", u8::from(retryable)));
+                pipe.fail(retryable, &e);
                 return Err(e);
             }
         };
@@ -309,7 +315,7 @@ impl Fleet {
         });
         let stats = Arc::new(ProcStats::default());
         self.stats.lock().push(stats.clone());
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), (bool, String)>>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), NotStarted>>();
         let reader =
             tokio::spawn(
                 self.clone()
@@ -317,7 +323,7 @@ impl Fleet {
             );
         let start = match tokio::time::timeout(START_TIMEOUT, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err((retryable, msg)))) => Err(NotStarted::Failed(retryable, msg)),
+            Ok(Ok(Err(why))) => Err(why),
             Ok(Err(_)) => Err(NotStarted::Gone),
             Err(_) => Err(NotStarted::TimedOut),
         };
@@ -350,7 +356,7 @@ impl Fleet {
         stdout: tokio::process::ChildStdout,
         tx: mpsc::UnboundedSender<String>,
         stats: Arc<ProcStats>,
-        ready: oneshot::Sender<Result<(), (bool, String)>>,
+        ready: oneshot::Sender<Result<(), NotStarted>>,
     ) {
         let mut ready = Some(ready);
         let mut out = BufReader::new(stdout);
@@ -396,9 +402,9 @@ impl Fleet {
                         let _ = r.send(Ok(()));
                     }
                 }
-                (Some("fail"), Some(retryable), msg) => {
+                (Some("fail"), _, _) => {
                     if let Some(r) = ready.take() {
-                        let _ = r.send(Err((retryable == "1", msg.unwrap_or("").to_owned())));
+                        let _ = r.send(Err(NotStarted::from_fail(l)));
                     }
                 }
                 _ => tracing::warn!(line = l, "verify: unexpected line from a consumer process"),
@@ -456,6 +462,15 @@ enum NotStarted {
     TimedOut,
 }
 
+impl NotStarted {
+    /// A child's `fail <0/1> <message>` line.
+    fn from_fail(line: &str) -> Self {
+        let mut parts = line.splitn(3, ' ').skip(1);
+        let retryable = parts.next() == Some("1");
+        NotStarted::Failed(retryable, parts.next().unwrap_or("").to_owned())
+    }
+}
+
 /// The error for a child that did not start (`operation` says which), once it is reaped.
 async fn not_started(
     child: &mut tokio::process::Child,
@@ -511,8 +526,7 @@ pub async fn producer() -> Result<()> {
     let client = match connected.await {
         Ok(c) => c,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            pipe.send(&format!("fail {} {msg}", u8::from(e.is_retryable())));
+            pipe.fail(e.is_retryable(), &e);
             return Err(e.into());
         }
     };
@@ -550,13 +564,7 @@ pub(super) async fn spawn_producer(
     .await;
     let start = match first {
         Ok(Ok(Some(l))) if l == "ready" => Ok(()),
-        Ok(Ok(Some(l))) => match l.strip_prefix("fail ") {
-            Some(rest) => {
-                let (retryable, msg) = rest.split_once(' ').unwrap_or((rest, ""));
-                Err(NotStarted::Failed(retryable == "1", msg.to_owned()))
-            }
-            None => Err(NotStarted::Gone),
-        },
+        Ok(Ok(Some(l))) if l.starts_with("fail ") => Err(NotStarted::from_fail(&l)),
         Ok(_) => Err(NotStarted::Gone),
         Err(_) => Err(NotStarted::TimedOut),
     };
@@ -576,7 +584,7 @@ pub(super) async fn spawn_producer(
             };
             match line.split_once(' ') {
                 Some(("T", id)) => {
-                    ledger.sent.lock().insert(id.to_owned(), ());
+                    ledger.sent(id);
                     sent += 1;
                 }
                 Some(("done", n)) => {

@@ -695,6 +695,17 @@ impl IdempotencyStore for Flaky {
         self.check()?;
         self.inner.release(key, t).await
     }
+    fn claims_in_batches(&self) -> bool {
+        self.inner.claims_in_batches()
+    }
+    async fn claim_many(
+        &self,
+        keys: &[(&str, &str)],
+        lease: Duration,
+    ) -> courier::Result<Vec<Option<LeaseToken>>> {
+        self.check()?;
+        self.inner.claim_many(keys, lease).await
+    }
 }
 
 /// Options of one experiment.

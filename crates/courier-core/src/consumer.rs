@@ -693,43 +693,93 @@ async fn run_single<H: Handler>(
     }
     let mut fatal = None;
     let mut rr = 0usize;
-    while let Some(d) = next_delivery(&mut deliveries, &token, &mut fatal).await {
-        bump(&shared.stats.received);
-        let n = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        shared.labels.in_flight(n);
-        let mut d = Some(d);
-        let lane = match d.as_ref().and_then(|d| d.message.key.as_deref()) {
-            Some(key) => lane_for(key, concurrency),
-            None => {
-                // Keyless: the first free lane, starting after the last one used.
-                let mut chosen = None;
-                for i in 0..concurrency {
-                    let l = (rr + i) % concurrency;
-                    match lanes[l].try_send(d.take().expect("delivery present")) {
-                        Ok(()) => {
-                            chosen = Some(l);
-                            break;
-                        }
-                        Err(mpsc::error::TrySendError::Full(back))
-                        | Err(mpsc::error::TrySendError::Closed(back)) => d = Some(back),
+    // Under at-least-once and exactly-once, the deliveries already received are handed to the
+    // handler's `prepare` together (the idempotent layer claims their keys in one round trip).
+    let prepares = shared.guarantee != Guarantee::AtMostOnce;
+    let batch_max = (concurrency * 2).clamp(1, 64);
+    let mut ended = false;
+    'receive: while !ended {
+        let Some(first) = next_delivery(&mut deliveries, &token, &mut fatal).await else {
+            break;
+        };
+        let mut batch = vec![first];
+        if prepares {
+            while batch.len() < batch_max {
+                match deliveries.next().now_or_never() {
+                    None => break,
+                    Some(Some(Ok(d))) => batch.push(d),
+                    Some(Some(Err(e))) if e.is_retryable() => {
+                        warn!(error = %e, "subscription error; retrying");
+                        break;
+                    }
+                    Some(Some(Err(e))) => {
+                        fatal = Some(e);
+                        ended = true;
+                        break;
+                    }
+                    Some(None) => {
+                        ended = true;
+                        break;
                     }
                 }
-                rr = rr.wrapping_add(1);
-                match chosen {
-                    Some(_) => continue,
-                    None => rr % concurrency,
+            }
+            let messages: Vec<&crate::Message> = batch.iter().map(|d| &d.message).collect();
+            handler.prepare(&messages).await;
+        }
+        let mut batch = batch.into_iter();
+        while let Some(d) = batch.next() {
+            bump(&shared.stats.received);
+            let n = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            shared.labels.in_flight(n);
+            let mut d = Some(d);
+            let lane = match d.as_ref().and_then(|d| d.message.key.as_deref()) {
+                Some(key) => lane_for(key, concurrency),
+                None => {
+                    // Keyless: the first free lane, starting after the last one used.
+                    let mut chosen = None;
+                    for i in 0..concurrency {
+                        let l = (rr + i) % concurrency;
+                        match lanes[l].try_send(d.take().expect("delivery present")) {
+                            Ok(()) => {
+                                chosen = Some(l);
+                                break;
+                            }
+                            Err(mpsc::error::TrySendError::Full(back))
+                            | Err(mpsc::error::TrySendError::Closed(back)) => d = Some(back),
+                        }
+                    }
+                    rr = rr.wrapping_add(1);
+                    match chosen {
+                        Some(_) => continue,
+                        None => rr % concurrency,
+                    }
                 }
-            }
-        };
-        let d = d.expect("delivery present");
-        tokio::select! {
-            biased;
-            _ = token.cancelled() => {
-                // Dropped unsettled: the broker redelivers it.
+            };
+            let d = d.expect("delivery present");
+            // Wait for room in the lane without giving the delivery away, so a shutdown
+            // meanwhile still has it to abandon.
+            let permit = tokio::select! {
+                biased;
+                _ = token.cancelled() => None,
+                p = lanes[lane].reserve() => p.ok(),
+            };
+            let undelivered = match permit {
+                Some(permit) => {
+                    permit.send(d);
+                    None
+                }
+                None => Some(d),
+            };
+            if let Some(d) = undelivered {
+                // Dropped unsettled: the broker redelivers them.
                 shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                break;
+                if prepares {
+                    let rest: Vec<Delivery> = std::iter::once(d).chain(batch).collect();
+                    let messages: Vec<&crate::Message> = rest.iter().map(|d| &d.message).collect();
+                    handler.abandon(&messages).await;
+                }
+                break 'receive;
             }
-            r = lanes[lane].send(d) => if r.is_err() { break },
         }
     }
     drop(lanes);

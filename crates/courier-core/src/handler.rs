@@ -233,6 +233,24 @@ pub trait Handler: Send + Sync + 'static {
     fn is_idempotent(&self) -> bool {
         false
     }
+
+    /// Called by the consume loop (at-least-once and exactly-once) with the deliveries it
+    /// received together, before it hands them to [`handle`](Self::handle) one by one: a layer
+    /// can do its per-message set-up for all of them in one step (the idempotent layer claims
+    /// their keys in one store round trip). Default: nothing.
+    ///
+    /// Purely an optimisation: `handle` must be correct for a message that was never prepared.
+    /// Every prepared message is later passed to `handle`, or to [`abandon`](Self::abandon)
+    /// when the consumer stops before handing it over.
+    async fn prepare(&self, messages: &[&Message]) {
+        let _ = messages;
+    }
+
+    /// Prepared messages the consume loop will not hand to `handle` (it is shutting down; the
+    /// broker redelivers them): undo what [`prepare`](Self::prepare) did. Default: nothing.
+    async fn abandon(&self, messages: &[&Message]) {
+        let _ = messages;
+    }
 }
 
 #[async_trait]
@@ -243,6 +261,14 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
 
     fn is_idempotent(&self) -> bool {
         (**self).is_idempotent()
+    }
+
+    async fn prepare(&self, messages: &[&Message]) {
+        (**self).prepare(messages).await
+    }
+
+    async fn abandon(&self, messages: &[&Message]) {
+        (**self).abandon(messages).await
     }
 }
 

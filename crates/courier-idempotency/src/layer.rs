@@ -1,17 +1,20 @@
 //! The layer over a handler.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use courier_core::config::StoreFailurePolicy;
 use courier_core::{Context, Error, Handler, HandlerError, Message};
 
-use crate::store::{Begin, IdempotencyStore};
+use crate::store::{Begin, IdempotencyStore, LeaseToken};
 
 /// Counters of the layer (shared; read them while the consumer runs).
 #[derive(Debug, Default)]
@@ -66,6 +69,15 @@ pub struct Idempotent<H> {
     store_retry: Duration,
     complete_timeout: Duration,
     stats: Arc<IdempotencyStats>,
+    /// Keys claimed ahead of their handlers by [`Handler::prepare`], by key.
+    claimed: Mutex<HashMap<String, Claimed>>,
+}
+
+/// A key claimed in a batch, waiting for its delivery's handler.
+struct Claimed {
+    token: LeaseToken,
+    fingerprint: String,
+    at: Instant,
 }
 
 /// Aborts a spawned task when dropped.
@@ -103,6 +115,7 @@ impl<H: Handler> Idempotent<H> {
             store_retry: Duration::from_secs(1),
             complete_timeout: Duration::from_secs(120),
             stats: Arc::default(),
+            claimed: Mutex::default(),
         }
     }
 
@@ -167,6 +180,25 @@ impl<H: Handler> Idempotent<H> {
     fn key(&self, message: &Message) -> String {
         format!("{}:{}", self.namespace, message.id)
     }
+
+    /// The lease claimed for `key` by `prepare`, if there is one for this payload and it still
+    /// holds, with when its current term started. A claim older than a third of the lease is
+    /// extended first (its delivery waited in a lane); one for another payload is released so
+    /// that `begin` sees the key as it is.
+    async fn take_claimed(&self, key: &str, fingerprint: &str) -> Option<(LeaseToken, Instant)> {
+        let claimed = self.claimed.lock().remove(key)?;
+        if claimed.fingerprint != fingerprint {
+            let _ = self.store.release(key, &claimed.token).await;
+            return None;
+        }
+        if claimed.at.elapsed() < self.lease / 3 {
+            return Some((claimed.token, claimed.at));
+        }
+        match self.store.extend(key, &claimed.token, self.lease).await {
+            Ok(true) => Some((claimed.token, Instant::now())),
+            Ok(false) | Err(_) => None,
+        }
+    }
 }
 
 #[async_trait]
@@ -175,61 +207,64 @@ impl<H: Handler> Handler for Idempotent<H> {
         let store = self.store.name();
         let key = self.key(message);
         let fp = fingerprint(message);
-        let token = match self.store.begin(&key, &fp, self.lease).await {
-            Ok(Begin::Begun(t)) => t,
-            Ok(Begin::Completed { .. }) => {
-                bump(
-                    &self.stats.duplicates_absorbed,
-                    "courier_duplicates_absorbed_total",
-                    store,
-                );
-                debug!(%key, "duplicate absorbed");
-                return Ok(());
-            }
-            Ok(Begin::InProgress { retry_after }) => {
-                bump(
-                    &self.stats.in_progress_deferred,
-                    "courier_idempotency_in_progress_total",
-                    store,
-                );
-                return Err(HandlerError::defer(
-                    retry_after.max(Duration::from_millis(50)),
-                    format!("{key} is being processed by another worker"),
-                ));
-            }
-            Err(e @ Error::IdempotencyConflict { .. }) => {
-                bump(
-                    &self.stats.conflicts,
-                    "courier_idempotency_conflicts_total",
-                    store,
-                );
-                return Err(HandlerError::permanent(e));
-            }
-            Err(e) => {
-                bump(
-                    &self.stats.store_errors,
-                    "courier_idempotency_store_errors_total",
-                    store,
-                );
-                return match self.policy {
-                    StoreFailurePolicy::FailClosed => {
-                        warn!(%key, error = %e, "idempotency store unavailable: deferring (fail-closed)");
-                        Err(HandlerError::defer(
-                            self.store_retry,
-                            format!("idempotency store unavailable: {e}"),
-                        ))
-                    }
-                    StoreFailurePolicy::FailOpen => {
-                        bump(
-                            &self.stats.processed_fail_open,
-                            "courier_idempotency_fail_open_total",
-                            store,
-                        );
-                        warn!(%key, error = %e, "idempotency store unavailable: processing without dedup (fail-open)");
-                        self.inner.handle(message, cx).await
-                    }
-                };
-            }
+        let (token, since) = match self.take_claimed(&key, &fp).await {
+            Some(claimed) => claimed,
+            None => match self.store.begin(&key, &fp, self.lease).await {
+                Ok(Begin::Begun(t)) => (t, Instant::now()),
+                Ok(Begin::Completed { .. }) => {
+                    bump(
+                        &self.stats.duplicates_absorbed,
+                        "courier_duplicates_absorbed_total",
+                        store,
+                    );
+                    debug!(%key, "duplicate absorbed");
+                    return Ok(());
+                }
+                Ok(Begin::InProgress { retry_after }) => {
+                    bump(
+                        &self.stats.in_progress_deferred,
+                        "courier_idempotency_in_progress_total",
+                        store,
+                    );
+                    return Err(HandlerError::defer(
+                        retry_after.max(Duration::from_millis(50)),
+                        format!("{key} is being processed by another worker"),
+                    ));
+                }
+                Err(e @ Error::IdempotencyConflict { .. }) => {
+                    bump(
+                        &self.stats.conflicts,
+                        "courier_idempotency_conflicts_total",
+                        store,
+                    );
+                    return Err(HandlerError::permanent(e));
+                }
+                Err(e) => {
+                    bump(
+                        &self.stats.store_errors,
+                        "courier_idempotency_store_errors_total",
+                        store,
+                    );
+                    return match self.policy {
+                        StoreFailurePolicy::FailClosed => {
+                            warn!(%key, error = %e, "idempotency store unavailable: deferring (fail-closed)");
+                            Err(HandlerError::defer(
+                                self.store_retry,
+                                format!("idempotency store unavailable: {e}"),
+                            ))
+                        }
+                        StoreFailurePolicy::FailOpen => {
+                            bump(
+                                &self.stats.processed_fail_open,
+                                "courier_idempotency_fail_open_total",
+                                store,
+                            );
+                            warn!(%key, error = %e, "idempotency store unavailable: processing without dedup (fail-open)");
+                            self.inner.handle(message, cx).await
+                        }
+                    };
+                }
+            },
         };
         bump(&self.stats.begun, "courier_idempotency_begun_total", store);
 
@@ -243,7 +278,7 @@ impl<H: Handler> Handler for Idempotent<H> {
             tokio::select! {
             biased;
             r = &mut handler => r,
-            _ = tokio::time::sleep(self.lease / 3) => {
+            _ = tokio::time::sleep((self.lease / 3).saturating_sub(since.elapsed())) => {
                 let _heartbeat = AbortOnDrop({
                     let store = self.store.clone();
                     let key = key.clone();
@@ -340,5 +375,72 @@ impl<H: Handler> Handler for Idempotent<H> {
 
     fn is_idempotent(&self) -> bool {
         true
+    }
+
+    /// Claims the keys of deliveries that arrived together in one store round trip (stores that
+    /// can: Redis), so each handler run starts with its lease held. A key that exists is left to
+    /// `handle`'s own `begin`; a failed batch claim is only logged (each message then claims its
+    /// own key, and the store-failure policy applies there).
+    async fn prepare(&self, messages: &[&Message]) {
+        self.inner.prepare(messages).await;
+        if messages.len() < 2 || !self.store.claims_in_batches() {
+            return;
+        }
+        let mut keys: Vec<(String, String)> = Vec::with_capacity(messages.len());
+        {
+            let claimed = self.claimed.lock();
+            for m in messages {
+                let key = self.key(m);
+                if !claimed.contains_key(&key) && !keys.iter().any(|(k, _)| *k == key) {
+                    keys.push((key, fingerprint(m)));
+                }
+            }
+        }
+        let pairs: Vec<(&str, &str)> = keys.iter().map(|(k, f)| (k.as_str(), f.as_str())).collect();
+        let at = Instant::now();
+        match self.store.claim_many(&pairs, self.lease).await {
+            Ok(tokens) => {
+                let mut claimed = self.claimed.lock();
+                // Claims never taken (their handler was dropped) have expired in the store.
+                claimed.retain(|_, c| c.at.elapsed() < self.lease);
+                for ((key, fingerprint), token) in keys.into_iter().zip(tokens) {
+                    if let Some(token) = token {
+                        claimed.entry(key).or_insert(Claimed {
+                            token,
+                            fingerprint,
+                            at,
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                bump(
+                    &self.stats.store_errors,
+                    "courier_idempotency_store_errors_total",
+                    self.store.name(),
+                );
+                debug!(error = %e, "claiming a batch of keys failed; each message claims its own");
+            }
+        }
+    }
+
+    /// Releases the leases `prepare` claimed for deliveries that will not be handled.
+    async fn abandon(&self, messages: &[&Message]) {
+        self.inner.abandon(messages).await;
+        let taken: Vec<(String, LeaseToken)> = {
+            let mut claimed = self.claimed.lock();
+            messages
+                .iter()
+                .filter_map(|m| {
+                    let key = self.key(m);
+                    claimed.remove(&key).map(|c| (key, c.token))
+                })
+                .collect()
+        };
+        for (key, token) in taken {
+            if let Err(e) = self.store.release(&key, &token).await {
+                debug!(%key, error = %e, "release failed; the lease will expire");
+            }
+        }
     }
 }

@@ -255,6 +255,58 @@ impl IdempotencyStore for PostgresStore {
         Err(pg_err("begin", "the key kept changing state; try again"))
     }
 
+    fn claims_in_batches(&self) -> bool {
+        true
+    }
+
+    /// One statement for the whole batch (one commit). Keys go in sorted order, so two batches
+    /// that share keys lock their rows in the same order and cannot deadlock; a key given twice
+    /// is claimed once (for its first occurrence).
+    async fn claim_many(
+        &self,
+        keys: &[(&str, &str)],
+        lease: Duration,
+    ) -> Result<Vec<Option<LeaseToken>>> {
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by(|&a, &b| keys[a].0.cmp(keys[b].0));
+        order.dedup_by(|later, first| keys[*later].0 == keys[*first].0);
+        let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::new()).collect();
+        let sql = format!(
+            "INSERT INTO {t} AS t (key, status, fingerprint, token, result, expires_at)
+             SELECT k, 'p', f, tok, NULL, now() + $4 * interval '1 millisecond'
+             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, f, tok, n)
+             ORDER BY n
+             ON CONFLICT (key) DO UPDATE
+               SET status = 'p', fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                   result = NULL, expires_at = EXCLUDED.expires_at, updated_at = now()
+               WHERE t.expires_at <= now()
+             RETURNING token",
+            t = self.table
+        );
+        let rows = self
+            .bounded(
+                "begin",
+                sqlx::query(&sql)
+                    .bind(order.iter().map(|&i| keys[i].0).collect::<Vec<_>>())
+                    .bind(order.iter().map(|&i| keys[i].1).collect::<Vec<_>>())
+                    .bind(
+                        order
+                            .iter()
+                            .map(|&i| tokens[i].0.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(millis(lease))
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        let won: std::collections::HashSet<String> =
+            rows.iter().map(|r| r.get::<String, _>("token")).collect();
+        Ok(tokens
+            .into_iter()
+            .map(|t| won.contains(&t.0).then_some(t))
+            .collect())
+    }
+
     async fn extend(&self, key: &str, token: &LeaseToken, lease: Duration) -> Result<bool> {
         let sql = format!(
             "UPDATE {t} SET expires_at = now() + $3 * interval '1 millisecond', updated_at = now()

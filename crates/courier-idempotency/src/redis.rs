@@ -358,6 +358,45 @@ impl IdempotencyStore for RedisStore {
         ))
     }
 
+    fn claims_in_batches(&self) -> bool {
+        true
+    }
+
+    /// One pipeline of `SET … NX PX`, one per key: one round trip for the whole batch.
+    async fn claim_many(
+        &self,
+        keys: &[(&str, &str)],
+        lease: Duration,
+    ) -> Result<Vec<Option<LeaseToken>>> {
+        let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::new()).collect();
+        let mut pipe = redis::pipe();
+        for ((key, fingerprint), token) in keys.iter().zip(&tokens) {
+            pipe.cmd("SET")
+                .arg(self.rkey(key))
+                .arg(in_progress(token, fingerprint))
+                .arg("NX")
+                .arg("PX")
+                .arg(ms(lease));
+        }
+        let mut conn = self.conn.clone();
+        let claimed: Vec<Option<String>> = self.query("begin", pipe.query_async(&mut conn)).await?;
+        if claimed.len() != tokens.len() {
+            return Err(store_err(
+                "begin",
+                format!(
+                    "{} replies to a pipeline of {} claims",
+                    claimed.len(),
+                    tokens.len()
+                ),
+            ));
+        }
+        Ok(claimed
+            .into_iter()
+            .zip(tokens)
+            .map(|(ok, token)| ok.map(|_| token))
+            .collect())
+    }
+
     async fn extend(&self, key: &str, token: &LeaseToken, lease: Duration) -> Result<bool> {
         let n = self
             .script(

@@ -70,4 +70,30 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Give up a held lease so the message can be retried at once.
     async fn release(&self, key: &str, token: &LeaseToken) -> Result<()>;
+
+    /// Whether [`claim_many`](Self::claim_many) costs less than one `begin` per key (one round
+    /// trip for all of them). The layer only claims the keys of deliveries that arrived together
+    /// ahead of their handlers when it does. Default `false`.
+    fn claims_in_batches(&self) -> bool {
+        false
+    }
+
+    /// Claim several `(key, fingerprint)` pairs for `lease` at once: `Some(token)` for each key
+    /// claimed, `None` for a key that exists (in progress or completed; a later `begin` says
+    /// which and checks its fingerprint). Atomic per key, like `begin`. Default: one `begin` per
+    /// key.
+    async fn claim_many(
+        &self,
+        keys: &[(&str, &str)],
+        lease: Duration,
+    ) -> Result<Vec<Option<LeaseToken>>> {
+        let mut claimed = Vec::with_capacity(keys.len());
+        for (key, fingerprint) in keys {
+            claimed.push(match self.begin(key, fingerprint, lease).await? {
+                Begin::Begun(token) => Some(token),
+                Begin::InProgress { .. } | Begin::Completed { .. } => None,
+            });
+        }
+        Ok(claimed)
+    }
 }

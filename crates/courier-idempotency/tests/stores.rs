@@ -189,13 +189,73 @@ async fn one_winner_under_contention(s: Arc<dyn IdempotencyStore>) {
     }
 }
 
+/// A batch claim wins fresh keys, leaves existing ones (held or completed) to `begin`, and
+/// races a concurrent `begin` with one winner per key.
+async fn batch_claim(s: Arc<dyn IdempotencyStore>) {
+    let (fresh, held, done) = (unique("k"), unique("k"), unique("k"));
+    let held_token = begun(s.begin(&held, "fp", LEASE).await.unwrap());
+    let t = begun(s.begin(&done, "fp", LEASE).await.unwrap());
+    assert!(s.complete(&done, &t, "fp", None, TTL).await.unwrap());
+    let claimed = s
+        .claim_many(&[(&fresh, "fp"), (&held, "fp"), (&done, "fp")], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    assert_eq!(claimed[1], None, "a held key is not claimed again");
+    assert_eq!(claimed[2], None, "a completed key is not claimed again");
+    let token = claimed[0].clone().expect("a fresh key is claimed");
+    assert!(matches!(
+        s.begin(&fresh, "fp", LEASE).await.unwrap(),
+        Begin::InProgress { .. }
+    ));
+    assert!(s.extend(&fresh, &token, LEASE).await.unwrap());
+    assert!(s.complete(&fresh, &token, "fp", None, TTL).await.unwrap());
+    assert!(matches!(
+        s.begin(&fresh, "fp", LEASE).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    // The held key is still its first holder's.
+    assert!(s
+        .complete(&held, &held_token, "fp", None, TTL)
+        .await
+        .unwrap());
+
+    // Batch claims and single begins racing for the same keys: one winner per key.
+    let keys: Vec<String> = (0..32).map(|_| unique("k")).collect();
+    let batch = {
+        let (s, keys) = (s.clone(), keys.clone());
+        tokio::spawn(async move {
+            let pairs: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "fp")).collect();
+            s.claim_many(&pairs, LEASE).await.unwrap()
+        })
+    };
+    let singles: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move {
+                matches!(s.begin(&k, "fp", LEASE).await.unwrap(), Begin::Begun(_))
+            })
+        })
+        .collect();
+    let batch = batch.await.unwrap();
+    for (i, single) in singles.into_iter().enumerate() {
+        let single = single.await.unwrap();
+        assert!(
+            batch[i].is_some() != single,
+            "key {i}: batch claimed {}, begin won {single}",
+            batch[i].is_some()
+        );
+    }
+}
+
 macro_rules! contract {
     ($store:ident) => {
         mod $store {
             contract!(@t $store; claim_complete_and_absorb, completed_without_result,
                 different_payload_is_a_conflict, release_lets_a_retry_begin,
                 expired_lease_is_taken_over, extend_keeps_the_lease,
-                completed_key_expires_after_ttl, one_winner_under_contention);
+                completed_key_expires_after_ttl, one_winner_under_contention, batch_claim);
         }
     };
     (@t $store:ident; $($case:ident),*) => {

@@ -117,7 +117,8 @@ macro_rules! conformance_suite {
             handler_errors_retry_then_dead_letter,
             permanent_error_dead_letters_at_once,
             batch_settles_only_after_success,
-            exactly_once_effects_with_idempotent_layer
+            exactly_once_effects_with_idempotent_layer,
+            prepared_deliveries_are_handled_or_abandoned
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -21,6 +21,9 @@ use crate::store::{Begin, IdempotencyStore, LeaseToken};
 pub struct IdempotencyStats {
     /// Handler runs that began with a fresh lease.
     pub begun: AtomicU64,
+    /// Of those, runs whose lease was claimed ahead, with the other deliveries received
+    /// together (one store round trip for the batch).
+    pub claimed_ahead: AtomicU64,
     /// Keys completed.
     pub completed: AtomicU64,
     /// Duplicates acknowledged without running the handler.
@@ -208,7 +211,14 @@ impl<H: Handler> Handler for Idempotent<H> {
         let key = self.key(message);
         let fp = fingerprint(message);
         let (token, since) = match self.take_claimed(&key, &fp).await {
-            Some(claimed) => claimed,
+            Some(claimed) => {
+                bump(
+                    &self.stats.claimed_ahead,
+                    "courier_idempotency_claimed_ahead_total",
+                    store,
+                );
+                claimed
+            }
             None => match self.store.begin(&key, &fp, self.lease).await {
                 Ok(Begin::Begun(t)) => (t, Instant::now()),
                 Ok(Begin::Completed { .. }) => {

@@ -113,6 +113,11 @@ async fn prepared_batch_is_claimed_ahead_and_handled_once() {
     }
     assert_eq!(get(&runs), 10);
     assert_eq!(get(&stats.begun), 10);
+    assert_eq!(
+        get(&stats.claimed_ahead),
+        10,
+        "every run began on its batch claim"
+    );
     assert_eq!(get(&stats.completed), 10);
     assert_eq!(get(&stats.duplicates_absorbed), 10);
     assert_eq!(get(&stats.leases_lost), 0);
@@ -185,6 +190,11 @@ async fn a_claim_that_expired_while_waiting_is_not_trusted() {
     handle(&layer, &batch[1]).await.unwrap();
     assert_eq!(get(&runs), 1, "only batch[1] runs here");
     assert_eq!(get(&stats.duplicates_absorbed), 1);
+    assert_eq!(
+        get(&stats.claimed_ahead),
+        0,
+        "a lapsed claim is never trusted"
+    );
     assert_eq!(get(&stats.leases_lost), 0);
 }
 

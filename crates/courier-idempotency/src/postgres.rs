@@ -55,6 +55,14 @@ fn valid_table(table: &str) -> Result<()> {
     }
 }
 
+/// The end of a claim: a key that exists is taken over only once its lease or TTL has expired
+/// (so one statement decides, one winner per key); the claimed rows' tokens are returned.
+const CLAIM_CONFLICT: &str = "ON CONFLICT (key) DO UPDATE
+               SET status = 'p', fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                   result = NULL, expires_at = EXCLUDED.expires_at, updated_at = now()
+               WHERE t.expires_at <= now()
+             RETURNING token";
+
 fn millis(d: Duration) -> i64 {
     d.as_millis().clamp(1, i64::MAX as u128) as i64
 }
@@ -196,11 +204,7 @@ impl IdempotencyStore for PostgresStore {
         let claim = format!(
             "INSERT INTO {t} AS t (key, status, fingerprint, token, result, expires_at)
              VALUES ($1, 'p', $2, $3, NULL, now() + $4 * interval '1 millisecond')
-             ON CONFLICT (key) DO UPDATE
-               SET status = 'p', fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                   result = NULL, expires_at = EXCLUDED.expires_at, updated_at = now()
-               WHERE t.expires_at <= now()
-             RETURNING token",
+             {CLAIM_CONFLICT}",
             t = self.table
         );
         let look = format!(
@@ -276,11 +280,7 @@ impl IdempotencyStore for PostgresStore {
              SELECT k, 'p', f, tok, NULL, now() + $4 * interval '1 millisecond'
              FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, f, tok, n)
              ORDER BY n
-             ON CONFLICT (key) DO UPDATE
-               SET status = 'p', fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                   result = NULL, expires_at = EXCLUDED.expires_at, updated_at = now()
-               WHERE t.expires_at <= now()
-             RETURNING token",
+             {CLAIM_CONFLICT}",
             t = self.table
         );
         let rows = self

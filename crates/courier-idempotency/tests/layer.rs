@@ -90,14 +90,7 @@ async fn prepared_batch_is_claimed_ahead_and_handled_once() {
     let refs: Vec<&Message> = batch.iter().collect();
     layer.prepare(&refs).await;
     for m in &batch {
-        let b = store
-            .begin(
-                &format!("g:{}", m.id),
-                &courier_idempotency::fingerprint(m),
-                LEASE,
-            )
-            .await
-            .unwrap();
+        let b = other_worker_begins(&store, m).await;
         assert!(
             matches!(b, Begin::InProgress { .. }),
             "not claimed ahead: {b:?}"
@@ -125,6 +118,13 @@ async fn prepared_batch_is_claimed_ahead_and_handled_once() {
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// What another worker's `begin` of `m`'s key (namespace `g`) finds.
+async fn other_worker_begins(store: &Arc<dyn IdempotencyStore>, m: &Message) -> Begin {
+    let key = format!("g:{}", m.id);
+    let fp = courier_idempotency::fingerprint(m);
+    store.begin(&key, &fp, LEASE).await.unwrap()
+}
+
 /// Deliveries the consume loop abandons (shutdown) give their claimed leases back at once.
 #[tokio::test]
 async fn abandoned_batch_releases_its_claims() {
@@ -136,14 +136,7 @@ async fn abandoned_batch_releases_its_claims() {
     layer.prepare(&refs).await;
     layer.abandon(&refs).await;
     for m in &batch {
-        let b = store
-            .begin(
-                &format!("g:{}", m.id),
-                &courier_idempotency::fingerprint(m),
-                LEASE,
-            )
-            .await
-            .unwrap();
+        let b = other_worker_begins(&store, m).await;
         assert!(
             matches!(b, Begin::Begun(_)),
             "claim kept after abandon: {b:?}"

@@ -184,6 +184,13 @@ impl<H: Handler> Idempotent<H> {
         format!("{}:{}", self.namespace, message.id)
     }
 
+    /// Give a held lease back; a failure is only logged (the lease then expires by itself).
+    async fn release(&self, key: &str, token: &LeaseToken) {
+        if let Err(e) = self.store.release(key, token).await {
+            debug!(%key, error = %e, "release failed; the lease will expire");
+        }
+    }
+
     /// The lease claimed for `key` by `prepare`, if there is one for this payload and it still
     /// holds, with when its current term started. A claim older than a third of the lease is
     /// extended first (its delivery waited in a lane); one for another payload is released so
@@ -191,7 +198,7 @@ impl<H: Handler> Idempotent<H> {
     async fn take_claimed(&self, key: &str, fingerprint: &str) -> Option<(LeaseToken, Instant)> {
         let claimed = self.claimed.lock().remove(key)?;
         if claimed.fingerprint != fingerprint {
-            let _ = self.store.release(key, &claimed.token).await;
+            self.release(key, &claimed.token).await;
             return None;
         }
         if claimed.at.elapsed() < self.lease / 3 {
@@ -325,7 +332,7 @@ impl<H: Handler> Handler for Idempotent<H> {
             Ok(()) => {
                 // Outputs first: a completed key must always have its outputs published.
                 if let Err(e) = cx.flush().await {
-                    let _ = self.store.release(&key, &token).await;
+                    self.release(&key, &token).await;
                     return Err(HandlerError::retryable(e));
                 }
                 // The effect happened: record it, waiting out a store outage (the delivery stays
@@ -375,9 +382,7 @@ impl<H: Handler> Handler for Idempotent<H> {
                 }
             }
             Err(e) => {
-                if let Err(re) = self.store.release(&key, &token).await {
-                    debug!(%key, error = %re, "release failed; the lease will expire");
-                }
+                self.release(&key, &token).await;
                 Err(e)
             }
         }
@@ -388,7 +393,7 @@ impl<H: Handler> Handler for Idempotent<H> {
     }
 
     /// Claims the keys of deliveries that arrived together in one store round trip (stores that
-    /// can: Redis), so each handler run starts with its lease held. A key that exists is left to
+    /// can: Redis, PostgreSQL), so each handler run starts with its lease held. A key that exists is left to
     /// `handle`'s own `begin`; a failed batch claim is only logged (each message then claims its
     /// own key, and the store-failure policy applies there).
     async fn prepare(&self, messages: &[&Message]) {
@@ -396,12 +401,15 @@ impl<H: Handler> Handler for Idempotent<H> {
         if messages.len() < 2 || !self.store.claims_in_batches() {
             return;
         }
+        // One claim per key not already claimed (a redelivery can arrive while the first
+        // delivery of its id still waits in a lane).
         let mut keys: Vec<(String, String)> = Vec::with_capacity(messages.len());
         {
             let claimed = self.claimed.lock();
+            let mut seen = std::collections::HashSet::new();
             for m in messages {
                 let key = self.key(m);
-                if !claimed.contains_key(&key) && !keys.iter().any(|(k, _)| *k == key) {
+                if !claimed.contains_key(&key) && seen.insert(key.clone()) {
                     keys.push((key, fingerprint(m)));
                 }
             }
@@ -448,9 +456,7 @@ impl<H: Handler> Handler for Idempotent<H> {
                 .collect()
         };
         for (key, token) in taken {
-            if let Err(e) = self.store.release(&key, &token).await {
-                debug!(%key, error = %e, "release failed; the lease will expire");
-            }
+            self.release(&key, &token).await;
         }
     }
 }

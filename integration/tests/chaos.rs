@@ -69,48 +69,10 @@ async fn cell(url: &str, guarantee: Guarantee, faults: &str) -> verify::Report {
 /// the run's database connections (commits included). With a store outside the effect's
 /// transaction (Redis, in-process), a crash between the effect and the completed key repeats the
 /// effect — see docs/proving.md.
-async fn backend_matrix(
-    name: &str,
-    base: Config,
-    messages: usize,
-    faults: &[&str],
-    left_out: &[(Guarantee, &str, &str)],
-) {
-    backend_cells(
-        name,
-        base,
-        messages,
-        &Guarantee::ALL,
-        faults,
-        left_out,
-        None,
-    )
-    .await
-}
-
-/// Creates a cell's destination and its `-dlq` on a broker courier cannot create them on; returns
-/// the name.
-type Provision = fn() -> String;
-
-/// The cells `guarantees` × `faults` of one backend (see [`backend_matrix`]).
-async fn backend_cells(
-    name: &str,
-    base: Config,
-    messages: usize,
-    guarantees: &[Guarantee],
-    faults: &[&str],
-    left_out: &[(Guarantee, &str, &str)],
-    provision: Option<Provision>,
-) {
+async fn backend_matrix(name: &str, base: Config, messages: usize, faults: &[&str]) {
     let mut failures = Vec::new();
-    for &g in guarantees {
+    for g in Guarantee::ALL {
         for f in faults {
-            if let Some((_, _, why)) = left_out.iter().find(|(lg, lf, _)| *lg == g && lf == f) {
-                courier_testkit::endpoints::notice(&format!(
-                    "{name} {g} [{f}]: LEFT OUT of this matrix: {why}"
-                ));
-                continue;
-            }
             let mut config = base.clone().with_guarantee(g);
             // At-most-once gets the store too: its consumers are processes, and an id the
             // producer published twice may reach two of them; the consumer's in-memory window
@@ -124,16 +86,10 @@ async fn backend_cells(
             let base_plan = plan(f, None);
             let plan = Plan {
                 messages,
-                destination: provision.map(|p| p()),
-                // Full-size cells get longer (10,000 messages: 10 minutes, as scripts/full-matrix).
-                timeout: base_plan
-                    .timeout
-                    .max(Duration::from_millis(messages as u64 * 60)),
                 ..base_plan
             };
             let r = must_run(name, &config, &plan).await;
             println!("{name} {g} [{f}]\n{r}");
-            keep_report(&r, f);
             assert!(
                 r.consumer_processes && r.producer_process,
                 "{name}: the producer or the consumers ran in the test process, not as processes"
@@ -150,23 +106,6 @@ async fn backend_cells(
     );
 }
 
-/// With `FULL_MATRIX_OUT` set (by `scripts/full-matrix`), keep a cell's report there as JSON,
-/// named as the script names the reports of `courier verify --json`.
-fn keep_report(r: &verify::Report, faults: &str) {
-    let Ok(dir) = std::env::var("FULL_MATRIX_OUT") else {
-        return;
-    };
-    let name: String = faults
-        .chars()
-        .map(|c| if "=,.".contains(c) { '_' } else { c })
-        .collect();
-    let path = format!("{dir}/{}-{}-{name}.json", r.backend, r.guarantee);
-    let json = serde_json::to_string(r).expect("a report serializes");
-    if let Err(e) = std::fs::write(&path, json) {
-        panic!("writing {path}: {e}");
-    }
-}
-
 /// Faults every broker backend is checked under (the broker restart is the RabbitMQ fault
 /// test's; restarting a shared local broker mid-suite would fail unrelated tests).
 const BACKEND_FAULTS: &[&str] = &[
@@ -180,12 +119,12 @@ const BACKEND_FAULTS: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_matrix_holds() {
     let config = Config::from_url(&courier_testkit::endpoints::rabbitmq_url()).unwrap();
-    backend_matrix("rabbitmq", config, 500, BACKEND_FAULTS, &[]).await;
+    backend_matrix("rabbitmq", config, 500, BACKEND_FAULTS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqs_matrix_holds() {
-    backend_matrix("sqs", sqs_config(), 300, BACKEND_FAULTS, &[]).await;
+    backend_matrix("sqs", sqs_config(), 300, BACKEND_FAULTS).await;
 }
 
 fn sqs_config() -> Config {
@@ -210,7 +149,7 @@ fn sqs_config() -> Config {
 /// publisher and consumers — is dropped at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_cuts_hold_on_sqs() {
-    backend_matrix("sqs", sqs_config(), 300, &["cut=3"], &[]).await;
+    backend_matrix("sqs", sqs_config(), 300, &["cut=3"]).await;
 }
 
 /// The same on RabbitMQ, where publisher and consumers share one AMQP connection, and the cuts
@@ -223,24 +162,12 @@ async fn connection_cuts_hold_on_rabbitmq() {
         config,
         500,
         &["cut=3", "cut=2,kill=1,errors=0.05"],
-        &[],
     )
     .await;
 }
 
 /// Every fault of the broker cells at once.
 const ALL_FAULTS: &str = "kill=2,errors=0.05,duplicates=0.1,store-outage=1s";
-
-/// A fresh verify topic and its dead-letter topic on librdkafka's MockCluster.
-fn provision_mock_topics() -> String {
-    let name = courier_testkit::unique("verify-mock");
-    for topic in [name.clone(), format!("{name}-dlq")] {
-        if let Err(e) = courier_testkit::kafka_mock::create_topic(&topic) {
-            panic!("MockCluster: creating {topic}: {e}");
-        }
-    }
-    name
-}
 
 /// A Kafka configuration for the cells: a crashed consumer's partitions move after 6 s, not the
 /// default 45 s.
@@ -258,34 +185,12 @@ fn kafka_config(bootstrap: String) -> Config {
     }
 }
 
-/// Why the Kafka cells with consumer crashes are left out on nisshi for at-least-once and
-/// exactly-once (docs/proving.md, finding 3: a broker bug). At-most-once keeps them: loss is what it allows. The
-/// same cells run on librdkafka's MockCluster below.
-const KAFKA_STALL: &str =
-    "a group-coordinator bug of the local broker, nisshi 0.7.0-pre.2 (docs/proving.md, finding \
-     3): when the group leader leaves while the group is rebalancing, nisshi keeps the departed \
-     member as leader, no live member computes an assignment and no partition is handed out \
-     again (40-60 of 200 messages undelivered in about 1 run in 8). These cells run on \
-     librdkafka's MockCluster instead (kafka_crash_cells_hold_on_mock_cluster)";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_matrix_holds() {
     let config = kafka_config(courier_testkit::endpoints::kafka_bootstrap());
     // Fewer cells than the other brokers: every Kafka cell pays a consumer-group join and its
     // crashes a rebalance; the combined cell still covers each fault.
-    backend_matrix(
-        "kafka",
-        config,
-        200,
-        &["none", "kill=2", ALL_FAULTS],
-        &[
-            (Guarantee::AtLeastOnce, "kill=2", KAFKA_STALL),
-            (Guarantee::AtLeastOnce, ALL_FAULTS, KAFKA_STALL),
-            (Guarantee::ExactlyOnce, "kill=2", KAFKA_STALL),
-            (Guarantee::ExactlyOnce, ALL_FAULTS, KAFKA_STALL),
-        ],
-    )
-    .await;
+    backend_matrix("kafka", config, 200, &["none", "kill=2", ALL_FAULTS]).await;
 }
 
 const FAULTS: &[&str] = &[
@@ -500,43 +405,4 @@ async fn verify_catches_exactly_once_without_dedup() {
         !r.holds && r.duplicate_effects > 0,
         "exactly-once without dedup must show duplicate effects: {r}"
     );
-}
-
-/// The Kafka at-least-once and exactly-once cells with consumer crashes, on librdkafka's
-/// MockCluster (the second Kafka test bed; 3 brokers, topics of 3 partitions). The stall of
-/// finding 3 (docs/proving.md), which keeps these cells out of the nisshi matrix, has not shown
-/// here (it is a nisshi coordinator bug).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kafka_crash_cells_hold_on_mock_cluster() {
-    backend_cells(
-        "kafka (MockCluster)",
-        kafka_config(courier_testkit::kafka_mock::bootstrap()),
-        200,
-        &[Guarantee::AtLeastOnce, Guarantee::ExactlyOnce],
-        &["kill=2", ALL_FAULTS],
-        &[],
-        Some(provision_mock_topics),
-    )
-    .await;
-}
-
-/// The same cells at full size for `scripts/full-matrix kafka` (`FULL_MESSAGES`, default 10,000
-/// per cell), which renders the reports this writes into `FULL_MATRIX_OUT`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "full size (minutes): run by scripts/full-matrix kafka"]
-async fn kafka_crash_cells_hold_on_mock_cluster_at_full_size() {
-    let messages = std::env::var("FULL_MESSAGES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10_000);
-    backend_cells(
-        "kafka (MockCluster)",
-        kafka_config(courier_testkit::kafka_mock::bootstrap()),
-        messages,
-        &[Guarantee::AtLeastOnce, Guarantee::ExactlyOnce],
-        &["kill=2", ALL_FAULTS],
-        &[],
-        Some(provision_mock_topics),
-    )
-    .await;
 }

@@ -44,3 +44,25 @@ pub async fn connect(config: &Config) -> Result<KafkaClient> {
 pub fn explain(config: &Config) -> Result<Explanation> {
     Ok(settings::explain(section(config)?, config.guarantee, None))
 }
+
+/// The librdkafka producer settings (name, value) a client connected with `config` uses for its
+/// publishes: the `[backend] settings` passthrough first, then courier's settings for the
+/// guarantee, which win. Everything not listed is librdkafka's default (`linger.ms`,
+/// `batch.size`, compression …) unless the passthrough sets it. Exactly-once clients add a
+/// `transactional.id` chosen at connect time, which is not listed.
+///
+/// A raw rdkafka producer built from these settings behaves as courier's does on the wire —
+/// `benches/kafka.rs` builds its reference producer this way so that the ratio it prints
+/// compares the adapter, not two configurations.
+pub fn producer_settings(config: &Config) -> Result<Vec<(String, String)>> {
+    let k = section(config)?;
+    let ours = settings::producer(k, config.guarantee, None);
+    let mut out: Vec<(String, String)> = k
+        .settings
+        .iter()
+        .filter(|(name, _)| !ours.iter().any(|(n, _, _)| n == *name))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    out.extend(ours.into_iter().map(|(n, v, _)| (n, v)));
+    Ok(out)
+}

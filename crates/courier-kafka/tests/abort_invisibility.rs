@@ -1,10 +1,10 @@
 //! Records of an aborted transaction are never handed to an exactly-once (read_committed)
 //! consumer.
 //!
-//! Neither local test bed filters aborted transactions for read_committed consumers (nisshi and
-//! librdkafka's MockCluster both return them), so this test runs only against real Apache
-//! Kafka: set `KAFKA_FLAVOR=apache` with `KAFKA_BOOTSTRAP` pointing at it (e.g.
-//! `docker compose up -d kafka`). Otherwise it prints why it is skipped and passes.
+//! Runs against the Apache Kafka broker of `scripts/services` (or any `KAFKA_BOOTSTRAP` with
+//! `KAFKA_FLAVOR=apache`, the default). Kafka-protocol brokers that do not filter aborted
+//! transactions for read_committed consumers (librdkafka's MockCluster, nisshi) cannot run it:
+//! with another `KAFKA_FLAVOR` it prints why it is skipped and passes.
 
 mod common;
 
@@ -29,13 +29,14 @@ impl Handler for Forward {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn aborted_transactions_are_invisible_to_exactly_once_consumers() {
-    if std::env::var("KAFKA_FLAVOR").as_deref() != Ok("apache") {
-        courier_testkit::endpoints::notice(
-            "SKIPPED: abort invisibility needs real Apache Kafka; the local test beds (nisshi, \
-             MockCluster) do not filter aborted transactions for read_committed consumers. \
-             Run with KAFKA_FLAVOR=apache and KAFKA_BOOTSTRAP pointing at Apache Kafka \
-             (docker compose up -d kafka).",
-        );
+    let flavor = courier_testkit::endpoints::kafka_flavor();
+    if flavor != "apache" {
+        courier_testkit::endpoints::notice(&format!(
+            "SKIPPED: abort invisibility needs Apache Kafka; KAFKA_FLAVOR={flavor} names a broker \
+             that may not filter aborted transactions for read_committed consumers. Unset \
+             KAFKA_FLAVOR (or set it to apache) with KAFKA_BOOTSTRAP pointing at Apache Kafka \
+             (scripts/services up starts one)."
+        ));
         return;
     }
     let bootstrap = courier_testkit::endpoints::kafka_bootstrap();

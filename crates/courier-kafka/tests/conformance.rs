@@ -1,13 +1,14 @@
-//! The shared conformance suite on both Kafka test beds.
+//! The shared conformance suite on both Kafka test beds: the broker at `KAFKA_BOOTSTRAP` (Apache
+//! Kafka from `scripts/services`) and librdkafka's MockCluster.
 
 mod common;
 
-mod nisshi {
+mod broker {
     use super::common::Kafka;
     async fn backend() -> Kafka {
         Kafka {
             bootstrap: courier_testkit::endpoints::kafka_bootstrap(),
-            name: "kafka (nisshi)",
+            name: "kafka (Apache Kafka)",
         }
     }
     courier_testkit::conformance_suite!(backend);
@@ -24,15 +25,15 @@ mod mock {
     courier_testkit::conformance_suite!(backend);
 }
 
-/// The suite on the Kafka-protocol broker with every handler behind the idempotent layer
+/// The suite on the Kafka broker with every handler behind the idempotent layer
 /// (Redis store).
-mod nisshi_through_the_layer {
+mod broker_through_the_layer {
     use super::common::Kafka;
     async fn backend() -> courier_testkit::Layered<Kafka> {
         courier_testkit::Layered {
             inner: Kafka {
                 bootstrap: courier_testkit::endpoints::kafka_bootstrap(),
-                name: "kafka (nisshi)",
+                name: "kafka (Apache Kafka)",
             },
             store: courier_testkit::stores::redis().await,
         }

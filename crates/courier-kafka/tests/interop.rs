@@ -2,8 +2,7 @@
 //! Debian): courier's record read by kcat with key, `courier-id` header and payload intact, and a
 //! kcat-produced record consumed by courier with its key and headers.
 //!
-//! Runs against librdkafka's MockCluster: Debian's kcat (librdkafka 2.0.2) cannot parse the
-//! ApiVersions answer of the stack's Kafka-protocol broker (nisshi), while it speaks to the mock.
+//! Runs against the Kafka broker at `KAFKA_BOOTSTRAP` (Apache Kafka from `scripts/services`).
 
 mod common;
 
@@ -11,6 +10,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use courier_core::{DeliveryClient, Guarantee, Message, Subscription};
+
+/// A fresh topic on the broker, created through courier.
+async fn fresh_topic(client: &impl DeliveryClient) -> String {
+    let topic = courier_testkit::unique("kcat");
+    client.create_destination(&topic).await.unwrap();
+    topic
+}
 
 fn kcat() -> &'static str {
     if Command::new("kcat").arg("-V").output().is_err() {
@@ -21,12 +27,11 @@ fn kcat() -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kcat_reads_what_courier_publishes() {
-    let boot = common::mock_bootstrap();
-    let topic = courier_testkit::unique("kcat");
-    common::mock_create_topic(&topic).unwrap();
+    let boot = courier_testkit::endpoints::kafka_bootstrap();
     let c = courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
         .await
         .unwrap();
+    let topic = fresh_topic(&c).await;
     let m = Message::new("from courier")
         .with_key("customer-7")
         .with_header("tenant", "acme");
@@ -56,9 +61,11 @@ async fn kcat_reads_what_courier_publishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn courier_consumes_what_kcat_produces() {
-    let boot = common::mock_bootstrap();
-    let topic = courier_testkit::unique("kcat");
-    common::mock_create_topic(&topic).unwrap();
+    let boot = courier_testkit::endpoints::kafka_bootstrap();
+    let c = courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
+        .await
+        .unwrap();
+    let topic = fresh_topic(&c).await;
     let (b, t) = (boot.clone(), topic.clone());
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -89,9 +96,6 @@ async fn courier_consumes_what_kcat_produces() {
     })
     .await
     .unwrap();
-    let c = courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
-        .await
-        .unwrap();
     let mut sub = c.subscribe(Subscription::new(&topic, "g")).await.unwrap();
     let d = sub
         .next_timeout(Duration::from_secs(30))

@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let client: Arc<dyn DeliveryClient> = courier::connect(&config).await?.into();
     client.create_destination("payments").await?;
-    client.create_destination("payments.dlq").await?;
+    client.create_destination("payments-dlq").await?;
     let charges = Arc::new(Mutex::new(HashMap::new()));
     let consumer = courier::consumer(
         &config,
@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let mut dead = client
-        .subscribe(Subscription::new("payments.dlq", "ops"))
+        .subscribe(Subscription::new("payments-dlq", "ops"))
         .await?;
 
     for i in 0..500 {

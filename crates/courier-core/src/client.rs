@@ -16,7 +16,8 @@ pub struct Subscription {
     /// Consumer group: members of one group compete for messages; every group receives every
     /// message (where the backend has consumer groups).
     pub group: String,
-    /// Where dead-lettered messages go; `None` means `<destination>.dlq`.
+    /// Where dead-lettered messages go; `None` means `<destination>-dlq` (see
+    /// [`Subscription::dead_letter_destination`]).
     pub dead_letter: Option<String>,
     /// How many unsettled deliveries the broker may hand this subscriber at once; `None` (the
     /// default) uses the backend's configured value (RabbitMQ `prefetch`, 64; SQS: ten per
@@ -47,15 +48,16 @@ impl Subscription {
         self
     }
 
-    /// The effective dead-letter destination: the configured one, else `<destination>.dlq`
-    /// (`<stem>-dlq.fifo` for an SQS FIFO queue name, which must keep its `.fifo` suffix).
+    /// The effective dead-letter destination: the configured one, else `<destination>-dlq`
+    /// (`<stem>-dlq.fifo` for an SQS FIFO queue name, which must keep its `.fifo` suffix) — a
+    /// valid name on every backend (SQS names allow no `.` but the FIFO suffix).
     pub fn dead_letter_destination(&self) -> String {
         if let Some(d) = &self.dead_letter {
             return d.clone();
         }
         match self.destination.strip_suffix(".fifo") {
             Some(stem) => format!("{stem}-dlq.fifo"),
-            None => format!("{}.dlq", self.destination),
+            None => format!("{}-dlq", self.destination),
         }
     }
 }
@@ -171,4 +173,19 @@ pub fn check_payload(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Subscription;
+
+    #[test]
+    fn default_dead_letter_names_are_valid_on_every_backend() {
+        let s = Subscription::new("orders", "g");
+        assert_eq!(s.dead_letter_destination(), "orders-dlq");
+        let fifo = Subscription::new("orders.fifo", "g");
+        assert_eq!(fifo.dead_letter_destination(), "orders-dlq.fifo");
+        let named = Subscription::new("orders", "g").dead_letter("parked");
+        assert_eq!(named.dead_letter_destination(), "parked");
+    }
 }

@@ -24,6 +24,32 @@ pub enum Error {
         /// The limit in force.
         limit: usize,
     },
+    /// The message cannot be encoded for this broker as it is (an id or header name over the
+    /// protocol's length limit, headers larger than a frame); nothing was sent.
+    #[error("message {message_id:?} to {destination:?} cannot be sent on {backend}: {reason}; nothing was sent")]
+    InvalidMessage {
+        /// Backend name.
+        backend: &'static str,
+        /// Destination the message was addressed to.
+        destination: String,
+        /// The courier id of the message (cut to 64 characters).
+        message_id: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A destination or consumer-group name breaks the broker's naming rules; nothing was
+    /// created or sent.
+    #[error("{what} {name:?} is not a valid name on {backend}: {rule}")]
+    InvalidName {
+        /// Backend name.
+        backend: &'static str,
+        /// What the name is for ("topic", "exchange", "queue", …).
+        what: &'static str,
+        /// The name (cut to 64 characters).
+        name: String,
+        /// The rule it breaks.
+        rule: String,
+    },
     /// The broker accepted the message but could not route it anywhere (e.g. AMQP NO_ROUTE).
     #[error("message {message_id} to {destination:?} is unroutable: {reason} (bind a queue to the exchange, or check the routing key)")]
     Unroutable {
@@ -135,6 +161,8 @@ impl Error {
             Error::Broker { retryable, .. } => *retryable,
             Error::Timeout { .. } | Error::Store { .. } | Error::DeliveryExpired { .. } => true,
             Error::PayloadTooLarge { .. }
+            | Error::InvalidMessage { .. }
+            | Error::InvalidName { .. }
             | Error::Unroutable { .. }
             | Error::DestinationNotFound { .. }
             | Error::Config { .. }
@@ -167,6 +195,36 @@ impl Error {
         }
     }
 
+    /// Shorthand for [`Error::InvalidName`]; cuts `name` to 64 characters.
+    pub fn invalid_name(
+        backend: &'static str,
+        what: &'static str,
+        name: &str,
+        rule: impl Into<String>,
+    ) -> Self {
+        Error::InvalidName {
+            backend,
+            what,
+            name: cut(name),
+            rule: rule.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::InvalidMessage`]; cuts the id to 64 characters.
+    pub fn invalid_message(
+        backend: &'static str,
+        destination: &str,
+        message_id: &str,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidMessage {
+            backend,
+            destination: cut(destination),
+            message_id: cut(message_id),
+            reason: reason.into(),
+        }
+    }
+
     /// Shorthand for [`Error::Unsupported`].
     pub fn unsupported(
         backend: &'static str,
@@ -184,6 +242,8 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::InvalidMessage { .. } => "invalid_message",
+            Error::InvalidName { .. } => "invalid_name",
             Error::Unroutable { .. } => "unroutable",
             Error::DestinationNotFound { .. } => "destination_not_found",
             Error::Config { .. } => "config",
@@ -196,6 +256,14 @@ impl Error {
             Error::IdempotencyConflict { .. } => "idempotency_conflict",
             Error::Store { .. } => "store",
         }
+    }
+}
+
+/// At most 64 characters of `s`, with "…" when cut (names in errors stay one line).
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
     }
 }
 

@@ -185,12 +185,36 @@ impl KafkaClient {
     }
 }
 
+/// Kafka's topic naming rule, checked before any request: 1 to 249 characters of ASCII letters,
+/// digits, `.`, `_` and `-`, and not `.` or `..`. Guarded by
+/// `tests/conformance.rs::topic_names_kafka_refuses_are_refused_before_any_request`.
+pub(crate) fn check_topic(topic: &str) -> Result<()> {
+    let rule = if topic.is_empty() {
+        "it is empty".to_owned()
+    } else if topic.len() > 249 {
+        format!("it is {} characters; Kafka allows at most 249", topic.len())
+    } else if topic == "." || topic == ".." {
+        "\".\" and \"..\" are not allowed".to_owned()
+    } else if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        format!(
+            "{c:?} is not allowed; Kafka topic names use ASCII letters, digits, '.', '_' and '-'"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::invalid_name(BACKEND, "topic", topic, rule))
+}
+
 impl Inner {
     /// Make sure `topic` exists (cached), creating it when auto_create is on.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
         if self.topics.lock().contains(topic) {
             return Ok(());
         }
+        check_topic(topic)?;
         let producer = self.producer.clone();
         let t = topic.to_owned();
         let md = blocking(move || {
@@ -217,6 +241,7 @@ impl Inner {
     }
 
     pub(crate) async fn create_topic(&self, topic: &str) -> Result<()> {
+        check_topic(topic)?;
         let nt = NewTopic::new(
             topic,
             self.config.partitions,
@@ -428,9 +453,6 @@ impl DeliveryClient for KafkaClient {
     }
 
     async fn create_destination(&self, destination: &str) -> Result<()> {
-        if destination.is_empty() {
-            return Err(Error::config("topic name is empty"));
-        }
         self.inner.create_topic(destination).await
     }
 

@@ -158,6 +158,8 @@ pub(crate) struct Link {
     /// Exchanges this client declared (`auto_create`): publishing to them again skips the
     /// declare, which costs a channel and two round trips.
     declared: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// The frame size negotiated on the last connection (AMQP's 131,072 before one).
+    frame_max: std::sync::atomic::AtomicU32,
 }
 
 impl Link {
@@ -166,7 +168,13 @@ impl Link {
             config,
             state: Mutex::new(None),
             declared: Default::default(),
+            frame_max: std::sync::atomic::AtomicU32::new(DEFAULT_FRAME_MAX),
         }
+    }
+
+    /// The negotiated frame size: a message's properties (id, headers) must fit in one frame.
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.frame_max.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn op(&self) -> Duration {
@@ -207,6 +215,11 @@ impl Link {
             after: self.op(),
         })?
         .map_err(|e| broker_err("connect", e))?;
+        let negotiated = conn.configuration().frame_max();
+        if negotiated > 0 {
+            self.frame_max
+                .store(negotiated, std::sync::atomic::Ordering::Relaxed);
+        }
         let lost = CancellationToken::new();
         watch(&conn, lost.clone());
         match self.confirm_channel(&conn, &lost).await {
@@ -355,6 +368,103 @@ impl fmt::Debug for RabbitMqClient {
             .field("guarantee", &self.guarantee)
             .finish()
     }
+}
+
+/// AMQP 0-9-1's default `frame_max` (RabbitMQ's too).
+const DEFAULT_FRAME_MAX: u32 = 131_072;
+
+/// AMQP short strings (exchange, queue and header names, `message_id`) hold at most 255 bytes.
+const SHORT_STRING_MAX: usize = 255;
+
+/// Check an exchange or queue name before anything is declared or sent: AMQP encodes it as a
+/// short string, and `amq.` names are reserved by the broker. Guarded by
+/// `tests/faults.rs::names_and_messages_that_amqp_cannot_carry_are_refused`.
+pub(crate) fn check_name(what: &'static str, name: &str) -> Result<()> {
+    let rule = if name.is_empty() {
+        "it is empty".to_owned()
+    } else if name.len() > SHORT_STRING_MAX {
+        format!(
+            "it is {} bytes; AMQP names hold at most {SHORT_STRING_MAX} bytes",
+            name.len()
+        )
+    } else if name.starts_with("amq.") {
+        "names starting with \"amq.\" are reserved by RabbitMQ".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(Error::invalid_name(BACKEND, what, name, rule))
+}
+
+/// The names a subscription declares: its work queue, the queue's delay queue and the
+/// dead-letter exchange and queue.
+pub(crate) fn subscription_names(sub: &Subscription) -> (String, String, String) {
+    let queue = format!("{}.{}", sub.destination, sub.group);
+    let delay = format!("{queue}.delay");
+    (queue, delay, sub.dead_letter_destination())
+}
+
+/// Check a subscription's names before anything is declared.
+pub(crate) fn check_subscription(sub: &Subscription) -> Result<()> {
+    check_name("exchange", &sub.destination)?;
+    if sub.group.is_empty() {
+        return Err(Error::invalid_name(
+            BACKEND,
+            "consumer group",
+            "",
+            "it is empty",
+        ));
+    }
+    let (queue, delay, dlx) = subscription_names(sub);
+    check_name("queue", &queue)?;
+    check_name("queue", &delay)?;
+    check_name("dead-letter exchange", &dlx)
+}
+
+/// Check that `m` can be encoded as one AMQP message to `destination`: its id and header names
+/// are short strings, and its properties (id, key, headers) fit in one frame of `frame_max`
+/// bytes — larger ones make the broker close the whole connection. Nothing is sent when this
+/// fails.
+pub(crate) fn check_message(destination: &str, m: &Message, frame_max: u32) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(Error::invalid_message(
+            BACKEND,
+            destination,
+            m.id.as_str(),
+            reason,
+        ))
+    };
+    if m.id.as_str().len() > SHORT_STRING_MAX {
+        return refuse(format!(
+            "its id is {} bytes; the AMQP message_id holds at most {SHORT_STRING_MAX} (use a shorter id)",
+            m.id.as_str().len()
+        ));
+    }
+    // Field table entries: name (1 + len), type tag (1), long string (4 + len).
+    let mut size = 0usize;
+    for (k, v) in &m.headers {
+        if k.len() > SHORT_STRING_MAX {
+            return refuse(format!(
+                "header name {:?}… is {} bytes; AMQP header names hold at most {SHORT_STRING_MAX}",
+                k.chars().take(32).collect::<String>(),
+                k.len()
+            ));
+        }
+        size += 1 + k.len() + 1 + 4 + v.len();
+    }
+    if let Some(k) = &m.key {
+        size += 1 + "courier-key".len() + 1 + 4 + k.len();
+    }
+    // The rest of the content header: class, weight, body size, flags, message_id, content
+    // type, delivery mode, the attempt and expiration properties, and the frame envelope.
+    size += 14 + 1 + m.id.as_str().len() + 64 + 64;
+    let limit = frame_max as usize;
+    if size > limit {
+        return refuse(format!(
+            "its id, key and headers take {size} bytes, over the connection's frame size of {limit} (frame_max); \
+             move large values into the payload"
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn queue_args(queue_type: QueueType) -> FieldTable {
@@ -523,10 +633,9 @@ impl RabbitMqClient {
         &self,
         sub: &Subscription,
     ) -> Result<(String, String, String)> {
+        check_subscription(sub)?;
         let Watched { channel: ch, lost } = self.link.new_channel().await?;
-        let queue = format!("{}.{}", sub.destination, sub.group);
-        let delay = format!("{queue}.delay");
-        let dlx = sub.dead_letter_destination();
+        let (queue, delay, dlx) = subscription_names(sub);
         let q_opts = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -820,19 +929,19 @@ impl DeliveryClient for RabbitMqClient {
     }
 
     async fn create_destination(&self, destination: &str) -> Result<()> {
-        if destination.is_empty() {
-            return Err(Error::config("destination name is empty"));
-        }
+        check_name("exchange", destination)?;
         self.declare_exchange(destination).await
     }
 
     async fn publish(&self, destination: &str, message: Message) -> Result<Receipt> {
+        check_name("exchange", destination)?;
         check_payload(
             BACKEND,
             destination,
             &message,
             self.link.config.max_message_bytes,
         )?;
+        check_message(destination, &message, self.link.frame_max())?;
         let mut r = self
             .publish_to(destination, &[Outbound::plain(message)])
             .await?;
@@ -844,14 +953,17 @@ impl DeliveryClient for RabbitMqClient {
         destination: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Receipt>> {
+        check_name("exchange", destination)?;
         for m in &messages {
             check_payload(BACKEND, destination, m, self.link.config.max_message_bytes)?;
+            check_message(destination, m, self.link.frame_max())?;
         }
         let batch: Vec<Outbound> = messages.into_iter().map(Outbound::plain).collect();
         self.publish_to(destination, &batch).await
     }
 
     async fn subscribe(&self, sub: Subscription) -> Result<Deliveries> {
+        check_subscription(&sub)?;
         self.ensure_exchange(&sub.destination).await?;
         let (queue, delay, dlx) = self.declare_subscription(&sub).await?;
         let stream = crate::consume::RabbitStream::start(

@@ -362,3 +362,88 @@ async fn sigkilled_consumers_at_most_once_never_handle_twice() {
     assert!(kills >= 3, "too few kills ({kills})");
     assert_eq!(r.duplicates, 0, "at-most-once handled a message twice: {r}");
 }
+
+/// Names and messages AMQP cannot carry — a name, message id or header name over 255 bytes, an
+/// `amq.` name, headers larger than a frame — get a typed error before anything is declared or
+/// sent (lapin would panic on the long strings, and the broker closes the whole connection on an
+/// oversize header frame). The same connection then still carries a good message, and that
+/// message is the only one the subscription receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn names_and_messages_that_amqp_cannot_carry_are_refused() {
+    let c = client(Guarantee::AtLeastOnce).await;
+    let dest = unique("bad-input");
+    c.create_destination(&dest).await.unwrap();
+    let mut sub = c.subscribe(Subscription::new(&dest, "g")).await.unwrap();
+    let long = "x".repeat(300);
+
+    fn kind<T>(r: courier_core::Result<T>) -> String {
+        match r {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.kind().to_owned(),
+        }
+    }
+    // Names.
+    assert_eq!(kind(c.create_destination(&long).await), "invalid_name");
+    assert_eq!(
+        kind(c.create_destination("amq.courier").await),
+        "invalid_name"
+    );
+    assert_eq!(
+        kind(c.publish(&long, Message::new("m")).await),
+        "invalid_name"
+    );
+    assert_eq!(
+        kind(c.publish_batch(&long, vec![Message::new("m")]).await),
+        "invalid_name"
+    );
+    match c.subscribe(Subscription::new(&dest, long.as_str())).await {
+        Err(e) => assert_eq!(e.kind(), "invalid_name", "{e}"),
+        Ok(_) => panic!("a 300-byte group name was accepted"),
+    }
+    // Messages.
+    let e = c
+        .publish(&dest, Message::new("m").with_id(long.as_str()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_message", "{e}");
+    assert!(e.to_string().contains("nothing was sent"), "{e}");
+    let e = c
+        .publish(&dest, Message::new("m").with_header(long.as_str(), "v"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_message", "{e}");
+    let big = "v".repeat(200 * 1024);
+    let e = c
+        .publish(&dest, Message::new("m").with_header("big", big.as_str()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_message", "{e}");
+    assert!(e.to_string().contains("frame"), "{e}");
+    // One bad message refuses the whole batch, before any of it is sent.
+    let e = c
+        .publish_batch(
+            &dest,
+            vec![
+                Message::new("first of a bad batch"),
+                Message::new("m").with_id(long.as_str()),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_message", "{e}");
+
+    // The connection is intact, and only the good message arrives.
+    let good = Message::new("good");
+    c.publish(&dest, good.clone()).await.unwrap();
+    let d = sub
+        .next_timeout(Duration::from_secs(30))
+        .await
+        .expect("the good message never arrived")
+        .unwrap();
+    assert_eq!(d.message.id, good.id);
+    d.ack().await.unwrap();
+    assert!(
+        sub.next_timeout(Duration::from_secs(2)).await.is_none(),
+        "something of a refused publish was delivered"
+    );
+}

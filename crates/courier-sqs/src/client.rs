@@ -28,6 +28,29 @@ use courier_core::{
 
 use crate::BACKEND;
 
+/// SQS's queue naming rule, checked before any request: 1 to 80 characters of ASCII letters,
+/// digits, `-` and `_`, a FIFO queue's ending in `.fifo` (counted in the 80). Guarded by
+/// `tests/faults.rs::queue_names_sqs_refuses_are_refused_before_any_request`.
+pub(crate) fn check_queue_name(name: &str) -> Result<()> {
+    let stem = name.strip_suffix(".fifo").unwrap_or(name);
+    let rule = if stem.is_empty() {
+        "it is empty".to_owned()
+    } else if name.len() > 80 {
+        format!(
+            "it is {} characters; SQS allows at most 80 (\".fifo\" included)",
+            name.len()
+        )
+    } else if let Some(c) = stem
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+    {
+        format!("{c:?} is not allowed; SQS queue names use ASCII letters, digits, '-' and '_' (and end in \".fifo\" for a FIFO queue)")
+    } else {
+        return Ok(());
+    };
+    Err(Error::invalid_name(BACKEND, "queue", name, rule))
+}
+
 const ATTR_ID: &str = "courier-id";
 const ATTR_KEY: &str = "courier-key";
 const ATTR_HEADERS: &str = "courier-headers";
@@ -258,6 +281,7 @@ impl Inner {
     }
 
     async fn create(&self, name: &str) -> Result<String> {
+        check_queue_name(name)?;
         let mut req = self.sdk.create_queue().queue_name(name).attributes(
             QueueAttributeName::VisibilityTimeout,
             self.config.visibility_timeout.as_secs().to_string(),
@@ -305,6 +329,7 @@ impl Inner {
         if let Some(u) = self.urls.lock().get(&name) {
             return Ok(u.clone());
         }
+        check_queue_name(&name)?;
         match self.sdk.get_queue_url().queue_name(&name).send().await {
             Ok(r) => {
                 let u = r.queue_url.unwrap_or_default();
@@ -426,9 +451,6 @@ impl DeliveryClient for SqsClient {
     }
 
     async fn create_destination(&self, destination: &str) -> Result<()> {
-        if destination.is_empty() {
-            return Err(Error::config("queue name is empty"));
-        }
         let name = self.inner.name(destination);
         self.inner.create(&name).await.map(|_| ())
     }

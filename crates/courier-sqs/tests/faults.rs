@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use courier_core::config::{Secret, SqsConfig};
 use courier_core::{
-    BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee, Handler, HandlerError,
-    Message, Subscription,
+    BackendConfig, Config, Consumer, Context, DeliveryClient, Error, Guarantee, Handler,
+    HandlerError, Message, Subscription,
 };
 use courier_testkit::process::{kill9, spawn_worker, worker_role};
 use courier_testkit::{endpoints, unique, FileLedger, Ledger};
@@ -405,4 +405,50 @@ async fn courier_consumes_boto3_fifo_messages_with_their_ids_and_groups() {
         );
         d.ack().await.unwrap();
     }
+}
+
+/// Queue names SQS refuses get a typed `InvalidName` before any request, with the rule in the
+/// message — not an SDK error dump — on create, publish and subscribe alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_names_sqs_refuses_are_refused_before_any_request() {
+    let c = client(false, Duration::from_secs(30)).await;
+    let too_long = "q".repeat(81);
+    for name in [
+        "",
+        "orders.eu",
+        "orders eu",
+        "orders/eu",
+        ".fifo",
+        too_long.as_str(),
+    ] {
+        let kind = |e: Error| {
+            assert!(e.to_string().len() < 300, "{e}");
+            e.kind()
+        };
+        assert_eq!(
+            c.create_destination(name).await.map_err(kind),
+            Err("invalid_name"),
+            "create {name:?}"
+        );
+        assert_eq!(
+            c.publish(name, Message::new("m"))
+                .await
+                .map(|_| ())
+                .map_err(kind),
+            Err("invalid_name"),
+            "publish {name:?}"
+        );
+        assert_eq!(
+            c.subscribe(Subscription::new(name, "g"))
+                .await
+                .map(|_| ())
+                .map_err(kind),
+            Err("invalid_name"),
+            "subscribe {name:?}"
+        );
+    }
+    // The longest valid names are accepted, standard and FIFO.
+    fresh(&*c, unique(&"q".repeat(67))).await;
+    let fifo = client(true, Duration::from_secs(30)).await;
+    fresh(&*fifo, format!("{}.fifo", unique(&"q".repeat(62)))).await;
 }

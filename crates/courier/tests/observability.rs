@@ -112,7 +112,7 @@ async fn spans_metrics_and_trace_context_of_a_run() {
         }),
     };
     let client: Arc<dyn DeliveryClient> = courier::connect(&config).await.unwrap().into();
-    for d in ["payments", "payments.dlq", "receipts"] {
+    for d in ["payments", "payments-dlq", "receipts"] {
         client.create_destination(d).await.unwrap();
     }
     // An at-least-once producer (no broker dedup) so the duplicate really reaches the consumer.
@@ -137,7 +137,7 @@ async fn spans_metrics_and_trace_context_of_a_run() {
         .await
         .unwrap();
     let mut dead = client
-        .subscribe(Subscription::new("payments.dlq", "ops"))
+        .subscribe(Subscription::new("payments-dlq", "ops"))
         .await
         .unwrap();
 

@@ -185,7 +185,25 @@ async fn run(
             match item {
                 Some(Ok(d)) => {
                     let delivery = convert(&ctx, &ch, &lost, d);
-                    if tx.send(Ok(delivery)).await.is_err() {
+                    // Race the hand-off with the stop signal: a subscriber that stopped reading
+                    // must not hold `close` until its deadline. The delivery not handed off is
+                    // requeued with the channel. Guarded by the conformance scenario
+                    // `close_returns_promptly_with_deliveries_waiting`.
+                    let handed = tokio::select! {
+                        r = tx.send(Ok(delivery)) => r.is_ok(),
+                        _ = &mut stop => {
+                            let _ = within(
+                                ctx.op(),
+                                &lost,
+                                "basic.cancel",
+                                ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+                            )
+                            .await;
+                            close_channel(&ch, ctx.op(), "closed").await;
+                            return;
+                        }
+                    };
+                    if !handed {
                         close_channel(&ch, ctx.op(), "dropped").await;
                         return;
                     }

@@ -112,6 +112,7 @@ macro_rules! conformance_suite {
             every_group_receives_everything,
             destination_isolation,
             close_flushes_pending_publishes,
+            close_returns_promptly_with_deliveries_waiting,
             oversize_payload_is_rejected_before_sending,
             missing_destination_is_a_typed_error,
             handler_errors_retry_then_dead_letter,

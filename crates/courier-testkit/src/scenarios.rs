@@ -609,6 +609,64 @@ pub async fn close_flushes_pending_publishes(b: &dyn TestBackend) -> Outcome {
     Ok(())
 }
 
+/// A subscription closed while deliveries wait for a reader that stopped reading returns
+/// promptly — `close` is bounded by what is in flight, not by a fixed deadline of the receive
+/// side — and what was not settled comes back to the group's next subscriber, nothing lost.
+pub async fn close_returns_promptly_with_deliveries_waiting(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "close").await?;
+    let group = unique("g");
+    let mut deliveries = client.subscribe(Subscription::new(&dest, &group)).await?;
+    let msgs = numbered(20, "close");
+    client.publish_batch(&dest, msgs.clone()).await?;
+    let mut acked = std::collections::HashSet::new();
+    let first = match deliveries.next_timeout(wait()).await {
+        Some(d) => d?,
+        None => return Err(ScenarioError("no delivery arrived".into())),
+    };
+    acked.insert(first.message.id.clone());
+    first.ack().await?;
+    // Take one more and leave it unsettled: the receive side now holds the rest, waiting for a
+    // reader that no longer reads. (The pause lets it fill its hand-off; the check below holds
+    // whether or not it did.)
+    let held = match deliveries.next_timeout(wait()).await {
+        Some(d) => d?,
+        None => return Err(ScenarioError("the second delivery never arrived".into())),
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    let bound = scaled(Duration::from_secs(5));
+    ensure!(
+        tokio::time::timeout(bound, deliveries.close())
+            .await
+            .is_ok(),
+        "close with deliveries waiting took longer than {bound:?}"
+    );
+    // Everything not acked comes back to the group.
+    let mut again = client.subscribe(Subscription::new(&dest, &group)).await?;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() + acked.len() < msgs.len() {
+        match again.next_timeout(wait()).await {
+            Some(d) => {
+                let d = d?;
+                if !acked.contains(&d.message.id) {
+                    seen.insert(d.message.id.clone());
+                }
+                d.ack().await?;
+            }
+            None => break,
+        }
+    }
+    again.close().await?;
+    ensure!(
+        seen.len() + acked.len() == msgs.len(),
+        "{} of {} messages came back after the prompt close",
+        seen.len(),
+        msgs.len() - acked.len()
+    );
+    Ok(())
+}
+
 /// An oversize payload fails with `PayloadTooLarge` and nothing is sent (single and batch).
 pub async fn oversize_payload_is_rejected_before_sending(b: &dyn TestBackend) -> Outcome {
     let client = b.client(Guarantee::AtLeastOnce).await?;
@@ -984,6 +1042,7 @@ pub const ALL: &[&str] = &[
     "every_group_receives_everything",
     "destination_isolation",
     "close_flushes_pending_publishes",
+    "close_returns_promptly_with_deliveries_waiting",
     "oversize_payload_is_rejected_before_sending",
     "missing_destination_is_a_typed_error",
     "handler_errors_retry_then_dead_letter",
@@ -1008,6 +1067,9 @@ pub async fn run(name: &str, b: &dyn TestBackend) -> Outcome {
         "every_group_receives_everything" => every_group_receives_everything(b).await,
         "destination_isolation" => destination_isolation(b).await,
         "close_flushes_pending_publishes" => close_flushes_pending_publishes(b).await,
+        "close_returns_promptly_with_deliveries_waiting" => {
+            close_returns_promptly_with_deliveries_waiting(b).await
+        }
         "oversize_payload_is_rejected_before_sending" => {
             oversize_payload_is_rejected_before_sending(b).await
         }

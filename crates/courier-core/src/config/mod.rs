@@ -207,8 +207,35 @@ impl Config {
 
     /// Parse a URL: `memory://[name]`, `kafka://host:port[,host:port]`, `amqp[s]://user:pass@host/vhost`,
     /// `sqs://[region][?endpoint=http://host:port]`. Query parameters: `guarantee`,
-    /// `auto_create`, `concurrency`, `idempotency` (a store URL).
+    /// `auto_create`, `concurrency`, `idempotency` (a store URL), and for SQS `endpoint` and
+    /// `fifo`. A URL without `//` after the scheme, a path where the scheme has none, or a
+    /// `kafka://` without a broker address is refused (a typo must not fall back to a default).
     pub fn from_url(s: &str) -> Result<Self> {
+        let Some((scheme, rest)) = s.split_once("://") else {
+            let fix = match s.split_once(':') {
+                Some((scheme, rest)) => {
+                    format!("write {scheme}://{}", rest.trim_start_matches('/'))
+                }
+                None => {
+                    "e.g. memory://, kafka://host:9092, amqp://host, sqs://us-east-1".to_owned()
+                }
+            };
+            return Err(Error::config(format!(
+                "invalid courier URL {:?}: a courier URL is <scheme>://…; {fix}",
+                redact_url(s)
+            )));
+        };
+        if matches!(scheme, "memory" | "kafka" | "sqs") {
+            let end = rest.find('?').unwrap_or(rest.len());
+            if let Some(path) = rest[..end].find('/').map(|i| &rest[i..end]) {
+                if !path.is_empty() && path != "/" {
+                    return Err(Error::config(format!(
+                        "invalid courier URL {:?}: {scheme}:// URLs have no path (got {path:?})",
+                        redact_url(s)
+                    )));
+                }
+            }
+        }
         // The `url` crate accepts one host; a Kafka bootstrap list (`kafka://a:9092,b:9092`)
         // is taken verbatim from the authority and parsed with a placeholder host.
         let authority = {
@@ -228,6 +255,7 @@ impl Config {
         let mut consumer = ConsumerConfig::default();
         let mut idempotency = None;
         let mut endpoint = None;
+        let mut fifo = None;
         for (k, v) in u.query_pairs() {
             match k.as_ref() {
                 "guarantee" => guarantee = v.parse()?,
@@ -248,9 +276,14 @@ impl Config {
                     })
                 }
                 "endpoint" => endpoint = Some(v.into_owned()),
+                "fifo" => {
+                    fifo = Some(v.parse::<bool>().map_err(|_| {
+                        Error::config(format!("fifo={v} must be true or false"))
+                    })?)
+                }
                 other => {
                     return Err(Error::config(format!(
-                        "unknown URL parameter {other:?}: use guarantee, auto_create, concurrency, idempotency or endpoint (sqs)"
+                        "unknown URL parameter {other:?}: use guarantee, auto_create, concurrency, idempotency, or endpoint and fifo (sqs)"
                     )))
                 }
             }
@@ -261,6 +294,12 @@ impl Config {
                 auto_create: auto_create.unwrap_or(false),
                 ..MemoryConfig::default()
             }),
+            "kafka" if authority.is_empty() => {
+                return Err(Error::config(format!(
+                    "invalid courier URL {:?}: kafka:// needs the bootstrap servers, e.g. kafka://127.0.0.1:9092",
+                    redact_url(s)
+                )))
+            }
             "kafka" => BackendConfig::Kafka(KafkaConfig {
                 bootstrap: authority,
                 auto_create: auto_create.unwrap_or(false),
@@ -279,6 +318,7 @@ impl Config {
                 region: u.host_str().filter(|h| !h.is_empty()).map(str::to_owned),
                 endpoint,
                 auto_create: auto_create.unwrap_or(false),
+                fifo: fifo.unwrap_or(false),
                 ..SqsConfig::default()
             }),
             other => {
@@ -492,5 +532,38 @@ mod tests {
         assert_eq!(c.backend.kind(), "memory");
         assert!(Config::from_url("nats://x").is_err());
         assert!(Config::from_url("memory://x?frobnicate=1").is_err());
+        let c = Config::from_url("sqs://eu-west-1?fifo=true").unwrap();
+        let BackendConfig::Sqs(s) = &c.backend else {
+            panic!()
+        };
+        assert!(s.fifo);
+    }
+
+    /// Typos are refused with a message that shows the fix, never read as a default.
+    #[test]
+    fn malformed_urls_are_refused() {
+        for (bad, says) in [
+            ("sqs:/us-east-1", "write sqs://us-east-1"),
+            ("memory:/x", "write memory://x"),
+            ("memory:x", "write memory://x"),
+            ("kafka:127.0.0.1:9092", "write kafka://127.0.0.1:9092"),
+            ("memory", "<scheme>://"),
+            ("memory://x/y", "no path"),
+            ("sqs://us-east-1/queue", "no path"),
+            ("kafka://", "needs the bootstrap servers"),
+            ("kafka://?guarantee=alo", "needs the bootstrap servers"),
+            ("sqs://eu-west-1?fifo=yes", "fifo=yes"),
+        ] {
+            match Config::from_url(bad) {
+                Err(Error::Config { message }) => {
+                    assert!(message.contains(says), "{bad}: {message}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        // Good URLs with a trailing slash or an empty host stay good.
+        assert!(Config::from_url("memory://").is_ok());
+        assert!(Config::from_url("memory://x/").is_ok());
+        assert!(Config::from_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
@@ -60,20 +60,42 @@ const BATCH: usize = 10;
 /// Delete requests one subscription keeps in flight at once (see `run_deleter`).
 const DELETES_IN_FLIGHT: usize = 1;
 
-fn sdk_err<E: std::error::Error + Send + Sync + 'static>(
-    operation: &'static str,
-    e: SdkError<E>,
-) -> Error {
+/// A courier error from an SDK error, in one short sentence: the service's code and message
+/// (`InvalidParameterValue: …`), or what went wrong on the way; never the SDK's whole response.
+fn sdk_err<E>(operation: &'static str, e: SdkError<E>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
     let retryable = matches!(
         e,
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
     );
-    Error::broker(
-        BACKEND,
-        operation,
-        retryable,
-        DisplayErrorContext(e).to_string(),
-    )
+    Error::broker(BACKEND, operation, retryable, short_text(&e))
+}
+
+/// The short text of an SDK error (see [`sdk_err`]). Guarded by
+/// `tests/faults.rs::refusals_are_short_typed_errors`.
+fn short_text<E>(e: &SdkError<E>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match (e.code(), e.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => match e {
+            SdkError::DispatchFailure(_) => {
+                "the SQS endpoint could not be reached (check endpoint, region and network)".into()
+            }
+            SdkError::TimeoutError(_) => "the request timed out".into(),
+            other => {
+                let text = DisplayErrorContext(other).to_string();
+                match text.char_indices().nth(200) {
+                    Some((at, _)) => format!("{}…", &text[..at]),
+                    None => text,
+                }
+            }
+        },
+    }
 }
 
 /// A courier client of SQS with one guarantee.
@@ -87,6 +109,8 @@ pub(crate) struct Inner {
     guarantee: Guarantee,
     has_store: bool,
     urls: Mutex<HashMap<String, String>>,
+    /// Each queue's `MaximumMessageSize` (read once), by queue name.
+    limits: Mutex<HashMap<String, usize>>,
 }
 
 impl fmt::Debug for SqsClient {
@@ -255,6 +279,7 @@ impl SqsClient {
                 guarantee,
                 has_store,
                 urls: Mutex::new(HashMap::new()),
+                limits: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -363,6 +388,14 @@ impl Inner {
                 "use a .fifo queue (backend.fifo = true) or configure [idempotency]",
             ));
         }
+        if m.payload.is_empty() {
+            return Err(Error::invalid_message(
+                BACKEND,
+                destination,
+                m.id.as_str(),
+                "SQS refuses an empty message body (send at least one byte)",
+            ));
+        }
         let enc = encode(m)?;
         if enc.size > self.config.max_message_bytes {
             return Err(Error::PayloadTooLarge {
@@ -375,6 +408,46 @@ impl Inner {
         Ok(enc)
     }
 
+    /// The size limit of `destination`'s queue: its `MaximumMessageSize` (read once; 256 KiB
+    /// on older queues and LocalStack, up to 1 MiB), capped by `max_message_bytes`.
+    pub(crate) async fn queue_limit(&self, destination: &str) -> Result<usize> {
+        let name = self.name(destination);
+        if let Some(l) = self.limits.lock().get(&name) {
+            return Ok(*l);
+        }
+        let url = self.url(destination).await?;
+        let read = self
+            .sdk
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::MaximumMessageSize)
+            .send()
+            .await
+            .map_err(|e| sdk_err("get_queue_attributes", e))?;
+        let queue = read
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::MaximumMessageSize))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(self.config.max_message_bytes);
+        let limit = queue.min(self.config.max_message_bytes);
+        self.limits.lock().insert(name, limit);
+        Ok(limit)
+    }
+
+    /// [`Error::PayloadTooLarge`] when `enc` is over the queue's limit.
+    async fn check_limit(&self, destination: &str, enc: &Encoded) -> Result<()> {
+        let limit = self.queue_limit(destination).await?;
+        if enc.size > limit {
+            return Err(Error::PayloadTooLarge {
+                backend: BACKEND,
+                destination: destination.to_owned(),
+                size: enc.size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     fn group_id(&self, m: &Message) -> String {
         m.key
             .clone()
@@ -382,6 +455,7 @@ impl Inner {
     }
 
     async fn send(&self, destination: &str, m: &Message, enc: Encoded) -> Result<Receipt> {
+        self.check_limit(destination, &enc).await?;
         let url = self.url(destination).await?;
         let fifo = url.ends_with(".fifo");
         let mut req = self
@@ -469,6 +543,10 @@ impl DeliveryClient for SqsClient {
         for m in &messages {
             encoded.push(self.inner.check(destination, m)?);
         }
+        for e in &encoded {
+            self.inner.check_limit(destination, e).await?;
+        }
+        let limit = self.inner.queue_limit(destination).await?;
         let url = self.inner.url(destination).await?;
         let fifo = url.ends_with(".fifo");
         let mut receipts: Vec<Option<Receipt>> = vec![None; messages.len()];
@@ -476,9 +554,9 @@ impl DeliveryClient for SqsClient {
         let mut chunks: Vec<Vec<usize>> = Vec::new();
         let mut size = 0;
         for (i, e) in encoded.iter().enumerate() {
-            let new_chunk = chunks.last().is_none_or(|c| {
-                c.len() == BATCH || size + e.size > self.inner.config.max_message_bytes
-            });
+            let new_chunk = chunks
+                .last()
+                .is_none_or(|c| c.len() == BATCH || size + e.size > limit);
             if new_chunk {
                 chunks.push(Vec::new());
                 size = 0;

@@ -452,3 +452,52 @@ async fn queue_names_sqs_refuses_are_refused_before_any_request() {
     let fifo = client(true, Duration::from_secs(30)).await;
     fresh(&*fifo, format!("{}.fifo", unique(&"q".repeat(62)))).await;
 }
+
+/// SQS refusals reach the user as typed errors of one short sentence: an empty body is
+/// `InvalidMessage`; a body over the queue's own `MaximumMessageSize` (256 KiB on LocalStack,
+/// below courier's 1 MiB cap) is `PayloadTooLarge` with the queue's limit, before anything is
+/// sent; a refusal only the service can make is `Broker` with its code and message, not the
+/// SDK's response dump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_short_typed_errors() {
+    let c = client(false, Duration::from_secs(30)).await;
+    let q = fresh(&*c, unique("refuse")).await;
+
+    let e = c.publish(&q, Message::new("")).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid_message", "{e}");
+
+    let big = Message::new(vec![b'x'; 300 * 1024]);
+    match c.publish(&q, big.clone()).await.unwrap_err() {
+        Error::PayloadTooLarge { limit, .. } => assert_eq!(limit, 262_144),
+        e => panic!("expected PayloadTooLarge, got {e}"),
+    }
+    match c
+        .publish_batch(&q, vec![Message::new("small"), big])
+        .await
+        .unwrap_err()
+    {
+        Error::PayloadTooLarge { limit, .. } => assert_eq!(limit, 262_144),
+        e => panic!("expected PayloadTooLarge, got {e}"),
+    }
+
+    // A refusal only the service can make: the queue exists with another visibility timeout.
+    let other = client(false, Duration::from_secs(5)).await;
+    let e = other.create_destination(&q).await.unwrap_err();
+    let text = e.to_string();
+    assert_eq!(e.kind(), "broker", "{text}");
+    assert!(text.contains("QueueAlreadyExists") || text.contains("QueueNameExists"), "{text}");
+    assert!(text.len() < 400, "{} bytes: {text}", text.len());
+    assert!(!text.contains("raw: Response"), "{text}");
+
+    // Nothing of the refused publishes reached the queue.
+    let mut d = c.subscribe(Subscription::new(&q, "g")).await.unwrap();
+    c.publish(&q, Message::new("good")).await.unwrap();
+    let got = d
+        .next_timeout(Duration::from_secs(30))
+        .await
+        .expect("the good message never arrived")
+        .unwrap();
+    assert_eq!(&got.message.payload[..], b"good");
+    got.ack().await.unwrap();
+    assert!(d.next_timeout(Duration::from_secs(3)).await.is_none());
+}

@@ -35,7 +35,9 @@ pub struct SqsConfig {
     pub create_dead_letter_queue: bool,
     /// `maxReceiveCount` of created redrive policies.
     pub max_receive_count: u32,
-    /// Largest accepted message (body plus attributes), bytes (SQS: 1 MiB).
+    /// Largest accepted message (body plus attributes), bytes (SQS's ceiling: 1 MiB). Each
+    /// queue's own `MaximumMessageSize` (256 KiB on older queues and LocalStack) is read on first
+    /// use and applies when it is lower.
     pub max_message_bytes: usize,
     /// Destinations are FIFO queues: a name without `.fifo` gets it appended, keys become
     /// `MessageGroupId`s and the capabilities report per-key order and the 5-minute dedup.

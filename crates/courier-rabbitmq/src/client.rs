@@ -395,12 +395,37 @@ pub(crate) fn check_name(what: &'static str, name: &str) -> Result<()> {
     Err(Error::invalid_name(BACKEND, what, name, rule))
 }
 
-/// The names a subscription declares: its work queue, the queue's delay queue and the
-/// dead-letter exchange and queue.
-pub(crate) fn subscription_names(sub: &Subscription) -> (String, String, String) {
-    let queue = format!("{}.{}", sub.destination, sub.group);
-    let delay = format!("{queue}.delay");
-    (queue, delay, sub.dead_letter_destination())
+/// The names a subscription declares: its work queue and the dead-letter exchange and queue.
+pub(crate) fn subscription_names(sub: &Subscription) -> (String, String) {
+    (
+        format!("{}.{}", sub.destination, sub.group),
+        sub.dead_letter_destination(),
+    )
+}
+
+/// The retry delays a delay queue exists for, in milliseconds. A nack's delay is rounded up to
+/// the next step, and each step has a queue of its own (`<queue>.delay.<ms>`, TTL on the
+/// queue), so every message in a delay queue expires in the order it arrived: a short retry never
+/// waits behind a long one. Guarded by `tests/faults.rs::a_short_retry_is_not_held_behind_a_long_one`.
+pub const DELAY_STEPS_MS: &[u64] = &[
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
+    1_800_000, 3_600_000,
+];
+
+/// The delay step for `delay`: the smallest step at least as long (the longest step for longer
+/// delays).
+pub(crate) fn delay_step(delay: Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    DELAY_STEPS_MS
+        .iter()
+        .copied()
+        .find(|&s| s >= ms)
+        .unwrap_or(DELAY_STEPS_MS[DELAY_STEPS_MS.len() - 1])
+}
+
+/// The name of `queue`'s delay queue for `step_ms`.
+pub fn delay_queue(queue: &str, step_ms: u64) -> String {
+    format!("{queue}.delay.{step_ms}")
 }
 
 /// Check a subscription's names before anything is declared.
@@ -414,9 +439,12 @@ pub(crate) fn check_subscription(sub: &Subscription) -> Result<()> {
             "it is empty",
         ));
     }
-    let (queue, delay, dlx) = subscription_names(sub);
+    let (queue, dlx) = subscription_names(sub);
     check_name("queue", &queue)?;
-    check_name("queue", &delay)?;
+    check_name(
+        "queue",
+        &delay_queue(&queue, DELAY_STEPS_MS[DELAY_STEPS_MS.len() - 1]),
+    )?;
     check_name("dead-letter exchange", &dlx)
 }
 
@@ -455,7 +483,7 @@ pub(crate) fn check_message(destination: &str, m: &Message, frame_max: u32) -> R
         size += 1 + "courier-key".len() + 1 + 4 + k.len();
     }
     // The rest of the content header: class, weight, body size, flags, message_id, content
-    // type, delivery mode, the attempt and expiration properties, and the frame envelope.
+    // type, delivery mode, the attempt property, and the frame envelope.
     size += 14 + 1 + m.id.as_str().len() + 64 + 64;
     let limit = frame_max as usize;
     if size > limit {
@@ -489,7 +517,6 @@ fn durable() -> ExchangeDeclareOptions {
 pub(crate) struct Outbound {
     pub(crate) message: Message,
     pub(crate) attempt: Option<u32>,
-    pub(crate) expiration: Option<Duration>,
 }
 
 impl Outbound {
@@ -497,7 +524,6 @@ impl Outbound {
         Outbound {
             message,
             attempt: None,
-            expiration: None,
         }
     }
 }
@@ -628,14 +654,48 @@ impl RabbitMqClient {
         }
     }
 
-    /// Declare the subscription's work queue, its delay queue and its dead-letter exchange + queue.
+    /// Declare the delay queue of `queue` for `step_ms` (see [`DELAY_STEPS_MS`]): messages wait
+    /// there for the queue's TTL, then dead-letter back into `queue` through the default
+    /// exchange. Returns its name.
+    pub(crate) async fn declare_delay_queue(&self, queue: &str, step_ms: u64) -> Result<String> {
+        let name = delay_queue(queue, step_ms);
+        let Watched { channel: ch, lost } = self.link.new_channel().await?;
+        let mut args = queue_args(QueueType::Classic);
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(step_ms).unwrap_or(i64::MAX)),
+        );
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = bounded(
+            self.link.declare_timeout(),
+            &lost,
+            "queue.declare delay",
+            ch.queue_declare(name.as_str().into(), opts, args),
+        )
+        .await;
+        close_channel(&ch, self.link.op(), "ok").await;
+        declared.map(|_| name)
+    }
+
+    /// Declare the subscription's work queue and its dead-letter exchange + queue.
     pub(crate) async fn declare_subscription(
         &self,
         sub: &Subscription,
-    ) -> Result<(String, String, String)> {
+    ) -> Result<(String, String)> {
         check_subscription(sub)?;
         let Watched { channel: ch, lost } = self.link.new_channel().await?;
-        let (queue, delay, dlx) = subscription_names(sub);
+        let (queue, dlx) = subscription_names(sub);
         let q_opts = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -669,24 +729,6 @@ impl RabbitMqClient {
                 broker_err("queue.bind", e)
             }
         })?;
-        // Delayed redelivery: messages wait here with a per-message TTL, then dead-letter back
-        // into the work queue through the default exchange.
-        let mut dargs = queue_args(QueueType::Classic);
-        dargs.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        dargs.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(queue.as_str().into()),
-        );
-        bounded(
-            op,
-            &lost,
-            "queue.declare delay",
-            ch.queue_declare(delay.as_str().into(), q_opts, dargs),
-        )
-        .await?;
         // Dead letters are kept even when nobody consumes the dead-letter destination yet.
         bounded(
             op,
@@ -721,7 +763,7 @@ impl RabbitMqClient {
         )
         .await?;
         close_channel(&ch, op, "ok").await;
-        Ok((queue, delay, dlx))
+        Ok((queue, dlx))
     }
 
     /// Publish `messages` to `exchange` (routing key = key or ""), pipelining confirms.
@@ -769,10 +811,7 @@ impl RabbitMqClient {
                     mandatory: persistent,
                     ..BasicPublishOptions::default()
                 };
-                let mut props = properties(m, persistent, out.attempt);
-                if let Some(ttl) = out.expiration {
-                    props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
-                }
+                let props = properties(m, persistent, out.attempt);
                 deadline.as_mut().reset(tokio::time::Instant::now() + op);
                 let written = tokio::select! {
                     biased;
@@ -965,16 +1004,10 @@ impl DeliveryClient for RabbitMqClient {
     async fn subscribe(&self, sub: Subscription) -> Result<Deliveries> {
         check_subscription(&sub)?;
         self.ensure_exchange(&sub.destination).await?;
-        let (queue, delay, dlx) = self.declare_subscription(&sub).await?;
-        let stream = crate::consume::RabbitStream::start(
-            self.link.clone(),
-            self.guarantee,
-            sub,
-            queue,
-            delay,
-            dlx,
-        )
-        .await?;
+        let (queue, dlx) = self.declare_subscription(&sub).await?;
+        let stream =
+            crate::consume::RabbitStream::start(self.link.clone(), self.guarantee, sub, queue, dlx)
+                .await?;
         Ok(Deliveries::new(Box::new(stream)))
     }
 

@@ -36,7 +36,8 @@ struct Ctx {
     guarantee: Guarantee,
     sub: Subscription,
     queue: String,
-    delay: String,
+    /// Delay steps whose queue this stream declared (see `client::DELAY_STEPS_MS`).
+    delays: parking_lot::Mutex<std::collections::HashSet<u64>>,
     dlx: String,
 }
 
@@ -53,7 +54,6 @@ impl RabbitStream {
         guarantee: Guarantee,
         sub: Subscription,
         queue: String,
-        delay: String,
         dlx: String,
     ) -> Result<Self> {
         let ctx = Arc::new(Ctx {
@@ -61,7 +61,7 @@ impl RabbitStream {
             guarantee,
             sub,
             queue,
-            delay,
+            delays: Default::default(),
             dlx,
         });
         // Subscribe once up front so errors (missing queue, access) surface from subscribe().
@@ -408,15 +408,22 @@ impl Settle for RabbitSettle {
             .await;
             return self.settled(nacked);
         }
-        // Park a copy in the delay queue (confirmed), then settle the original.
+        // Park a copy in the delay queue of the delay's step (confirmed), then settle the
+        // original.
+        let step = crate::client::delay_step(delay);
+        let client = self.client();
+        let queue = if self.ctx.delays.lock().contains(&step) {
+            crate::client::delay_queue(&self.ctx.queue, step)
+        } else {
+            let q = client.declare_delay_queue(&self.ctx.queue, step).await?;
+            self.ctx.delays.lock().insert(step);
+            q
+        };
         let out = Outbound {
             message: self.message.clone(),
             attempt: Some(self.attempt + 1),
-            expiration: Some(delay),
         };
-        self.client()
-            .send("", Some(&self.ctx.delay), &[out])
-            .await?;
+        client.send("", Some(&queue), &[out]).await?;
         self.ack_now().await
     }
 

@@ -9,14 +9,17 @@
 //!
 //! Topology: a destination is a durable **topic exchange**; a subscription `(destination, group)` is a durable
 //! queue `<destination>.<group>` (quorum by default) bound with `#`, so every group receives every message and
-//! members of a group compete. Delayed redelivery (`nack(delay)`, retries) goes through a per-subscription delay
-//! queue `<destination>.<group>.delay` whose expired messages dead-letter back into the work queue; dead letters are
-//! published (confirmed) to the subscription's dead-letter exchange, which keeps them in a queue of the same name.
+//! members of a group compete. Delayed redelivery (`nack(delay)`, retries) rounds the delay up to a step of
+//! [`DELAY_STEPS_MS`] (50 ms … 1 h) and parks the message in that step's delay queue `<destination>.<group>.delay.<ms>`
+//! (declared on first use, the TTL set on the queue), whose expired messages dead-letter back into the work queue:
+//! every message of a delay queue waits the same time, so a short retry never waits behind a long one. Dead letters
+//! are published (confirmed) to the subscription's dead-letter exchange `<destination>-dlq`, which keeps them in a
+//! queue of the same name.
 
 mod client;
 mod consume;
 
-pub use client::RabbitMqClient;
+pub use client::{delay_queue, RabbitMqClient, DELAY_STEPS_MS};
 
 use courier_core::config::{QueueType, RabbitMqConfig};
 use courier_core::{BackendConfig, Config, Error, Explanation, Guarantee, Result};
@@ -153,8 +156,8 @@ pub(crate) fn explain_settings(r: &RabbitMqConfig, g: Guarantee) -> Explanation 
         .set(
             "consumer",
             "retry",
-            "<queue>.delay with per-message TTL, dead-lettered back",
-            "nack(delay) without blocking the queue",
+            "<queue>.delay.<ms>: one queue per delay step (TTL on the queue), dead-lettered back",
+            "nack(delay) without blocking the queue; a short retry never waits behind a long one",
         )
         .set(
             "consumer",

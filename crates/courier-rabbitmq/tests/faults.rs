@@ -447,3 +447,37 @@ async fn names_and_messages_that_amqp_cannot_carry_are_refused() {
         "something of a refused publish was delivered"
     );
 }
+
+/// A retry parked for 200 ms comes back in time although one parked for 30 s went first: each
+/// delay step has its own delay queue, so a short retry never waits behind a long one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_retry_is_not_held_behind_a_long_one() {
+    let c = client(Guarantee::AtLeastOnce).await;
+    let dest = unique("delays");
+    c.create_destination(&dest).await.unwrap();
+    let mut sub = c.subscribe(Subscription::new(&dest, "g")).await.unwrap();
+    let (long, short) = (Message::new("long"), Message::new("short"));
+    c.publish(&dest, long.clone()).await.unwrap();
+    c.publish(&dest, short.clone()).await.unwrap();
+    for _ in 0..2 {
+        let d = sub
+            .next_timeout(Duration::from_secs(30))
+            .await
+            .expect("a message never arrived")
+            .unwrap();
+        let delay = if d.message.id == long.id {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_millis(200)
+        };
+        d.nack(delay).await.unwrap();
+    }
+    let back = sub
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("the 200 ms retry was held behind the 30 s one")
+        .unwrap();
+    assert_eq!(back.message.id, short.id, "the 30 s retry came back first");
+    assert_eq!(back.attempt, 2);
+    back.ack().await.unwrap();
+}

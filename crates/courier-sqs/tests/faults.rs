@@ -485,7 +485,10 @@ async fn refusals_are_short_typed_errors() {
     let e = other.create_destination(&q).await.unwrap_err();
     let text = e.to_string();
     assert_eq!(e.kind(), "broker", "{text}");
-    assert!(text.contains("QueueAlreadyExists") || text.contains("QueueNameExists"), "{text}");
+    assert!(
+        text.contains("QueueAlreadyExists") || text.contains("QueueNameExists"),
+        "{text}"
+    );
     assert!(text.len() < 400, "{} bytes: {text}", text.len());
     assert!(!text.contains("raw: Response"), "{text}");
 

@@ -41,8 +41,8 @@ async fn remove_unbounded(
 }
 
 /// courier's RabbitMQ topology of the run (courier-rabbitmq): an exchange per destination, the
-/// group's work queue `DEST.GROUP` and its delay queue `DEST.GROUP.delay`, and the dead-letter
-/// exchange with its queue of the same name.
+/// group's work queue `DEST.GROUP` and the delay queues `DEST.GROUP.delay.<ms>` the run declared,
+/// and the dead-letter exchange with its queue of the same name.
 async fn rabbitmq(r: &RabbitMqConfig, dest: &str, dlq: &str, group: &str) -> Result<Vec<String>> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let conn = tokio::time::timeout(
@@ -52,7 +52,6 @@ async fn rabbitmq(r: &RabbitMqConfig, dest: &str, dlq: &str, group: &str) -> Res
     .await
     .map_err(|_| anyhow!("connecting to {} timed out", r.url.redacted()))??;
     let work = format!("{dest}.{group}");
-    let delay = format!("{work}.delay");
     let mut removed = Vec::new();
     // One channel per deletion: a refused one closes its channel.
     let channel = || async {
@@ -61,8 +60,25 @@ async fn rabbitmq(r: &RabbitMqConfig, dest: &str, dlq: &str, group: &str) -> Res
             .map_err(|_| anyhow!("opening a channel timed out"))?
             .map_err(anyhow::Error::from)
     };
-    for queue in [&work, &delay, &dlq.to_owned()] {
+    let delays = courier::rabbitmq::DELAY_STEPS_MS
+        .iter()
+        .map(|&ms| courier::rabbitmq::delay_queue(&work, ms));
+    for queue in [work.clone(), dlq.to_owned()].into_iter().chain(delays) {
+        // RabbitMQ answers delete-ok for a queue that does not exist: look first, so `removed`
+        // names only what was there (a refused passive declare closes its channel).
         let ch = channel().await?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let exists = tokio::time::timeout(
+            TIMEOUT,
+            ch.queue_declare(queue.as_str().into(), passive, Default::default()),
+        )
+        .await;
+        if !matches!(exists, Ok(Ok(_))) {
+            continue;
+        }
         let deleted = tokio::time::timeout(
             TIMEOUT,
             ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),

@@ -131,6 +131,19 @@ pub trait DeliveryClient: Send + Sync {
     /// Create `destination` (topic, queue, exchange + queue) if it does not exist. Idempotent.
     async fn create_destination(&self, destination: &str) -> Result<()>;
 
+    /// Create `subscription`'s destination and make its consumer group keep every message
+    /// published from now on, before the group first subscribes. Idempotent.
+    ///
+    /// On Kafka, SQS and the memory broker a group already receives what was published before
+    /// it joined (a new Kafka group reads from the earliest offset; an SQS queue or memory topic
+    /// keeps its messages), so this only creates the destination. On RabbitMQ a message published
+    /// to an exchange with no queue bound is unroutable: this declares the group's queue (and its
+    /// dead-letter exchange and queue) and binds it, as `subscribe` does. Provision groups this
+    /// way before publishers start.
+    async fn declare_subscription(&self, subscription: &Subscription) -> Result<()> {
+        self.create_destination(&subscription.destination).await
+    }
+
     /// Publish one message. Returns when the guarantee's publish condition holds (see the
     /// contract table): handed to the client (at-most-once) or confirmed durable by the broker.
     async fn publish(&self, destination: &str, message: Message) -> Result<Receipt>;

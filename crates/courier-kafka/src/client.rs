@@ -456,6 +456,17 @@ impl DeliveryClient for KafkaClient {
         self.inner.create_topic(destination).await
     }
 
+    /// A new group reads from the earliest offset, so it already receives what was published
+    /// before it joined: this creates the topic only when it does not exist.
+    async fn declare_subscription(&self, sub: &Subscription) -> Result<()> {
+        match self.inner.ensure_topic(&sub.destination).await {
+            Err(Error::DestinationNotFound { .. }) => {
+                self.inner.create_topic(&sub.destination).await
+            }
+            other => other,
+        }
+    }
+
     async fn publish(&self, destination: &str, message: Message) -> Result<Receipt> {
         check_payload(
             BACKEND,

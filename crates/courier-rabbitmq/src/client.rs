@@ -689,10 +689,7 @@ impl RabbitMqClient {
     }
 
     /// Declare the subscription's work queue and its dead-letter exchange + queue.
-    pub(crate) async fn declare_subscription(
-        &self,
-        sub: &Subscription,
-    ) -> Result<(String, String)> {
+    pub(crate) async fn declare_queues(&self, sub: &Subscription) -> Result<(String, String)> {
         check_subscription(sub)?;
         let Watched { channel: ch, lost } = self.link.new_channel().await?;
         let (queue, dlx) = subscription_names(sub);
@@ -972,6 +969,12 @@ impl DeliveryClient for RabbitMqClient {
         self.declare_exchange(destination).await
     }
 
+    async fn declare_subscription(&self, sub: &Subscription) -> Result<()> {
+        check_subscription(sub)?;
+        self.declare_exchange(&sub.destination).await?;
+        self.declare_queues(sub).await.map(|_| ())
+    }
+
     async fn publish(&self, destination: &str, message: Message) -> Result<Receipt> {
         check_name("exchange", destination)?;
         check_payload(
@@ -1004,7 +1007,7 @@ impl DeliveryClient for RabbitMqClient {
     async fn subscribe(&self, sub: Subscription) -> Result<Deliveries> {
         check_subscription(&sub)?;
         self.ensure_exchange(&sub.destination).await?;
-        let (queue, dlx) = self.declare_subscription(&sub).await?;
+        let (queue, dlx) = self.declare_queues(&sub).await?;
         let stream =
             crate::consume::RabbitStream::start(self.link.clone(), self.guarantee, sub, queue, dlx)
                 .await?;

@@ -113,6 +113,7 @@ macro_rules! conformance_suite {
             destination_isolation,
             close_flushes_pending_publishes,
             close_returns_promptly_with_deliveries_waiting,
+            declared_group_keeps_what_is_published_before_it_subscribes,
             oversize_payload_is_rejected_before_sending,
             missing_destination_is_a_typed_error,
             handler_errors_retry_then_dead_letter,

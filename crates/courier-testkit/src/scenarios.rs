@@ -667,6 +667,43 @@ pub async fn close_returns_promptly_with_deliveries_waiting(b: &dyn TestBackend)
     Ok(())
 }
 
+/// A consumer group declared with `declare_subscription` keeps what is published before it first
+/// subscribes, on every backend (RabbitMQ would otherwise have no queue to route it to).
+pub async fn declared_group_keeps_what_is_published_before_it_subscribes(
+    b: &dyn TestBackend,
+) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "early").await?;
+    let sub = Subscription::new(&dest, unique("g"));
+    client.declare_subscription(&sub).await?;
+    // Declaring again changes nothing.
+    client.declare_subscription(&sub).await?;
+    let msgs = numbered(10, "early");
+    for m in &msgs {
+        client.publish(&dest, m.clone()).await?;
+    }
+    let mut deliveries = client.subscribe(sub).await?;
+    let mut got = std::collections::HashSet::new();
+    while got.len() < msgs.len() {
+        match deliveries.next_timeout(wait()).await {
+            Some(d) => {
+                let d = d?;
+                got.insert(d.message.id.clone());
+                d.ack().await?;
+            }
+            None => break,
+        }
+    }
+    deliveries.close().await?;
+    ensure!(
+        got.len() == msgs.len(),
+        "{} of {} messages published before the group subscribed arrived",
+        got.len(),
+        msgs.len()
+    );
+    Ok(())
+}
+
 /// An oversize payload fails with `PayloadTooLarge` and nothing is sent (single and batch).
 pub async fn oversize_payload_is_rejected_before_sending(b: &dyn TestBackend) -> Outcome {
     let client = b.client(Guarantee::AtLeastOnce).await?;
@@ -1043,6 +1080,7 @@ pub const ALL: &[&str] = &[
     "destination_isolation",
     "close_flushes_pending_publishes",
     "close_returns_promptly_with_deliveries_waiting",
+    "declared_group_keeps_what_is_published_before_it_subscribes",
     "oversize_payload_is_rejected_before_sending",
     "missing_destination_is_a_typed_error",
     "handler_errors_retry_then_dead_letter",
@@ -1069,6 +1107,9 @@ pub async fn run(name: &str, b: &dyn TestBackend) -> Outcome {
         "close_flushes_pending_publishes" => close_flushes_pending_publishes(b).await,
         "close_returns_promptly_with_deliveries_waiting" => {
             close_returns_promptly_with_deliveries_waiting(b).await
+        }
+        "declared_group_keeps_what_is_published_before_it_subscribes" => {
+            declared_group_keeps_what_is_published_before_it_subscribes(b).await
         }
         "oversize_payload_is_rejected_before_sending" => {
             oversize_payload_is_rejected_before_sending(b).await

@@ -98,6 +98,10 @@ impl DeliveryClient for Instrumented {
         self.inner.create_destination(destination).await
     }
 
+    async fn declare_subscription(&self, subscription: &Subscription) -> Result<()> {
+        self.inner.declare_subscription(subscription).await
+    }
+
     async fn publish(&self, destination: &str, mut message: Message) -> Result<Receipt> {
         let backend = self.inner.backend();
         let span = info_span!("courier.publish", backend, destination, message_id = %message.id, trace_id = tracing::field::Empty);

@@ -28,6 +28,9 @@ use courier_core::{
 
 use crate::BACKEND;
 
+/// The queue tag naming the consumer group that reads a queue.
+const GROUP_TAG: &str = "courier-group";
+
 /// SQS's queue naming rule, checked before any request: 1 to 80 characters of ASCII letters,
 /// digits, `-` and `_`, a FIFO queue's ending in `.fifo` (counted in the 80). Guarded by
 /// `tests/faults.rs::queue_names_sqs_refuses_are_refused_before_any_request`.
@@ -111,6 +114,8 @@ pub(crate) struct Inner {
     urls: Mutex<HashMap<String, String>>,
     /// Each queue's `MaximumMessageSize` (read once), by queue name.
     limits: Mutex<HashMap<String, usize>>,
+    /// The consumer group each queue was claimed for (see [`Inner::claim_group`]), by queue URL.
+    groups: Mutex<HashMap<String, String>>,
 }
 
 impl fmt::Debug for SqsClient {
@@ -280,6 +285,7 @@ impl SqsClient {
                 has_store,
                 urls: Mutex::new(HashMap::new()),
                 limits: Mutex::new(HashMap::new()),
+                groups: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -434,6 +440,53 @@ impl Inner {
         Ok(limit)
     }
 
+    /// Claim the queue at `url` for consumer group `group`, or refuse a second group. SQS hands
+    /// each message to one consumer, so two groups on one queue would silently split its
+    /// messages; the first group to subscribe (or be declared) tags the queue `courier-group`,
+    /// and any other group is refused with the fix. Guarded by
+    /// `tests/faults.rs::a_second_group_on_one_queue_is_refused`.
+    pub(crate) async fn claim_group(
+        &self,
+        destination: &str,
+        url: &str,
+        group: &str,
+    ) -> Result<()> {
+        if self.groups.lock().get(url).is_some_and(|g| g == group) {
+            return Ok(());
+        }
+        let tags = self
+            .sdk
+            .list_queue_tags()
+            .queue_url(url)
+            .send()
+            .await
+            .map_err(|e| sdk_err("list_queue_tags", e))?;
+        match tags.tags().and_then(|t| t.get(GROUP_TAG)) {
+            Some(owner) if owner != group => {
+                return Err(Error::unsupported(
+                    BACKEND,
+                    format!(
+                        "consumer group {group:?} on queue {:?}, which group {owner:?} already reads",
+                        self.name(destination)
+                    ),
+                    "SQS hands each message to one consumer, so two groups would split the messages: give each group a queue of its own (fan out with SNS), or use one group name",
+                ));
+            }
+            Some(_) => {}
+            None => {
+                self.sdk
+                    .tag_queue()
+                    .queue_url(url)
+                    .tags(GROUP_TAG, group)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_err("tag_queue", e))?;
+            }
+        }
+        self.groups.lock().insert(url.to_owned(), group.to_owned());
+        Ok(())
+    }
+
     /// [`Error::PayloadTooLarge`] when `enc` is over the queue's limit.
     async fn check_limit(&self, destination: &str, enc: &Encoded) -> Result<()> {
         let limit = self.queue_limit(destination).await?;
@@ -527,6 +580,15 @@ impl DeliveryClient for SqsClient {
     async fn create_destination(&self, destination: &str) -> Result<()> {
         let name = self.inner.name(destination);
         self.inner.create(&name).await.map(|_| ())
+    }
+
+    /// Creates the queue and claims it for the group (a queue serves one group on SQS).
+    async fn declare_subscription(&self, sub: &Subscription) -> Result<()> {
+        let name = self.inner.name(&sub.destination);
+        let url = self.inner.create(&name).await?;
+        self.inner
+            .claim_group(&sub.destination, &url, &sub.group)
+            .await
     }
 
     async fn publish(&self, destination: &str, message: Message) -> Result<Receipt> {
@@ -650,6 +712,9 @@ impl DeliveryClient for SqsClient {
 
     async fn subscribe(&self, sub: Subscription) -> Result<Deliveries> {
         let url = self.inner.url(&sub.destination).await?;
+        self.inner
+            .claim_group(&sub.destination, &url, &sub.group)
+            .await?;
         let dlq = self.inner.dead_letter_name(&sub);
         let (tx, rx) = mpsc::channel(1);
         let inner = self.inner.clone();

@@ -504,3 +504,38 @@ async fn refusals_are_short_typed_errors() {
     got.ack().await.unwrap();
     assert!(d.next_timeout(Duration::from_secs(3)).await.is_none());
 }
+
+/// A second consumer group on one queue is refused (SQS would split the messages between the
+/// groups); the first group — whether it subscribed or was declared first — keeps reading, from
+/// another client too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_group_on_one_queue_is_refused() {
+    let c = client(false, Duration::from_secs(30)).await;
+    let q = fresh(&*c, unique("groups")).await;
+    let first = c.subscribe(Subscription::new(&q, "billing")).await.unwrap();
+    let e = match c.subscribe(Subscription::new(&q, "shipping")).await {
+        Err(e) => e,
+        Ok(_) => panic!("a second group was accepted on one SQS queue"),
+    };
+    assert_eq!(e.kind(), "unsupported", "{e}");
+    assert!(e.to_string().contains("billing"), "{e}");
+    // Another client (another process) sees the claim; the same group is welcome.
+    let other = client(false, Duration::from_secs(30)).await;
+    let e = other
+        .declare_subscription(&Subscription::new(&q, "shipping"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "unsupported", "{e}");
+    let mut again = other
+        .subscribe(Subscription::new(&q, "billing"))
+        .await
+        .unwrap();
+    first.close().await.unwrap();
+    c.publish(&q, Message::new("m")).await.unwrap();
+    let d = again
+        .next_timeout(Duration::from_secs(30))
+        .await
+        .expect("the group's second member received nothing")
+        .unwrap();
+    d.ack().await.unwrap();
+}

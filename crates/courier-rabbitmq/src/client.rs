@@ -699,13 +699,53 @@ impl RabbitMqClient {
         };
         let qt = self.link.config.queue_type;
         let op = self.link.declare_timeout();
-        bounded(
+        // The work queue dead-letters what the broker itself gives up on (a quorum queue's
+        // delivery limit) to the subscription's dead-letter exchange, so nothing is dropped.
+        // Guarded by `tests/faults.rs::the_broker_dead_letters_a_message_past_the_delivery_limit`.
+        let mut args = queue_args(qt);
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dlx.as_str().into()),
+        );
+        if qt == QueueType::Quorum {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.link.config.delivery_limit)),
+            );
+        }
+        let declared = bounded(
             op,
             &lost,
             "queue.declare",
-            ch.queue_declare(queue.as_str().into(), q_opts, queue_args(qt)),
+            ch.queue_declare(queue.as_str().into(), q_opts, args),
         )
-        .await?;
+        .await;
+        let ch = match declared {
+            Ok(_) => ch,
+            // A queue an earlier version declared without these arguments: the broker refuses
+            // the new ones (406) and closes the channel. Use the queue as it is, and say how to
+            // get the limit.
+            Err(e)
+                if e.to_string().contains("PRECONDITION_FAILED")
+                    || e.to_string().contains("inequivalent") =>
+            {
+                warn!(queue = %queue, "the queue exists without courier's delivery limit and dead-letter exchange; messages past RabbitMQ's own delivery limit may be dropped. Delete the queue (when empty) to have it declared with them");
+                let Watched { channel, .. } = self.link.new_channel().await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                bounded(
+                    op,
+                    &lost,
+                    "queue.declare",
+                    channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+                )
+                .await?;
+                channel
+            }
+            Err(e) => return Err(e),
+        };
         within(
             op,
             &lost,

@@ -133,6 +133,20 @@ pub(crate) fn explain_settings(r: &RabbitMqConfig, g: Guarantee) -> Explanation 
         )
         .set(
             "topology",
+            "queue dead letters",
+            match r.queue_type {
+                QueueType::Quorum => format!(
+                    "x-delivery-limit={}, x-dead-letter-exchange=the subscription's dead-letter exchange",
+                    r.delivery_limit
+                ),
+                QueueType::Classic => {
+                    "x-dead-letter-exchange=the subscription's dead-letter exchange".to_owned()
+                }
+            },
+            "a message the broker gives up on is dead-lettered, never dropped",
+        )
+        .set(
+            "topology",
             "auto_create",
             r.auto_create,
             "declare exchanges on first use instead of failing",

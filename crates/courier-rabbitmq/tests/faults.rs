@@ -481,3 +481,121 @@ async fn a_short_retry_is_not_held_behind_a_long_one() {
     assert_eq!(back.attempt, 2);
     back.ack().await.unwrap();
 }
+
+/// A message the broker hands out more often than `delivery_limit` (its consumers went away
+/// without settling it) is dead-lettered by the broker to the subscription's dead-letter queue —
+/// not requeued for ever, and not dropped as RabbitMQ 4 does past its default limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
+    let mut cfg = config(Guarantee::AtLeastOnce);
+    if let BackendConfig::Rabbitmq(r) = &mut cfg.backend {
+        r.delivery_limit = 1;
+    }
+    let c = match courier_rabbitmq::connect(&cfg).await {
+        Ok(c) => c,
+        Err(e) => endpoints::unreachable("RabbitMQ", &endpoints::rabbitmq_url(), e),
+    };
+    let dest = unique("limit");
+    c.create_destination(&dest).await.unwrap();
+    let sub = Subscription::new(&dest, "g");
+    let dlq = sub.dead_letter_destination();
+    c.declare_subscription(&sub).await.unwrap();
+    let m = Message::new("poison for consumers");
+    c.publish(&dest, m.clone()).await.unwrap();
+    // Two consumers take it and go away without settling: delivered twice, over the limit of 1.
+    for _ in 0..2 {
+        let mut s = c.subscribe(sub.clone()).await.unwrap();
+        let d = s
+            .next_timeout(Duration::from_secs(30))
+            .await
+            .expect("the message was not redelivered")
+            .unwrap();
+        assert_eq!(d.message.id, m.id);
+        drop(d);
+        s.close().await.unwrap();
+    }
+    // The broker dead-letters it to the subscription's dead-letter queue (polled: dead-lettering
+    // is the broker's, with nothing to await).
+    let conn = lapin::Connection::connect(
+        &endpoints::rabbitmq_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let got = ch
+            .basic_get(
+                dlq.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        if let Some(msg) = got {
+            break msg;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message never reached {dlq}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        got.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some(m.id.as_str())
+    );
+    // And the work queue no longer hands it out.
+    let mut s = c.subscribe(sub).await.unwrap();
+    assert!(s.next_timeout(Duration::from_secs(2)).await.is_none());
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// A work queue declared by an earlier version (without the delivery limit and dead-letter
+/// exchange) is used as it is: subscribing does not fail on the broker's inequivalent-argument
+/// refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_declared_without_the_delivery_limit_is_used_as_it_is() {
+    let c = client(Guarantee::AtLeastOnce).await;
+    let dest = unique("legacy");
+    c.create_destination(&dest).await.unwrap();
+    let conn = lapin::Connection::connect(
+        &endpoints::rabbitmq_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    let queue = format!("{dest}.g");
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    let mut s = c.subscribe(Subscription::new(&dest, "g")).await.unwrap();
+    let m = Message::new("still works");
+    c.publish(&dest, m.clone()).await.unwrap();
+    let d = s
+        .next_timeout(Duration::from_secs(30))
+        .await
+        .expect("nothing arrived on the earlier version's queue")
+        .unwrap();
+    assert_eq!(d.message.id, m.id);
+    d.ack().await.unwrap();
+}

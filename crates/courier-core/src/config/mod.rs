@@ -388,6 +388,11 @@ impl Config {
                 if r.prefetch == 0 {
                     return Err(Error::config("backend.prefetch must be at least 1"));
                 }
+                if r.delivery_limit == 0 {
+                    return Err(Error::config(
+                        "backend.delivery_limit must be at least 1 (20 is RabbitMQ 4's default)",
+                    ));
+                }
                 if r.confirm_timeout.is_zero() || r.operation_timeout.is_zero() {
                     return Err(Error::config(
                         "backend.confirm_timeout and backend.operation_timeout must be above zero (e.g. \"30s\", \"10s\")",

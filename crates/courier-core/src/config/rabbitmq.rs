@@ -29,6 +29,12 @@ pub struct RabbitMqConfig {
     pub queue_type: QueueType,
     /// Consumer prefetch (`basic.qos`).
     pub prefetch: u16,
+    /// Quorum queues: how many times the broker hands out one message (redeliveries after a
+    /// consumer crash or a lost channel; courier's own retries are new publishes and do not
+    /// count) before it dead-letters the message to the subscription's dead-letter exchange
+    /// (`x-delivery-limit`, with `x-dead-letter-exchange`). Without it RabbitMQ 4 applies 20 and
+    /// then drops the message.
+    pub delivery_limit: u32,
     /// Largest accepted message (envelope included), bytes.
     pub max_message_bytes: usize,
     /// How long to wait for a publisher confirm before treating the publish as failed and
@@ -59,6 +65,7 @@ impl Default for RabbitMqConfig {
             auto_create: false,
             queue_type: QueueType::Quorum,
             prefetch: 64,
+            delivery_limit: 20,
             max_message_bytes: 16 * 1024 * 1024,
             confirm_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(10),

@@ -45,43 +45,24 @@ mod broker_through_the_layer {
 /// on create, publish and subscribe alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_names_kafka_refuses_are_refused_before_any_request() {
-    use courier_core::{DeliveryClient, Guarantee, Message, Subscription};
+    use courier_core::{DeliveryClient, Guarantee};
     let boot = courier_testkit::endpoints::kafka_bootstrap();
     let c = courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
         .await
         .unwrap();
     let too_long = "t".repeat(250);
-    for name in [
-        "",
-        "..",
-        "orders/eu",
-        "orders eu",
-        "zahlungen-ä",
-        too_long.as_str(),
-    ] {
-        let kind = |e: courier_core::Error| e.kind();
-        assert_eq!(
-            c.create_destination(name).await.map_err(kind),
-            Err("invalid_name"),
-            "create {name:?}"
-        );
-        assert_eq!(
-            c.publish(name, Message::new("m"))
-                .await
-                .map(|_| ())
-                .map_err(kind),
-            Err("invalid_name"),
-            "publish {name:?}"
-        );
-        assert_eq!(
-            c.subscribe(Subscription::new(name, "g"))
-                .await
-                .map(|_| ())
-                .map_err(kind),
-            Err("invalid_name"),
-            "subscribe {name:?}"
-        );
-    }
+    courier_testkit::assert_names_refused(
+        &c,
+        &[
+            "",
+            "..",
+            "orders/eu",
+            "orders eu",
+            "zahlungen-ä",
+            too_long.as_str(),
+        ],
+    )
+    .await;
     // The longest valid name is accepted.
     c.create_destination(&courier_testkit::unique(&"t".repeat(236)))
         .await

@@ -205,16 +205,30 @@ impl Link {
 
     async fn open(&self) -> Result<Live> {
         let props = ConnectionProperties::default().with_connection_name("courier".into());
-        let conn = tokio::time::timeout(
-            self.op(),
-            Connection::connect(self.config.url.expose(), props),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            operation: format!("connecting to {}", self.config.url.redacted()),
-            after: self.op(),
-        })?
-        .map_err(|e| broker_err("connect", e))?;
+        let tls = tls_config(&self.config)?;
+        let connect = async {
+            match tls {
+                None => Connection::connect(self.config.url.expose(), props).await,
+                Some(tls) => match lapin::ConnectionBuilder::new() {
+                    Ok(builder) => {
+                        builder
+                            .with_uri_str(self.config.url.expose().to_owned())
+                            .with_properties(props)
+                            .with_tls_config(tls)
+                            .connect()
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+            }
+            .map_err(|e| broker_err("connect", e))
+        };
+        let conn = tokio::time::timeout(self.op(), connect)
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("connecting to {}", self.config.url.redacted()),
+                after: self.op(),
+            })??;
         let negotiated = conn.configuration().frame_max();
         if negotiated > 0 {
             self.frame_max
@@ -368,6 +382,39 @@ impl fmt::Debug for RabbitMqClient {
             .field("guarantee", &self.guarantee)
             .finish()
     }
+}
+
+/// The TLS settings of `config` (`tls_ca_file`, `tls_client_identity` and its password), read
+/// from their files; `None` when none is set. Guarded by `tests/faults.rs::tls_settings_are_applied`.
+fn tls_config(config: &RabbitMqConfig) -> Result<Option<lapin::tcp::OwnedTLSConfig>> {
+    if config.tls_ca_file.is_none() && config.tls_client_identity.is_none() {
+        return Ok(None);
+    }
+    let cert_chain = match &config.tls_ca_file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!("backend.tls_ca_file {path:?} cannot be read: {e}"))
+        })?),
+        None => None,
+    };
+    let identity = match &config.tls_client_identity {
+        Some(path) => Some(lapin::tcp::OwnedIdentity::PKCS12 {
+            der: std::fs::read(path).map_err(|e| {
+                Error::config(format!(
+                    "backend.tls_client_identity {path:?} cannot be read: {e}"
+                ))
+            })?,
+            password: config
+                .tls_client_identity_password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default(),
+        }),
+        None => None,
+    };
+    Ok(Some(lapin::tcp::OwnedTLSConfig {
+        identity,
+        cert_chain,
+    }))
 }
 
 /// AMQP 0-9-1's default `frame_max` (RabbitMQ's too).

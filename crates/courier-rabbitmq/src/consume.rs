@@ -129,6 +129,24 @@ fn fastrand_u64() -> u64 {
     h.finish()
 }
 
+/// On `close`: cancel the consumer, then close its channel, so the broker requeues what it had
+/// handed over and nobody settled.
+async fn cancel_and_close(
+    ctx: &Ctx,
+    ch: &lapin::Channel,
+    lost: &tokio_util::sync::CancellationToken,
+    consumer: &lapin::Consumer,
+) {
+    let _ = within(
+        ctx.op(),
+        lost,
+        "basic.cancel",
+        ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+    )
+    .await;
+    close_channel(ch, ctx.op(), "closed").await;
+}
+
 async fn run(
     ctx: Arc<Ctx>,
     first: (Watched, lapin::Consumer),
@@ -160,14 +178,7 @@ async fn run(
         loop {
             let item = tokio::select! {
                 _ = &mut stop => {
-                    let _ = within(
-                        ctx.op(),
-                        &lost,
-                        "basic.cancel",
-                        ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
-                    )
-                    .await;
-                    close_channel(&ch, ctx.op(), "closed").await;
+                    cancel_and_close(&ctx, &ch, &lost, &consumer).await;
                     return;
                 }
                 _ = tx.closed() => {
@@ -192,14 +203,7 @@ async fn run(
                     let handed = tokio::select! {
                         r = tx.send(Ok(delivery)) => r.is_ok(),
                         _ = &mut stop => {
-                            let _ = within(
-                                ctx.op(),
-                                &lost,
-                                "basic.cancel",
-                                ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
-                            )
-                            .await;
-                            close_channel(&ch, ctx.op(), "closed").await;
+                            cancel_and_close(&ctx, &ch, &lost, &consumer).await;
                             return;
                         }
                     };

@@ -39,6 +39,30 @@ async fn client(guarantee: Guarantee) -> Arc<dyn DeliveryClient> {
     }
 }
 
+/// A plain lapin connection to the broker, for what a test checks or sets up behind courier.
+async fn raw_connection() -> lapin::Connection {
+    lapin::Connection::connect(
+        &endpoints::rabbitmq_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Subscribe group `g` to `dest`, publish one message and receive it (`how` names the case).
+async fn round_trip(c: &dyn DeliveryClient, dest: &str, how: &str) {
+    let mut s = c.subscribe(Subscription::new(dest, "g")).await.unwrap();
+    let m = Message::new(format!("a message {how}"));
+    c.publish(dest, m.clone()).await.unwrap();
+    let d = s
+        .next_timeout(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("nothing arrived {how}"))
+        .unwrap();
+    assert_eq!(d.message.id, m.id);
+    d.ack().await.unwrap();
+}
+
 fn rabbitmqctl(args: &[&str]) {
     let out = std::process::Command::new("rabbitmqctl")
         .args(args)
@@ -215,12 +239,7 @@ async fn auto_create_declares_again_an_exchange_deleted_since() {
     c.publish(&dest, Message::new("one")).await.unwrap();
     c.publish(&dest, Message::new("two")).await.unwrap();
 
-    let conn = lapin::Connection::connect(
-        &endpoints::rabbitmq_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
+    let conn = raw_connection().await;
     let ch = conn.create_channel().await.unwrap();
     ch.exchange_delete(dest.as_str().into(), Default::default())
         .await
@@ -516,12 +535,7 @@ async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
     }
     // The broker dead-letters it to the subscription's dead-letter queue (polled: dead-lettering
     // is the broker's, with nothing to await).
-    let conn = lapin::Connection::connect(
-        &endpoints::rabbitmq_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
+    let conn = raw_connection().await;
     let ch = conn.create_channel().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let got = loop {
@@ -563,12 +577,7 @@ async fn a_queue_declared_without_the_delivery_limit_is_used_as_it_is() {
     let c = client(Guarantee::AtLeastOnce).await;
     let dest = unique("legacy");
     c.create_destination(&dest).await.unwrap();
-    let conn = lapin::Connection::connect(
-        &endpoints::rabbitmq_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
+    let conn = raw_connection().await;
     let ch = conn.create_channel().await.unwrap();
     let mut args = lapin::types::FieldTable::default();
     args.insert(
@@ -588,14 +597,52 @@ async fn a_queue_declared_without_the_delivery_limit_is_used_as_it_is() {
     .unwrap();
     let _ = conn.close(200, "done".into()).await;
 
-    let mut s = c.subscribe(Subscription::new(&dest, "g")).await.unwrap();
-    let m = Message::new("still works");
-    c.publish(&dest, m.clone()).await.unwrap();
-    let d = s
-        .next_timeout(Duration::from_secs(30))
+    round_trip(&*c, &dest, "on the earlier version's queue").await;
+}
+
+/// The TLS settings are applied: with `tls_ca_file` naming the test CA of the broker's TLS
+/// listener a client connects and a message goes round; without it the same URL fails (the CA is
+/// not a system root); a client identity with the wrong password fails, the right one connects;
+/// TLS settings on a plain `amqp://` URL are a configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_settings_are_applied() {
+    use courier_core::config::Secret;
+    let tls = |ca: bool, identity: Option<&str>| Config {
+        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+            url: SecretUrl::new(endpoints::rabbitmq_tls_url()),
+            tls_ca_file: ca.then(endpoints::rabbitmq_tls_ca),
+            tls_client_identity: identity.map(|_| endpoints::rabbitmq_tls_client()),
+            tls_client_identity_password: identity.map(Secret::new),
+            ..RabbitMqConfig::default()
+        }),
+        ..config(Guarantee::AtLeastOnce)
+    };
+    let c = match courier_rabbitmq::connect(&tls(true, None)).await {
+        Ok(c) => c,
+        Err(e) => {
+            endpoints::unreachable("RabbitMQ TLS listener", &endpoints::rabbitmq_tls_url(), e)
+        }
+    };
+    let dest = unique("tls");
+    c.create_destination(&dest).await.unwrap();
+    round_trip(&c, &dest, "over TLS").await;
+
+    let e = courier_rabbitmq::connect(&tls(false, None))
         .await
-        .expect("nothing arrived on the earlier version's queue")
-        .unwrap();
-    assert_eq!(d.message.id, m.id);
-    d.ack().await.unwrap();
+        .unwrap_err();
+    assert_eq!(e.kind(), "broker", "without the CA: {e}");
+    let e = courier_rabbitmq::connect(&tls(true, Some("wrong")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "broker", "with a wrong identity password: {e}");
+    courier_rabbitmq::connect(&tls(true, Some("courier")))
+        .await
+        .expect("the client identity with its password");
+
+    let mut plain = tls(true, None);
+    if let BackendConfig::Rabbitmq(r) = &mut plain.backend {
+        r.url = SecretUrl::new(endpoints::rabbitmq_url());
+    }
+    let e = courier_rabbitmq::connect(&plain).await.unwrap_err();
+    assert_eq!(e.kind(), "config", "{e}");
 }

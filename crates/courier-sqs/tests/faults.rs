@@ -413,40 +413,18 @@ async fn courier_consumes_boto3_fifo_messages_with_their_ids_and_groups() {
 async fn queue_names_sqs_refuses_are_refused_before_any_request() {
     let c = client(false, Duration::from_secs(30)).await;
     let too_long = "q".repeat(81);
-    for name in [
-        "",
-        "orders.eu",
-        "orders eu",
-        "orders/eu",
-        ".fifo",
-        too_long.as_str(),
-    ] {
-        let kind = |e: Error| {
-            assert!(e.to_string().len() < 300, "{e}");
-            e.kind()
-        };
-        assert_eq!(
-            c.create_destination(name).await.map_err(kind),
-            Err("invalid_name"),
-            "create {name:?}"
-        );
-        assert_eq!(
-            c.publish(name, Message::new("m"))
-                .await
-                .map(|_| ())
-                .map_err(kind),
-            Err("invalid_name"),
-            "publish {name:?}"
-        );
-        assert_eq!(
-            c.subscribe(Subscription::new(name, "g"))
-                .await
-                .map(|_| ())
-                .map_err(kind),
-            Err("invalid_name"),
-            "subscribe {name:?}"
-        );
-    }
+    courier_testkit::assert_names_refused(
+        &*c,
+        &[
+            "",
+            "orders.eu",
+            "orders eu",
+            "orders/eu",
+            ".fifo",
+            too_long.as_str(),
+        ],
+    )
+    .await;
     // The longest valid names are accepted, standard and FIFO.
     fresh(&*c, unique(&"q".repeat(67))).await;
     let fifo = client(true, Duration::from_secs(30)).await;

@@ -26,6 +26,26 @@ pub fn rabbitmq_url() -> String {
     var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 }
 
+/// `RABBITMQ_TLS_URL` (default `amqps://guest:guest@127.0.0.1:5671/%2f`, the TLS listener
+/// `scripts/services` gives RabbitMQ).
+pub fn rabbitmq_tls_url() -> String {
+    var("RABBITMQ_TLS_URL", "amqps://guest:guest@127.0.0.1:5671/%2f")
+}
+
+/// `RABBITMQ_TLS_CA` (default `/etc/rabbitmq/courier-tls/ca.pem`): the CA of that listener.
+pub fn rabbitmq_tls_ca() -> String {
+    var("RABBITMQ_TLS_CA", "/etc/rabbitmq/courier-tls/ca.pem")
+}
+
+/// `RABBITMQ_TLS_CLIENT` (default `/etc/rabbitmq/courier-tls/client.p12`, password
+/// `courier`): a client identity that CA signed.
+pub fn rabbitmq_tls_client() -> String {
+    var(
+        "RABBITMQ_TLS_CLIENT",
+        "/etc/rabbitmq/courier-tls/client.p12",
+    )
+}
+
 /// `SQS_ENDPOINT` (default `http://127.0.0.1:4566`).
 pub fn sqs_endpoint() -> String {
     var("SQS_ENDPOINT", "http://127.0.0.1:4566")

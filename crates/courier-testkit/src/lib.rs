@@ -26,6 +26,42 @@ use courier_idempotency::{IdempotencyStore, MemoryStore};
 pub use ledger::{FileLedger, Ledger, LedgerReport, STALL};
 pub use scenarios::ScenarioError;
 
+/// Assert that `client` refuses each of `names` as a destination — on create, publish and
+/// subscribe alike — with `Error::InvalidName` in one short sentence (the backend's naming rule).
+pub async fn assert_names_refused(client: &dyn DeliveryClient, names: &[&str]) {
+    use courier_core::{Message, Subscription};
+    let kind = |e: courier_core::Error| {
+        let text = e.to_string();
+        assert!(text.len() < 300, "{} bytes: {text}", text.len());
+        e.kind()
+    };
+    for &name in names {
+        assert_eq!(
+            client.create_destination(name).await.map_err(kind),
+            Err("invalid_name"),
+            "create {name:?}"
+        );
+        assert_eq!(
+            client
+                .publish(name, Message::new("m"))
+                .await
+                .map(|_| ())
+                .map_err(kind),
+            Err("invalid_name"),
+            "publish {name:?}"
+        );
+        assert_eq!(
+            client
+                .subscribe(Subscription::new(name, "g"))
+                .await
+                .map(|_| ())
+                .map_err(kind),
+            Err("invalid_name"),
+            "subscribe {name:?}"
+        );
+    }
+}
+
 /// A unique name: `prefix-` followed by 12 random hex characters.
 pub fn unique(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();

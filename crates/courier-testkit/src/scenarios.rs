@@ -135,6 +135,27 @@ async fn stop(handles: Vec<ConsumerHandle>) -> Outcome {
     Ok(())
 }
 
+/// Receive and ack deliveries until `want` distinct ids outside `except` arrived, or nothing
+/// arrives within the wait; returns those ids.
+async fn ack_distinct(
+    deliveries: &mut courier_core::Deliveries,
+    want: usize,
+    except: &std::collections::HashSet<courier_core::MessageId>,
+) -> Result<std::collections::HashSet<courier_core::MessageId>, ScenarioError> {
+    let mut got = std::collections::HashSet::new();
+    while got.len() < want {
+        let Some(d) = deliveries.next_timeout(wait()).await else {
+            break;
+        };
+        let d = d?;
+        if !except.contains(&d.message.id) {
+            got.insert(d.message.id.clone());
+        }
+        d.ack().await?;
+    }
+    Ok(got)
+}
+
 fn numbered(n: usize, prefix: &str) -> Vec<Message> {
     (0..n)
         .map(|i| Message::new(format!("{prefix}-{i}")).with_header("seq", i.to_string()))
@@ -644,19 +665,7 @@ pub async fn close_returns_promptly_with_deliveries_waiting(b: &dyn TestBackend)
     );
     // Everything not acked comes back to the group.
     let mut again = client.subscribe(Subscription::new(&dest, &group)).await?;
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() + acked.len() < msgs.len() {
-        match again.next_timeout(wait()).await {
-            Some(d) => {
-                let d = d?;
-                if !acked.contains(&d.message.id) {
-                    seen.insert(d.message.id.clone());
-                }
-                d.ack().await?;
-            }
-            None => break,
-        }
-    }
+    let seen = ack_distinct(&mut again, msgs.len() - acked.len(), &acked).await?;
     again.close().await?;
     ensure!(
         seen.len() + acked.len() == msgs.len(),
@@ -683,17 +692,7 @@ pub async fn declared_group_keeps_what_is_published_before_it_subscribes(
         client.publish(&dest, m.clone()).await?;
     }
     let mut deliveries = client.subscribe(sub).await?;
-    let mut got = std::collections::HashSet::new();
-    while got.len() < msgs.len() {
-        match deliveries.next_timeout(wait()).await {
-            Some(d) => {
-                let d = d?;
-                got.insert(d.message.id.clone());
-                d.ack().await?;
-            }
-            None => break,
-        }
-    }
+    let got = ack_distinct(&mut deliveries, msgs.len(), &Default::default()).await?;
     deliveries.close().await?;
     ensure!(
         got.len() == msgs.len(),

@@ -207,8 +207,10 @@ impl Config {
 
     /// Parse a URL: `memory://[name]`, `kafka://host:port[,host:port]`, `amqp[s]://user:pass@host/vhost`,
     /// `sqs://[region][?endpoint=http://host:port]`. Query parameters: `guarantee`,
-    /// `auto_create`, `concurrency`, `idempotency` (a store URL), and for SQS `endpoint` and
-    /// `fifo`. A URL without `//` after the scheme, a path where the scheme has none, or a
+    /// `auto_create`, `concurrency`, `idempotency` (a store URL); for SQS `endpoint` and `fifo`;
+    /// for RabbitMQ `tls_ca_file`, `tls_client_identity` and `tls_client_identity_password`; for
+    /// Kafka `security_protocol`, `sasl_mechanism`, `sasl_username`, `sasl_password` and
+    /// `ssl_ca_location` (librdkafka settings). A parameter of another backend is refused. A URL without `//` after the scheme, a path where the scheme has none, or a
     /// `kafka://` without a broker address is refused (a typo must not fall back to a default).
     pub fn from_url(s: &str) -> Result<Self> {
         let Some((scheme, rest)) = s.split_once("://") else {
@@ -254,16 +256,12 @@ impl Config {
         let mut auto_create = None;
         let mut consumer = ConsumerConfig::default();
         let mut idempotency = None;
-        let mut endpoint = None;
-        let mut fifo = None;
+        // Parameters of one backend, applied (or refused) once the scheme has picked it.
+        let mut extra: Vec<(String, String)> = Vec::new();
         for (k, v) in u.query_pairs() {
             match k.as_ref() {
                 "guarantee" => guarantee = v.parse()?,
-                "auto_create" => {
-                    auto_create = Some(v.parse::<bool>().map_err(|_| {
-                        Error::config(format!("auto_create={v} must be true or false"))
-                    })?)
-                }
+                "auto_create" => auto_create = Some(url_bool("auto_create", &v)?),
                 "concurrency" => {
                     consumer.concurrency = v
                         .parse()
@@ -275,52 +273,80 @@ impl Config {
                         ..IdempotencyConfig::default()
                     })
                 }
-                "endpoint" => endpoint = Some(v.into_owned()),
-                "fifo" => {
-                    fifo = Some(v.parse::<bool>().map_err(|_| {
-                        Error::config(format!("fifo={v} must be true or false"))
-                    })?)
-                }
-                other => {
-                    return Err(Error::config(format!(
-                        "unknown URL parameter {other:?}: use guarantee, auto_create, concurrency, idempotency, or endpoint and fifo (sqs)"
-                    )))
-                }
+                other => extra.push((other.to_owned(), v.into_owned())),
             }
         }
         let backend = match u.scheme() {
-            "memory" => BackendConfig::Memory(MemoryConfig {
-                broker: u.host_str().filter(|h| !h.is_empty()).unwrap_or("default").to_owned(),
-                auto_create: auto_create.unwrap_or(false),
-                ..MemoryConfig::default()
-            }),
+            "memory" => {
+                if let Some((name, _)) = extra.first() {
+                    return Err(unknown_param(name, "memory", &[]));
+                }
+                BackendConfig::Memory(MemoryConfig {
+                    broker: u.host_str().filter(|h| !h.is_empty()).unwrap_or("default").to_owned(),
+                    auto_create: auto_create.unwrap_or(false),
+                    ..MemoryConfig::default()
+                })
+            }
             "kafka" if authority.is_empty() => {
                 return Err(Error::config(format!(
                     "invalid courier URL {:?}: kafka:// needs the bootstrap servers, e.g. kafka://127.0.0.1:9092",
                     redact_url(s)
                 )))
             }
-            "kafka" => BackendConfig::Kafka(KafkaConfig {
-                bootstrap: authority,
-                auto_create: auto_create.unwrap_or(false),
-                ..KafkaConfig::default()
-            }),
+            "kafka" => {
+                let mut k = KafkaConfig {
+                    bootstrap: authority,
+                    auto_create: auto_create.unwrap_or(false),
+                    ..KafkaConfig::default()
+                };
+                for (name, v) in extra.drain(..) {
+                    let setting = match name.as_str() {
+                        "security_protocol" => "security.protocol",
+                        "sasl_mechanism" => "sasl.mechanism",
+                        "sasl_username" => "sasl.username",
+                        "sasl_password" => "sasl.password",
+                        "ssl_ca_location" => "ssl.ca.location",
+                        _ => return Err(unknown_param(&name, "kafka", KAFKA_PARAMS)),
+                    };
+                    k.settings.insert(setting.to_owned(), v);
+                }
+                BackendConfig::Kafka(k)
+            }
             "amqp" | "amqps" => {
                 let mut plain = u.clone();
                 plain.set_query(None);
-                BackendConfig::Rabbitmq(RabbitMqConfig {
+                let mut r = RabbitMqConfig {
                     url: SecretUrl::new(plain.to_string()),
                     auto_create: auto_create.unwrap_or(false),
                     ..RabbitMqConfig::default()
-                })
+                };
+                for (name, v) in extra.drain(..) {
+                    match name.as_str() {
+                        "tls_ca_file" => r.tls_ca_file = Some(v),
+                        "tls_client_identity" => r.tls_client_identity = Some(v),
+                        "tls_client_identity_password" => {
+                            r.tls_client_identity_password = Some(Secret::new(v))
+                        }
+                        _ => return Err(unknown_param(&name, u.scheme(), RABBITMQ_PARAMS)),
+                    }
+                }
+                BackendConfig::Rabbitmq(r)
             }
-            "sqs" => BackendConfig::Sqs(SqsConfig {
-                region: u.host_str().filter(|h| !h.is_empty()).map(str::to_owned),
-                endpoint,
-                auto_create: auto_create.unwrap_or(false),
-                fifo: fifo.unwrap_or(false),
-                ..SqsConfig::default()
-            }),
+            "sqs" => {
+                let mut q = SqsConfig {
+                    region: u.host_str().filter(|h| !h.is_empty()).map(str::to_owned),
+                    auto_create: auto_create.unwrap_or(false),
+                    ..SqsConfig::default()
+                };
+                for (name, v) in extra.drain(..) {
+                    match name.as_str() {
+                        "endpoint" => q.endpoint = Some(v),
+                        "fifo" => q.fifo = url_bool("fifo", &v)?,
+                        _ => return Err(unknown_param(&name, "sqs", SQS_PARAMS)),
+                    }
+                }
+                BackendConfig::Sqs(q)
+            }
             other => {
                 return Err(Error::config(format!(
                     "unknown backend scheme {other:?}: use memory://, kafka://, amqp://, amqps:// or sqs://"
@@ -388,6 +414,13 @@ impl Config {
                 if r.prefetch == 0 {
                     return Err(Error::config("backend.prefetch must be at least 1"));
                 }
+                if (r.tls_ca_file.is_some() || r.tls_client_identity.is_some())
+                    && !url.starts_with("amqps://")
+                {
+                    return Err(Error::config(
+                        "backend.tls_ca_file and backend.tls_client_identity apply to TLS connections: use an amqps:// URL",
+                    ));
+                }
                 if r.delivery_limit == 0 {
                     return Err(Error::config(
                         "backend.delivery_limit must be at least 1 (20 is RabbitMQ 4's default)",
@@ -433,6 +466,35 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// URL parameters of each backend beside the common ones (`Config::from_url`).
+const KAFKA_PARAMS: &[&str] = &[
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_ca_location",
+];
+const RABBITMQ_PARAMS: &[&str] = &[
+    "tls_ca_file",
+    "tls_client_identity",
+    "tls_client_identity_password",
+];
+const SQS_PARAMS: &[&str] = &["endpoint", "fifo"];
+
+fn url_bool(name: &str, v: &str) -> Result<bool> {
+    v.parse()
+        .map_err(|_| Error::config(format!("{name}={v} must be true or false")))
+}
+
+fn unknown_param(name: &str, scheme: &str, own: &[&str]) -> Error {
+    let mut known = vec!["guarantee", "auto_create", "concurrency", "idempotency"];
+    known.extend_from_slice(own);
+    Error::config(format!(
+        "unknown URL parameter {name:?} for {scheme}://: use {}",
+        known.join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -542,6 +604,34 @@ mod tests {
             panic!()
         };
         assert!(s.fifo);
+        let c = Config::from_url(
+            "amqps://u:p@rabbit:5671/%2f?tls_ca_file=/ca.pem&tls_client_identity=/c.p12&tls_client_identity_password=s3cr3t-pw",
+        )
+        .unwrap();
+        let BackendConfig::Rabbitmq(r) = &c.backend else {
+            panic!()
+        };
+        assert_eq!(r.tls_ca_file.as_deref(), Some("/ca.pem"));
+        assert_eq!(r.tls_client_identity.as_deref(), Some("/c.p12"));
+        assert!(!format!("{c:?}").contains("s3cr3t"), "{c:?}");
+        let c = Config::from_url(
+            "kafka://b:9093?security_protocol=SASL_SSL&sasl_mechanism=PLAIN&sasl_username=u&sasl_password=s3cr3t-pw",
+        )
+        .unwrap();
+        let BackendConfig::Kafka(k) = &c.backend else {
+            panic!()
+        };
+        assert_eq!(k.settings["security.protocol"], "SASL_SSL");
+        assert_eq!(k.settings["sasl.username"], "u");
+        assert!(!format!("{c:?}").contains("s3cr3t"), "{c:?}");
+        // A parameter of another backend is a typo, not ignored.
+        for bad in [
+            "kafka://b:9092?fifo=true",
+            "sqs://eu-west-1?tls_ca_file=/ca.pem",
+            "memory://?endpoint=http://x",
+        ] {
+            assert!(Config::from_url(bad).is_err(), "{bad}");
+        }
     }
 
     /// Typos are refused with a message that shows the fix, never read as a default.

@@ -83,10 +83,9 @@ async fn backend_matrix(name: &str, base: Config, messages: usize, faults: &[&st
                     ..IdempotencyConfig::default()
                 });
             }
-            let base_plan = plan(f, None);
             let plan = Plan {
                 messages,
-                ..base_plan
+                ..plan(f, None)
             };
             let r = must_run(name, &config, &plan).await;
             println!("{name} {g} [{f}]\n{r}");

@@ -193,7 +193,7 @@ mod tests {
     use super::Subscription;
 
     #[test]
-    fn default_dead_letter_names_are_valid_on_every_backend() {
+    fn default_dead_letter_name_is_destination_dash_dlq() {
         let s = Subscription::new("orders", "g");
         assert_eq!(s.dead_letter_destination(), "orders-dlq");
         let fifo = Subscription::new("orders.fifo", "g");

@@ -45,9 +45,9 @@ pub fn explain(config: &Config) -> Result<Explanation> {
     Ok(settings::explain(section(config)?, config.guarantee, None))
 }
 
-/// The librdkafka producer settings (name, value) a client connected with `config` uses for its
-/// publishes: the `[backend] settings` passthrough first, then courier's settings for the
-/// guarantee, which win. Everything not listed is librdkafka's default (`linger.ms`,
+/// The librdkafka producer settings (name, value; sorted by name) a client connected with
+/// `config` uses for its publishes — built by the same function the client's producer is: the
+/// `[backend] settings` passthrough, with courier's settings for the guarantee winning. Everything not listed is librdkafka's default (`linger.ms`,
 /// `batch.size`, compression …) unless the passthrough sets it. Exactly-once clients add a
 /// `transactional.id` chosen at connect time, which is not listed.
 ///
@@ -56,13 +56,12 @@ pub fn explain(config: &Config) -> Result<Explanation> {
 /// compares the adapter, not two configurations.
 pub fn producer_settings(config: &Config) -> Result<Vec<(String, String)>> {
     let k = section(config)?;
-    let ours = settings::producer(k, config.guarantee, None);
-    let mut out: Vec<(String, String)> = k
-        .settings
+    let applied = settings::client_config(k, &settings::producer(k, config.guarantee, None));
+    let mut out: Vec<(String, String)> = applied
+        .config_map()
         .iter()
-        .filter(|(name, _)| !ours.iter().any(|(n, _, _)| n == *name))
-        .map(|(n, v)| (n.clone(), v.clone()))
+        .map(|(n, v)| (n.to_string(), v.to_string()))
         .collect();
-    out.extend(ours.into_iter().map(|(n, v, _)| (n, v)));
+    out.sort();
     Ok(out)
 }

@@ -41,6 +41,11 @@ pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
+/// The broker refused a declaration whose arguments differ from the existing object's (406).
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
 fn not_found(destination: &str) -> Error {
     Error::DestinationNotFound {
         backend: BACKEND,
@@ -160,6 +165,8 @@ pub(crate) struct Link {
     declared: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// The frame size negotiated on the last connection (AMQP's 131,072 before one).
     frame_max: std::sync::atomic::AtomicU32,
+    /// Delay queues this client declared: parking a retry in one again skips the declare.
+    delay_queues: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Link {
@@ -169,6 +176,7 @@ impl Link {
             state: Mutex::new(None),
             declared: Default::default(),
             frame_max: std::sync::atomic::AtomicU32::new(DEFAULT_FRAME_MAX),
+            delay_queues: Default::default(),
         }
     }
 
@@ -678,7 +686,20 @@ impl RabbitMqClient {
     /// this client declared it is declared again and the batch sent once more: the broker
     /// refused the first attempt whole (the channel closed with NOT_FOUND), so nothing of it was
     /// routed.
+    ///
+    /// Everything is checked before anything is sent: the exchange name, and each message's size
+    /// and encoding (one bad message refuses the whole batch).
     async fn publish_to(&self, destination: &str, batch: &[Outbound]) -> Result<Vec<Receipt>> {
+        check_name("exchange", destination)?;
+        for out in batch {
+            check_payload(
+                BACKEND,
+                destination,
+                &out.message,
+                self.link.config.max_message_bytes,
+            )?;
+            check_message(destination, &out.message, self.link.frame_max())?;
+        }
         self.auto_declare(destination).await?;
         match self.send(destination, None, batch).await {
             Err(Error::DestinationNotFound { .. }) if self.link.config.auto_create => {
@@ -703,9 +724,12 @@ impl RabbitMqClient {
 
     /// Declare the delay queue of `queue` for `step_ms` (see [`DELAY_STEPS_MS`]): messages wait
     /// there for the queue's TTL, then dead-letter back into `queue` through the default
-    /// exchange. Returns its name.
+    /// exchange. Declared once per client; returns its name.
     pub(crate) async fn declare_delay_queue(&self, queue: &str, step_ms: u64) -> Result<String> {
         let name = delay_queue(queue, step_ms);
+        if self.link.delay_queues.lock().contains(&name) {
+            return Ok(name);
+        }
         let Watched { channel: ch, lost } = self.link.new_channel().await?;
         let mut args = queue_args(QueueType::Classic);
         args.insert(
@@ -732,12 +756,14 @@ impl RabbitMqClient {
         )
         .await;
         close_channel(&ch, self.link.op(), "ok").await;
-        declared.map(|_| name)
+        declared?;
+        self.link.delay_queues.lock().insert(name.clone());
+        Ok(name)
     }
 
-    /// Declare the subscription's work queue and its dead-letter exchange + queue.
+    /// Declare the subscription's work queue and its dead-letter exchange + queue. Callers check
+    /// the names first ([`check_subscription`]), before the exchange is declared.
     pub(crate) async fn declare_queues(&self, sub: &Subscription) -> Result<(String, String)> {
-        check_subscription(sub)?;
         let Watched { channel: ch, lost } = self.link.new_channel().await?;
         let (queue, dlx) = subscription_names(sub);
         let q_opts = QueueDeclareOptions {
@@ -760,22 +786,20 @@ impl RabbitMqClient {
                 AMQPValue::LongLongInt(i64::from(self.link.config.delivery_limit)),
             );
         }
-        let declared = bounded(
+        let declared = within(
             op,
             &lost,
             "queue.declare",
             ch.queue_declare(queue.as_str().into(), q_opts, args),
         )
-        .await;
+        .await?;
         let ch = match declared {
             Ok(_) => ch,
             // A queue an earlier version declared without these arguments: the broker refuses
-            // the new ones (406) and closes the channel. Use the queue as it is, and say how to
-            // get the limit.
-            Err(e)
-                if e.to_string().contains("PRECONDITION_FAILED")
-                    || e.to_string().contains("inequivalent") =>
-            {
+            // the new ones (406 PRECONDITION_FAILED) and closes the channel. Use the queue as it
+            // is, and say how to get the limit. Guarded by
+            // `tests/faults.rs::a_queue_declared_without_the_delivery_limit_is_used_as_it_is`.
+            Err(e) if is_precondition_failed(&e) => {
                 warn!(queue = %queue, "the queue exists without courier's delivery limit and dead-letter exchange; messages past RabbitMQ's own delivery limit may be dropped. Delete the queue (when empty) to have it declared with them");
                 let Watched { channel, .. } = self.link.new_channel().await?;
                 let passive = QueueDeclareOptions {
@@ -791,7 +815,7 @@ impl RabbitMqClient {
                 .await?;
                 channel
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(broker_err("queue.declare", e)),
         };
         within(
             op,
@@ -1063,14 +1087,6 @@ impl DeliveryClient for RabbitMqClient {
     }
 
     async fn publish(&self, destination: &str, message: Message) -> Result<Receipt> {
-        check_name("exchange", destination)?;
-        check_payload(
-            BACKEND,
-            destination,
-            &message,
-            self.link.config.max_message_bytes,
-        )?;
-        check_message(destination, &message, self.link.frame_max())?;
         let mut r = self
             .publish_to(destination, &[Outbound::plain(message)])
             .await?;
@@ -1082,11 +1098,6 @@ impl DeliveryClient for RabbitMqClient {
         destination: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Receipt>> {
-        check_name("exchange", destination)?;
-        for m in &messages {
-            check_payload(BACKEND, destination, m, self.link.config.max_message_bytes)?;
-            check_message(destination, m, self.link.frame_max())?;
-        }
         let batch: Vec<Outbound> = messages.into_iter().map(Outbound::plain).collect();
         self.publish_to(destination, &batch).await
     }

@@ -36,8 +36,6 @@ struct Ctx {
     guarantee: Guarantee,
     sub: Subscription,
     queue: String,
-    /// Delay steps whose queue this stream declared (see `client::DELAY_STEPS_MS`).
-    delays: parking_lot::Mutex<std::collections::HashSet<u64>>,
     dlx: String,
 }
 
@@ -61,7 +59,6 @@ impl RabbitStream {
             guarantee,
             sub,
             queue,
-            delays: Default::default(),
             dlx,
         });
         // Subscribe once up front so errors (missing queue, access) surface from subscribe().
@@ -414,15 +411,10 @@ impl Settle for RabbitSettle {
         }
         // Park a copy in the delay queue of the delay's step (confirmed), then settle the
         // original.
-        let step = crate::client::delay_step(delay);
         let client = self.client();
-        let queue = if self.ctx.delays.lock().contains(&step) {
-            crate::client::delay_queue(&self.ctx.queue, step)
-        } else {
-            let q = client.declare_delay_queue(&self.ctx.queue, step).await?;
-            self.ctx.delays.lock().insert(step);
-            q
-        };
+        let queue = client
+            .declare_delay_queue(&self.ctx.queue, crate::client::delay_step(delay))
+            .await?;
         let out = Outbound {
             message: self.message.clone(),
             attempt: Some(self.attempt + 1),

@@ -54,6 +54,19 @@ pub(crate) fn check_queue_name(name: &str) -> Result<()> {
     Err(Error::invalid_name(BACKEND, "queue", name, rule))
 }
 
+/// [`Error::PayloadTooLarge`] when `enc` is over `limit` (courier's cap, or the queue's own).
+fn fits(destination: &str, enc: &Encoded, limit: usize) -> Result<()> {
+    if enc.size > limit {
+        return Err(Error::PayloadTooLarge {
+            backend: BACKEND,
+            destination: destination.to_owned(),
+            size: enc.size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 const ATTR_ID: &str = "courier-id";
 const ATTR_KEY: &str = "courier-key";
 const ATTR_HEADERS: &str = "courier-headers";
@@ -403,14 +416,7 @@ impl Inner {
             ));
         }
         let enc = encode(m)?;
-        if enc.size > self.config.max_message_bytes {
-            return Err(Error::PayloadTooLarge {
-                backend: BACKEND,
-                destination: destination.to_owned(),
-                size: enc.size,
-                limit: self.config.max_message_bytes,
-            });
-        }
+        fits(destination, &enc, self.config.max_message_bytes)?;
         Ok(enc)
     }
 
@@ -487,20 +493,6 @@ impl Inner {
         Ok(())
     }
 
-    /// [`Error::PayloadTooLarge`] when `enc` is over the queue's limit.
-    async fn check_limit(&self, destination: &str, enc: &Encoded) -> Result<()> {
-        let limit = self.queue_limit(destination).await?;
-        if enc.size > limit {
-            return Err(Error::PayloadTooLarge {
-                backend: BACKEND,
-                destination: destination.to_owned(),
-                size: enc.size,
-                limit,
-            });
-        }
-        Ok(())
-    }
-
     fn group_id(&self, m: &Message) -> String {
         m.key
             .clone()
@@ -508,7 +500,7 @@ impl Inner {
     }
 
     async fn send(&self, destination: &str, m: &Message, enc: Encoded) -> Result<Receipt> {
-        self.check_limit(destination, &enc).await?;
+        fits(destination, &enc, self.queue_limit(destination).await?)?;
         let url = self.url(destination).await?;
         let fifo = url.ends_with(".fifo");
         let mut req = self
@@ -605,10 +597,10 @@ impl DeliveryClient for SqsClient {
         for m in &messages {
             encoded.push(self.inner.check(destination, m)?);
         }
-        for e in &encoded {
-            self.inner.check_limit(destination, e).await?;
-        }
         let limit = self.inner.queue_limit(destination).await?;
+        for e in &encoded {
+            fits(destination, e, limit)?;
+        }
         let url = self.inner.url(destination).await?;
         let fifo = url.ends_with(".fifo");
         let mut receipts: Vec<Option<Receipt>> = vec![None; messages.len()];

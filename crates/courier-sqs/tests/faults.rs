@@ -471,16 +471,36 @@ async fn refusals_are_short_typed_errors() {
     assert!(!text.contains("raw: Response"), "{text}");
 
     // Nothing of the refused publishes reached the queue.
-    let mut d = c.subscribe(Subscription::new(&q, "g")).await.unwrap();
-    c.publish(&q, Message::new("good")).await.unwrap();
-    let got = d
-        .next_timeout(Duration::from_secs(30))
+    let sdk = aws_sdk_sqs::Client::new(
+        &aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(endpoints::aws_region()))
+            .endpoint_url(endpoints::sqs_endpoint())
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .load()
+            .await,
+    );
+    let url = sdk
+        .get_queue_url()
+        .queue_name(&q)
+        .send()
         .await
-        .expect("the good message never arrived")
+        .unwrap()
+        .queue_url
         .unwrap();
-    assert_eq!(&got.message.payload[..], b"good");
-    got.ack().await.unwrap();
-    assert!(d.next_timeout(Duration::from_secs(3)).await.is_none());
+    let attrs = sdk
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap();
+    let waiting = attrs
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
+        .cloned();
+    assert_eq!(waiting.as_deref(), Some("0"));
 }
 
 /// A second consumer group on one queue is refused (SQS would split the messages between the

@@ -210,8 +210,9 @@ impl Config {
     /// `auto_create`, `concurrency`, `idempotency` (a store URL); for SQS `endpoint` and `fifo`;
     /// for RabbitMQ `tls_ca_file`, `tls_client_identity` and `tls_client_identity_password`; for
     /// Kafka `security_protocol`, `sasl_mechanism`, `sasl_username`, `sasl_password` and
-    /// `ssl_ca_location` (librdkafka settings). A parameter of another backend is refused. A URL without `//` after the scheme, a path where the scheme has none, or a
-    /// `kafka://` without a broker address is refused (a typo must not fall back to a default).
+    /// `ssl_ca_location` (librdkafka settings). A parameter of another backend, a URL without `//`
+    /// after the scheme, a path where the scheme has none, or a `kafka://` without a broker
+    /// address is refused (a typo must not fall back to a default).
     pub fn from_url(s: &str) -> Result<Self> {
         let Some((scheme, rest)) = s.split_once("://") else {
             let fix = match s.split_once(':') {
@@ -227,24 +228,18 @@ impl Config {
                 redact_url(s)
             )));
         };
-        if matches!(scheme, "memory" | "kafka" | "sqs") {
-            let end = rest.find('?').unwrap_or(rest.len());
-            if let Some(path) = rest[..end].find('/').map(|i| &rest[i..end]) {
-                if !path.is_empty() && path != "/" {
-                    return Err(Error::config(format!(
-                        "invalid courier URL {:?}: {scheme}:// URLs have no path (got {path:?})",
-                        redact_url(s)
-                    )));
-                }
-            }
+        // The authority runs to the first `/` or `?`; what follows up to `?` is the path.
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = rest[..end].to_owned();
+        let path = &rest[end..rest.find('?').unwrap_or(rest.len()).max(end)];
+        if matches!(scheme, "memory" | "kafka" | "sqs") && !path.is_empty() && path != "/" {
+            return Err(Error::config(format!(
+                "invalid courier URL {:?}: {scheme}:// URLs have no path (got {path:?})",
+                redact_url(s)
+            )));
         }
         // The `url` crate accepts one host; a Kafka bootstrap list (`kafka://a:9092,b:9092`)
         // is taken verbatim from the authority and parsed with a placeholder host.
-        let authority = {
-            let after = &s[s.find("://").map(|i| i + 3).unwrap_or(0)..];
-            let end = after.find(['/', '?']).unwrap_or(after.len());
-            after[..end].to_owned()
-        };
         let parse_text = if s.starts_with("kafka://") && authority.contains(',') {
             s.replacen(&authority, "bootstrap-list", 1)
         } else {
@@ -300,15 +295,11 @@ impl Config {
                     ..KafkaConfig::default()
                 };
                 for (name, v) in extra.drain(..) {
-                    let setting = match name.as_str() {
-                        "security_protocol" => "security.protocol",
-                        "sasl_mechanism" => "sasl.mechanism",
-                        "sasl_username" => "sasl.username",
-                        "sasl_password" => "sasl.password",
-                        "ssl_ca_location" => "ssl.ca.location",
-                        _ => return Err(unknown_param(&name, "kafka", KAFKA_PARAMS)),
+                    let Some((_, setting)) = KAFKA_PARAMS.iter().find(|(p, _)| *p == name) else {
+                        let own: Vec<&str> = KAFKA_PARAMS.iter().map(|(p, _)| *p).collect();
+                        return Err(unknown_param(&name, "kafka", &own));
                     };
-                    k.settings.insert(setting.to_owned(), v);
+                    k.settings.insert((*setting).to_owned(), v);
                 }
                 BackendConfig::Kafka(k)
             }
@@ -468,14 +459,16 @@ impl Config {
     }
 }
 
-/// URL parameters of each backend beside the common ones (`Config::from_url`).
-const KAFKA_PARAMS: &[&str] = &[
-    "security_protocol",
-    "sasl_mechanism",
-    "sasl_username",
-    "sasl_password",
-    "ssl_ca_location",
+/// Kafka's URL parameters (`Config::from_url`) and the librdkafka settings they set.
+const KAFKA_PARAMS: &[(&str, &str)] = &[
+    ("security_protocol", "security.protocol"),
+    ("sasl_mechanism", "sasl.mechanism"),
+    ("sasl_username", "sasl.username"),
+    ("sasl_password", "sasl.password"),
+    ("ssl_ca_location", "ssl.ca.location"),
 ];
+
+/// RabbitMQ's and SQS's URL parameters beside the common ones (`Config::from_url`).
 const RABBITMQ_PARAMS: &[&str] = &[
     "tls_ca_file",
     "tls_client_identity",
@@ -625,12 +618,18 @@ mod tests {
         assert_eq!(k.settings["sasl.username"], "u");
         assert!(!format!("{c:?}").contains("s3cr3t"), "{c:?}");
         // A parameter of another backend is a typo, not ignored.
-        for bad in [
-            "kafka://b:9092?fifo=true",
-            "sqs://eu-west-1?tls_ca_file=/ca.pem",
-            "memory://?endpoint=http://x",
+        for (bad, param) in [
+            ("kafka://b:9092?fifo=true", "fifo"),
+            ("sqs://eu-west-1?tls_ca_file=/ca.pem", "tls_ca_file"),
+            ("memory://?endpoint=http://x", "endpoint"),
         ] {
-            assert!(Config::from_url(bad).is_err(), "{bad}");
+            match Config::from_url(bad) {
+                Err(Error::Config { message }) => assert!(
+                    message.contains(&format!("unknown URL parameter {param:?}")),
+                    "{bad}: {message}"
+                ),
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 

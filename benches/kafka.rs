@@ -127,8 +127,7 @@ async fn main() {
     raw_config.set_log_level(rdkafka::config::RDKafkaLogLevel::Error);
     let producer: FutureProducer = raw_config.create().unwrap();
     // courier fetches a topic's metadata before its first publish to it (to report a missing
-    // topic); the raw producer does the same. Without it, librdkafka 2.x producing to a topic it
-    // learned of only lazily ran at about a third of the rate here (docs/benchmarks.md).
+    // topic); the raw producer does the same.
     producer
         .client()
         .fetch_metadata(Some(&raw_t), Duration::from_secs(10))

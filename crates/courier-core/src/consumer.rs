@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
-    BatchHandler, Context, Delivery, DeliveryClient, DeliveryInfo, Error, Guarantee, Handler,
-    HandlerError, Message, MessageId, Outgoing, Result, RetryPolicy, Settle, Subscription,
+    AfterCommit, BatchHandler, Context, Delivery, DeliveryClient, DeliveryInfo, Error, Guarantee,
+    Handler, HandlerError, Message, MessageId, Outgoing, Result, RetryPolicy, Settle, Subscription,
 };
 
 /// Counters of a running consumer. Cheap to read while it runs.
@@ -461,24 +461,18 @@ impl Shared {
         warn!(message_id = %id, error = %e, "{what} failed; the broker will redeliver the message");
     }
 
-    /// Publish outputs (non-atomic backends) and acknowledge.
+    /// Publish outputs (non-atomic backends) and acknowledge, then run the handler's
+    /// after-commit steps with the outcome. On a backend with atomic outputs the backend
+    /// commits outputs and acknowledgement together and runs the steps itself.
     async fn ack_with_outputs(
         &self,
         id: &MessageId,
         settle: Box<dyn Settle>,
         outputs: Vec<Outgoing>,
+        after: AfterCommit,
     ) -> bool {
-        if outputs.is_empty() {
-            return match settle.ack().await {
-                Ok(()) => true,
-                Err(e) => {
-                    self.settle_failed("ack", id, &e);
-                    false
-                }
-            };
-        }
         if settle.atomic_outputs() {
-            return match settle.ack_with_outputs(outputs).await {
+            return match settle.ack_with_outputs(outputs, after).await {
                 Ok(()) => true,
                 Err(e) => {
                     self.settle_failed("transactional commit", id, &e);
@@ -486,6 +480,17 @@ impl Shared {
                 }
             };
         }
+        let acked = self.publish_then_ack(id, settle, outputs).await;
+        after.run(acked).await;
+        acked
+    }
+
+    async fn publish_then_ack(
+        &self,
+        id: &MessageId,
+        settle: Box<dyn Settle>,
+        outputs: Vec<Outgoing>,
+    ) -> bool {
         for out in outputs {
             if let Err(e) = self.client.publish(&out.destination, out.message).await {
                 warn!(message_id = %id, error = %e, "publishing a handler output failed; retrying the input");
@@ -552,6 +557,7 @@ impl Shared {
 
     fn context(&self, info: &DeliveryInfo, atomic: bool) -> Context {
         Context::new(info.message.id.clone(), info.attempt, info.source.clone())
+            .with_position(info.position.clone())
             .with_publisher(self.client.clone(), atomic)
             .with_traceparent(
                 info.message
@@ -612,12 +618,14 @@ impl Shared {
                             bump(&self.stats.handled);
                             self.labels.handled.increment(1);
                             let outputs = cx.take_outputs();
-                            self.ack_with_outputs(&id, settle, outputs).await;
+                            let after = cx.take_after_commit();
+                            self.ack_with_outputs(&id, settle, outputs, after).await;
                         }
                         Err(e) => {
                             bump(&self.stats.handler_errors);
                             self.labels.handler_errors.increment(1);
                             self.settle_failure(&info, settle, e).await;
+                            cx.take_after_commit().run(false).await;
                         }
                     }
                 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::BoxError;
-use crate::{DeliveryClient, Message, MessageId, Result};
+use crate::{AfterCommit, DeliveryClient, Message, MessageId, Position, Result};
 
 /// How a handler failed, which decides what the consume loop does with the message.
 ///
@@ -81,7 +81,7 @@ impl fmt::Debug for HandlerError {
 }
 
 /// A message a handler publishes through its [`Context`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Outgoing {
     /// Destination.
     pub destination: String,
@@ -103,6 +103,8 @@ pub struct Context {
     client: Option<Arc<dyn DeliveryClient>>,
     atomic_outputs: bool,
     trace_id: Option<String>,
+    position: Position,
+    after_commit: AfterCommit,
 }
 
 impl Context {
@@ -117,7 +119,46 @@ impl Context {
             client: None,
             atomic_outputs: false,
             trace_id: None,
+            position: Position::Unknown,
+            after_commit: AfterCommit::default(),
         }
+    }
+
+    /// Where the delivery sits on the broker (for tests of handlers: the consume loop sets it).
+    pub fn with_position(mut self, position: Position) -> Self {
+        self.position = position;
+        self
+    }
+
+    /// Where the delivery being handled sits on the broker (partition and offset on Kafka).
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// Whether the backend commits the staged outputs together with the consumed position, in
+    /// one broker transaction (Kafka exactly-once), after the handler returns. Then
+    /// [`Context::flush`] publishes nothing, and whatever must wait for that commit goes in
+    /// [`Context::after_commit`].
+    pub fn commits_atomically(&self) -> bool {
+        self.atomic_outputs
+    }
+
+    /// Run `step` once this delivery's outputs and acknowledgement are final, with whether they
+    /// were committed. Where [`Context::commits_atomically`] is true that is after the broker
+    /// transaction holding them ended (the idempotent layer completes its key there); elsewhere
+    /// right after the acknowledgement. After a failed handler run, `step` gets `false`.
+    pub fn after_commit<F, Fut>(&mut self, step: F)
+    where
+        F: FnOnce(bool) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.after_commit
+            .push(Box::new(move |committed| Box::pin(step(committed))));
+    }
+
+    /// Take the steps added with [`Context::after_commit`] (leaves none).
+    pub fn take_after_commit(&mut self) -> AfterCommit {
+        std::mem::take(&mut self.after_commit)
     }
 
     /// Continue the trace of the input message (its `traceparent` header).

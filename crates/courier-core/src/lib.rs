@@ -35,8 +35,8 @@ pub use handler::{
     HandlerFn, Outgoing,
 };
 pub use message::{
-    header, DeadLetter, Delivery, DeliveryInfo, Headers, Message, MessageId, Position, Receipt,
-    Settle,
+    header, AfterCommit, CommitHook, DeadLetter, Delivery, DeliveryInfo, Headers, Message,
+    MessageId, Position, Receipt, Settle,
 };
 pub use retry::RetryPolicy;
 

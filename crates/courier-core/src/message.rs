@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::handler::Outgoing;
@@ -242,15 +243,82 @@ pub trait Settle: Send + Sync {
         false
     }
 
-    /// Publish `outputs` and acknowledge in one atomic step. Only called when
-    /// [`Settle::atomic_outputs`] is true.
-    async fn ack_with_outputs(self: Box<Self>, outputs: Vec<Outgoing>) -> Result<()> {
+    /// Publish `outputs` and acknowledge in one atomic step, then run `after` with whether that
+    /// step committed. Only called when [`Settle::atomic_outputs`] is true.
+    ///
+    /// A backend may return before the commit (Kafka commits many inputs in one transaction per
+    /// commit interval); it runs `after` exactly once in every case, `false` when the outputs
+    /// and the acknowledgement will not be committed (the message is delivered again).
+    async fn ack_with_outputs(
+        self: Box<Self>,
+        outputs: Vec<Outgoing>,
+        after: AfterCommit,
+    ) -> Result<()> {
         let _ = outputs;
+        after.run(false).await;
         Err(Error::unsupported(
             "courier",
             "atomic handler outputs",
             "this backend publishes handler outputs before acknowledging instead",
         ))
+    }
+}
+
+/// A step to run once a delivery's outputs and acknowledgement are final; its argument says
+/// whether they were committed. See [`Context::after_commit`](crate::Context::after_commit).
+pub type CommitHook = Box<dyn FnOnce(bool) -> BoxFuture<'static, ()> + Send>;
+
+/// The steps to run once a delivery's settle is final (in the order they were added).
+#[derive(Default)]
+pub struct AfterCommit {
+    // A mutex only to make the steps shareable between threads while they wait (it is never
+    // contended: every method takes the value or `&mut`).
+    hooks: std::sync::Mutex<Vec<CommitHook>>,
+}
+
+impl AfterCommit {
+    /// Add a step.
+    pub fn push(&mut self, hook: CommitHook) {
+        self.hooks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(hook);
+    }
+
+    /// Whether there is nothing to run.
+    pub fn is_empty(&self) -> bool {
+        self.hooks.lock().map(|h| h.is_empty()).unwrap_or(true)
+    }
+
+    /// Run every step with `committed`.
+    pub async fn run(self, committed: bool) {
+        let hooks = self.hooks.into_inner().unwrap_or_else(|e| e.into_inner());
+        for hook in hooks {
+            hook(committed).await;
+        }
+    }
+
+    /// Run every step with `committed` on a task of its own (from code that must not wait).
+    pub fn spawn(self, committed: bool) {
+        if self.is_empty() {
+            return;
+        }
+        // Outside a runtime the steps cannot run (they talk to stores); the leases they would
+        // have settled expire by themselves.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(rt.spawn(self.run(committed)));
+        }
+    }
+}
+
+impl fmt::Debug for AfterCommit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AfterCommit")
+            .field(
+                "steps",
+                &self.hooks.lock().map(|h| h.len()).unwrap_or_default(),
+            )
+            .finish()
     }
 }
 

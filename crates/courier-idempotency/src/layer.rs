@@ -38,6 +38,73 @@ pub struct IdempotencyStats {
     pub store_errors: AtomicU64,
     /// Messages processed without dedup because the store was down and the policy is fail-open.
     pub processed_fail_open: AtomicU64,
+    /// Redeliveries of a completed input whose broker transaction never committed: its stored
+    /// outputs were staged again instead of running the handler (Kafka exactly-once).
+    pub outputs_replayed: AtomicU64,
+}
+
+/// What the layer stores with a key completed on a backend that commits outputs with the
+/// consumed position (Kafka exactly-once): the handler's result, its outputs, and the position
+/// of the input.
+///
+/// The key completes right after the handler, before the broker transaction holding the outputs
+/// commits. If that transaction never commits (an abort, a crash, the partition moving to
+/// another consumer), the same input is read again *at the same position* — a committed
+/// transaction would have moved the group's offset past it — and the layer stages the stored
+/// outputs again instead of running the handler: the external effect happened once and the
+/// outputs commit once. A copy of the input at another position (a publisher's duplicate) is
+/// absorbed: the original's outputs are committed with the original.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Completed {
+    position: String,
+    result: Option<bytes::Bytes>,
+    outputs: Vec<courier_core::Outgoing>,
+}
+
+/// Marks a stored result as a [`Completed`] record (a result from a non-transactional backend is
+/// stored as it is).
+const COMPLETED_MAGIC: &[u8] = b"courier-completed/1\n";
+
+impl Completed {
+    pub(crate) fn new(cx: &Context) -> Self {
+        Completed {
+            position: cx.position().to_string(),
+            result: cx.result().cloned(),
+            outputs: cx.outputs().to_vec(),
+        }
+    }
+
+    pub(crate) fn encode(&self) -> bytes::Bytes {
+        let mut v = COMPLETED_MAGIC.to_vec();
+        // Serialising owned strings and bytes cannot fail.
+        serde_json::to_writer(&mut v, self).unwrap_or_default();
+        v.into()
+    }
+
+    fn decode(stored: &[u8]) -> Option<Self> {
+        serde_json::from_slice(stored.strip_prefix(COMPLETED_MAGIC)?).ok()
+    }
+}
+
+/// Stage the stored outputs of a completed key again when this delivery is the same input at
+/// the same position on a backend that commits outputs atomically (see [`Completed`]).
+pub(crate) fn replay_outputs(cx: &mut Context, stored: Option<&bytes::Bytes>) -> bool {
+    if !cx.commits_atomically() {
+        return false;
+    }
+    let Some(record) = stored.and_then(|s| Completed::decode(s)) else {
+        return false;
+    };
+    if record.position != cx.position().to_string() {
+        return false;
+    }
+    if let Some(r) = record.result {
+        cx.set_result(r);
+    }
+    for out in record.outputs {
+        cx.publish(out.destination, out.message);
+    }
+    true
 }
 
 impl IdempotencyStats {
@@ -211,6 +278,61 @@ impl<H: Handler> Idempotent<H> {
     }
 }
 
+impl<H> Idempotent<H> {
+    /// Record `key` as completed with `stored`, waiting out a store outage (the delivery stays
+    /// unsettled meanwhile, so nobody else runs it) rather than giving up and letting a
+    /// redelivery repeat the effect. False when it could not be recorded within the complete
+    /// timeout.
+    async fn complete(
+        &self,
+        key: &str,
+        token: &LeaseToken,
+        fingerprint: &str,
+        stored: Option<bytes::Bytes>,
+    ) -> bool {
+        let store = self.store.name();
+        let deadline = tokio::time::Instant::now() + self.complete_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self
+                .store
+                .complete(key, token, fingerprint, stored.clone(), self.ttl)
+                .await
+            {
+                Ok(held) => {
+                    if !held {
+                        bump(
+                            &self.stats.leases_lost,
+                            "courier_idempotency_leases_lost_total",
+                            store,
+                        );
+                    }
+                    bump(
+                        &self.stats.completed,
+                        "courier_idempotency_completed_total",
+                        store,
+                    );
+                    return true;
+                }
+                Err(e) => {
+                    bump(
+                        &self.stats.store_errors,
+                        "courier_idempotency_store_errors_total",
+                        store,
+                    );
+                    if tokio::time::Instant::now() + backoff > deadline {
+                        warn!(%key, error = %e, "handler succeeded but the key could not be completed in time; a redelivery after the lease expires may repeat the effect");
+                        return false;
+                    }
+                    debug!(%key, error = %e, "completing the key failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl<H: Handler> Handler for Idempotent<H> {
     async fn handle(&self, message: &Message, cx: &mut Context) -> Result<(), HandlerError> {
@@ -228,7 +350,16 @@ impl<H: Handler> Handler for Idempotent<H> {
             }
             None => match self.store.begin(&key, &fp, self.lease).await {
                 Ok(Begin::Begun(t)) => (t, Instant::now()),
-                Ok(Begin::Completed { .. }) => {
+                Ok(Begin::Completed { result }) => {
+                    if replay_outputs(cx, result.as_ref()) {
+                        bump(
+                            &self.stats.outputs_replayed,
+                            "courier_idempotency_outputs_replayed_total",
+                            store,
+                        );
+                        debug!(%key, "completed before, its transaction did not commit: outputs staged again");
+                        return Ok(());
+                    }
                     bump(
                         &self.stats.duplicates_absorbed,
                         "courier_duplicates_absorbed_total",
@@ -335,50 +466,20 @@ impl<H: Handler> Handler for Idempotent<H> {
                     self.release(&key, &token).await;
                     return Err(HandlerError::retryable(e));
                 }
-                // The effect happened: record it, waiting out a store outage (the delivery stays
-                // unsettled meanwhile, so nobody else runs it) rather than giving up and letting a
-                // redelivery repeat the effect.
-                let deadline = tokio::time::Instant::now() + self.complete_timeout;
-                let mut backoff = Duration::from_millis(20);
-                loop {
-                    match self
-                        .store
-                        .complete(&key, &token, &fp, cx.result().cloned(), self.ttl)
-                        .await
-                    {
-                        Ok(held) => {
-                            if !held {
-                                bump(
-                                    &self.stats.leases_lost,
-                                    "courier_idempotency_leases_lost_total",
-                                    store,
-                                );
-                            }
-                            bump(
-                                &self.stats.completed,
-                                "courier_idempotency_completed_total",
-                                store,
-                            );
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            bump(
-                                &self.stats.store_errors,
-                                "courier_idempotency_store_errors_total",
-                                store,
-                            );
-                            if tokio::time::Instant::now() + backoff > deadline {
-                                warn!(%key, error = %e, "handler succeeded but the key could not be completed in time; a redelivery after the lease expires may repeat the effect");
-                                return Err(HandlerError::defer(
-                                    self.lease,
-                                    format!("completing {key} failed: {e}"),
-                                ));
-                            }
-                            debug!(%key, error = %e, "completing the key failed; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_millis(500));
-                        }
-                    }
+                // Where the backend commits the outputs with the input's offset after this
+                // returns, they are stored with the key: see `replay_outputs`.
+                let stored = if cx.commits_atomically() {
+                    Some(Completed::new(cx).encode())
+                } else {
+                    cx.result().cloned()
+                };
+                if self.complete(&key, &token, &fp, stored).await {
+                    Ok(())
+                } else {
+                    Err(HandlerError::defer(
+                        self.lease,
+                        format!("completing {key} failed"),
+                    ))
                 }
             }
             Err(e) => {

@@ -177,7 +177,7 @@ impl<H: TxHandler> Handler for TransactionalIdempotent<H> {
         };
         if !claimed {
             let look = format!(
-                "SELECT status, fingerprint FROM {t} WHERE key = $1",
+                "SELECT status, fingerprint, result FROM {t} WHERE key = $1",
                 t = self.table
             );
             let row = sqlx::query(&look)
@@ -207,6 +207,16 @@ impl<H: TxHandler> Handler for TransactionalIdempotent<H> {
                 }));
             }
             if status == "c" {
+                let result: Option<Vec<u8>> = row.get("result");
+                if crate::layer::replay_outputs(cx, result.map(bytes::Bytes::from).as_ref()) {
+                    bump(
+                        &self.stats,
+                        |s| &s.outputs_replayed,
+                        "courier_idempotency_outputs_replayed_total",
+                    );
+                    debug!(%key, "completed before, its transaction did not commit: outputs staged again (transactional)");
+                    return Ok(());
+                }
                 bump(
                     &self.stats,
                     |s| &s.duplicates_absorbed,
@@ -232,7 +242,14 @@ impl<H: TxHandler> Handler for TransactionalIdempotent<H> {
             let _ = tx.rollback().await;
             return Err(e);
         }
-        if let Some(result) = cx.result().cloned() {
+        // On a backend that commits the outputs with the input's offset, they are stored with
+        // the key (see `layer::Completed`).
+        let stored = if cx.commits_atomically() {
+            Some(crate::layer::Completed::new(cx).encode())
+        } else {
+            cx.result().cloned()
+        };
+        if let Some(result) = stored {
             let sql = format!("UPDATE {t} SET result = $2 WHERE key = $1", t = self.table);
             if let Err(e) = sqlx::query(&sql)
                 .bind(&key)

@@ -1,7 +1,9 @@
 //! Consuming: offset tracking that never commits past an unprocessed message, rebalance
-//! handling, and the settle operations (including transactional outputs).
+//! handling, the settle operations, and — under exactly-once — the commit-interval
+//! transactions that hold the outputs and offsets of many inputs at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,14 +12,14 @@ use parking_lot::Mutex;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
 use courier_core::{
-    header, DeadLetter, Delivery, DeliveryStream, Error, Guarantee, Message, MessageId, Outgoing,
-    Position, Result, Settle, Subscription,
+    header, AfterCommit, DeadLetter, Delivery, DeliveryStream, Error, Guarantee, Message,
+    MessageId, Outgoing, Position, Result, Settle, Subscription,
 };
 
 use crate::client::{blocking, kafka_err, Inner};
@@ -26,6 +28,10 @@ use crate::settings;
 /// Header carrying the earliest time (ms since the epoch) a retried message may be handled.
 pub(crate) const NOT_BEFORE: &str = "courier-not-before";
 
+/// Retries waiting for their not-before time, at most, before the receive task stops fetching
+/// until some are due.
+const MAX_DELAYED: usize = 10_000;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -33,54 +39,221 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Per-partition in-flight offsets: the committable position is the first unprocessed one.
+/// A record to produce as part of settling.
+pub(crate) struct Out {
+    topic: String,
+    message: Message,
+    attempt: Option<u32>,
+    not_before: Option<u64>,
+}
+
+/// What an exactly-once settle leaves for the next transaction.
+struct Pending {
+    outs: Vec<Out>,
+    after: AfterCommit,
+}
+
+enum Slot {
+    /// Received, not settled yet.
+    Handling,
+    /// Settled: at-least-once/at-most-once done; exactly-once waiting for a transaction.
+    Settled(Option<Pending>),
+    /// In the transaction being committed.
+    Committing,
+}
+
+#[derive(Default)]
+struct Part {
+    /// Bumped when the partition is revoked or rewound: settles of deliveries received before
+    /// are stale and refused.
+    epoch: u64,
+    /// Where a rewind goes: the first offset received since the partition was assigned, then
+    /// each committed watermark.
+    base: Option<i64>,
+    /// Offsets received and not yet committed, in order.
+    inflight: BTreeMap<i64, Slot>,
+}
+
+/// One exactly-once transaction's worth of settled inputs.
+#[derive(Default)]
+struct Batch {
+    /// (partition, epoch, offset, what its settle left), in offset order per partition.
+    items: Vec<(i32, u64, i64, Pending)>,
+    /// (partition, epoch, watermark) committed with the outputs.
+    offsets: Vec<(i32, u64, i64)>,
+}
+
+/// Per-partition state shared by the receive task, the settles and the rebalance callback.
 #[derive(Default)]
 pub(crate) struct Tracker {
-    parts: Mutex<HashMap<i32, BTreeMap<i64, bool>>>,
+    parts: Mutex<HashMap<i32, Part>>,
+    /// At-most-once: the last committed watermark per partition (commits stay monotonic).
     committed: Mutex<HashMap<i32, i64>>,
     /// At-least-once: the last stored watermark per partition (committed explicitly on close).
     stored: Mutex<HashMap<i32, i64>>,
+    /// Exactly-once: settled inputs waiting for a transaction.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Woken by settles, so a full batch commits before the interval ends.
+    settled: Notify,
+}
+
+/// The watermark after the leading settled offsets of `part` (removing them), if any.
+fn pop_settled(part: &mut Part) -> Option<i64> {
+    let mut wm = None;
+    while let Some(entry) = part.inflight.first_entry() {
+        if !matches!(entry.get(), Slot::Settled(_)) {
+            break;
+        }
+        let off = *entry.key();
+        entry.remove();
+        wm = Some(off + 1);
+    }
+    if wm.is_some() {
+        part.base = wm;
+    }
+    wm
 }
 
 impl Tracker {
-    fn received(&self, p: i32, o: i64) {
-        self.parts.lock().entry(p).or_default().insert(o, false);
-    }
-
-    /// Watermark the partition would have if `o` were done (without changing anything).
-    fn peek(&self, p: i32, o: i64) -> Option<i64> {
-        let parts = self.parts.lock();
-        let offsets = parts.get(&p)?;
-        let mut wm = None;
-        for (&off, &done) in offsets {
-            if done || off == o {
-                wm = Some(off + 1);
-            } else {
-                break;
-            }
-        }
-        wm
-    }
-
-    /// Mark `o` done; returns the new watermark when it advanced.
-    fn done(&self, p: i32, o: i64) -> Option<i64> {
+    /// Track a received offset; returns the partition's epoch to settle it under.
+    fn received(&self, p: i32, o: i64) -> u64 {
         let mut parts = self.parts.lock();
-        let offsets = parts.get_mut(&p)?;
-        if let Some(d) = offsets.get_mut(&o) {
-            *d = true;
-        }
-        let mut wm = None;
-        while let Some((&off, &done)) = offsets.iter().next() {
-            if !done {
-                break;
-            }
-            offsets.remove(&off);
-            wm = Some(off + 1);
-        }
-        wm
+        let part = parts.entry(p).or_default();
+        part.base.get_or_insert(o);
+        part.inflight.insert(o, Slot::Handling);
+        part.epoch
     }
 
-    /// Record a commit; false if `wm` is not ahead of what is committed.
+    fn epoch(&self, p: i32) -> u64 {
+        self.parts.lock().get(&p).map(|x| x.epoch).unwrap_or(0)
+    }
+
+    /// At-least-once / at-most-once: mark `o` done; returns the new watermark when it advanced.
+    fn done(&self, p: i32, epoch: u64, o: i64) -> Option<i64> {
+        let mut parts = self.parts.lock();
+        let part = parts.get_mut(&p).filter(|x| x.epoch == epoch)?;
+        if let Some(slot) = part.inflight.get_mut(&o) {
+            *slot = Slot::Settled(None);
+        }
+        pop_settled(part)
+    }
+
+    /// Exactly-once: leave `pending` for the next transaction. Gives it back when the
+    /// delivery is stale (its partition was revoked or rewound since it was received).
+    fn settle(
+        &self,
+        p: i32,
+        epoch: u64,
+        o: i64,
+        pending: Pending,
+    ) -> std::result::Result<(), Pending> {
+        let mut parts = self.parts.lock();
+        let Some(slot) = parts
+            .get_mut(&p)
+            .filter(|x| x.epoch == epoch)
+            .and_then(|x| x.inflight.get_mut(&o))
+            .filter(|s| matches!(s, Slot::Handling))
+        else {
+            return Err(pending);
+        };
+        *slot = Slot::Settled(Some(pending));
+        drop(parts);
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.settled.notify_one();
+        Ok(())
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Exactly-once: the settled inputs whose predecessors in their partition are all settled,
+    /// marked as committing.
+    fn take_ready(&self) -> Batch {
+        let mut batch = Batch::default();
+        let mut parts = self.parts.lock();
+        for (&p, part) in parts.iter_mut() {
+            let mut wm = None;
+            for (&o, slot) in part.inflight.iter_mut() {
+                match std::mem::replace(slot, Slot::Committing) {
+                    Slot::Settled(pending) => {
+                        batch.items.push((
+                            p,
+                            part.epoch,
+                            o,
+                            pending.unwrap_or_else(|| Pending {
+                                outs: Vec::new(),
+                                after: AfterCommit::default(),
+                            }),
+                        ));
+                        wm = Some(o + 1);
+                    }
+                    other => {
+                        *slot = other;
+                        break;
+                    }
+                }
+            }
+            if let Some(wm) = wm {
+                batch.offsets.push((p, part.epoch, wm));
+            }
+        }
+        self.waiting
+            .fetch_sub(batch.items.len(), std::sync::atomic::Ordering::Relaxed);
+        batch
+    }
+
+    /// Exactly-once: the transaction holding `offsets` committed.
+    fn committed_batch(&self, offsets: &[(i32, u64, i64)]) {
+        let mut parts = self.parts.lock();
+        for &(p, epoch, wm) in offsets {
+            if let Some(part) = parts.get_mut(&p).filter(|x| x.epoch == epoch) {
+                part.inflight.retain(|&o, _| o >= wm);
+                part.base = Some(wm);
+            }
+        }
+    }
+
+    /// Forget everything received from `p` (it will be read again from `base`): returns `base`
+    /// and what was waiting for a transaction (to be told it never committed).
+    fn rewind(&self, p: i32, epoch: u64) -> (Option<i64>, Vec<AfterCommit>) {
+        let mut parts = self.parts.lock();
+        let Some(part) = parts.get_mut(&p).filter(|x| x.epoch == epoch) else {
+            return (None, Vec::new());
+        };
+        part.epoch += 1;
+        let dropped = self.drain(part);
+        (part.base, dropped)
+    }
+
+    fn drain(&self, part: &mut Part) -> Vec<AfterCommit> {
+        let mut hooks = Vec::new();
+        for (_, slot) in std::mem::take(&mut part.inflight) {
+            if let Slot::Settled(Some(pending)) = slot {
+                self.waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                hooks.push(pending.after);
+            }
+        }
+        hooks
+    }
+
+    /// The partition moved to another consumer: nothing received from it may settle any more.
+    fn revoke(&self, p: i32) -> Vec<AfterCommit> {
+        let hooks = {
+            let mut parts = self.parts.lock();
+            let part = parts.entry(p).or_default();
+            part.epoch += 1;
+            part.base = None;
+            self.drain(part)
+        };
+        self.committed.lock().remove(&p);
+        self.stored.lock().remove(&p);
+        hooks
+    }
+
+    /// At-most-once: record a commit; false if `wm` is not ahead of what is committed.
     fn advance(&self, p: i32, wm: i64) -> bool {
         let mut c = self.committed.lock();
         let cur = c.entry(p).or_insert(i64::MIN);
@@ -90,12 +263,6 @@ impl Tracker {
         } else {
             false
         }
-    }
-
-    fn revoke(&self, p: i32) {
-        self.parts.lock().remove(&p);
-        self.committed.lock().remove(&p);
-        self.stored.lock().remove(&p);
     }
 }
 
@@ -127,21 +294,35 @@ impl ConsumerContext for Ctx {
                 "partitions assigned"
             ),
             Rebalance::Error(e) => {
-                warn!(subscription = self.subscription, error = %e, "rebalance failed")
+                consumer_error(self.subscription, "rebalance", e);
             }
         }
         if let Rebalance::Revoke(tpl) = rebalance {
             if self.guarantee == Guarantee::AtLeastOnce {
                 // Commit what was processed before the partitions move.
                 if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                    debug!(error = %e, "commit on revoke");
+                    if e.rdkafka_error_code() != Some(rdkafka::error::RDKafkaErrorCode::NoOffset) {
+                        consumer_error(self.subscription, "commit on revoke", e);
+                    }
                 }
             }
             for el in tpl.elements() {
-                self.tracker.revoke(el.partition());
+                // Exactly-once: inputs settled but not yet in a transaction are handled again
+                // by the partition's next owner; their steps learn they never committed.
+                for after in self.tracker.revoke(el.partition()) {
+                    after.spawn(false);
+                }
             }
         }
     }
+}
+
+/// A consumer-side error courier cannot act on: logged at warn and counted in
+/// `courier_consumer_errors_total`.
+fn consumer_error(subscription: u64, operation: &'static str, e: impl std::fmt::Display) {
+    warn!(subscription, operation, error = %e, "Kafka consumer error");
+    metrics::counter!("courier_consumer_errors_total", "backend" => crate::BACKEND, "operation" => operation)
+        .increment(1);
 }
 
 /// A subscription's consumer, closed off the async worker threads when the last reference goes.
@@ -184,6 +365,12 @@ struct Sub {
     dlq: String,
 }
 
+impl Sub {
+    fn subscription(&self) -> u64 {
+        self.consumer.context().subscription
+    }
+}
+
 pub(crate) struct KafkaStream {
     rx: mpsc::Receiver<Result<Delivery>>,
     stop: Option<oneshot::Sender<()>>,
@@ -218,7 +405,7 @@ impl KafkaStream {
         });
         let (tx, rx) = mpsc::channel(1);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(sub.clone(), tx, stop_rx));
+        let task = tokio::spawn(Receiver::new(sub.clone(), tx).run(stop_rx));
         Ok(KafkaStream {
             rx,
             stop: Some(stop_tx),
@@ -228,23 +415,112 @@ impl KafkaStream {
     }
 }
 
-async fn run(sub: Arc<Sub>, tx: mpsc::Sender<Result<Delivery>>, mut stop: oneshot::Receiver<()>) {
-    loop {
-        let r = tokio::select! {
-            _ = &mut stop => return,
-            _ = tx.closed() => return,
-            r = sub.consumer.recv() => r.map(|m| m.detach()),
-        };
-        let m = match r {
-            Ok(m) => m,
-            Err(e) => {
-                debug!(error = %e, "consume error");
-                continue;
+/// A received record ready to hand off, with the partition epoch it was received under.
+struct Ready {
+    partition: i32,
+    epoch: u64,
+    delivery: Delivery,
+}
+
+/// The subscription's receive task: fetches records, holds retries until their not-before time
+/// without holding back other records, hands deliveries to the subscriber and — under
+/// exactly-once — runs one transaction per commit interval.
+struct Receiver {
+    sub: Arc<Sub>,
+    tx: mpsc::Sender<Result<Delivery>>,
+    handoff: VecDeque<Ready>,
+    /// Retries not due yet: (due ms, sequence) → record.
+    delayed: BinaryHeap<Reverse<(u64, u64)>>,
+    delayed_items: HashMap<u64, Ready>,
+    seq: u64,
+}
+
+type Committing = tokio::task::JoinHandle<(Batch, Result<()>)>;
+
+impl Receiver {
+    fn new(sub: Arc<Sub>, tx: mpsc::Sender<Result<Delivery>>) -> Self {
+        Receiver {
+            sub,
+            tx,
+            handoff: VecDeque::new(),
+            delayed: BinaryHeap::new(),
+            delayed_items: HashMap::new(),
+            seq: 0,
+        }
+    }
+
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let eo = self.sub.inner.guarantee == Guarantee::ExactlyOnce;
+        let interval = self.sub.inner.config.commit_interval;
+        let max_inputs = self.sub.inner.config.commit_max_inputs;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut committing: Option<Committing> = None;
+        loop {
+            let next_due = self.delayed.peek().map(|Reverse((due, _))| *due);
+            let sub = self.sub.clone();
+            let tx = self.tx.clone();
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                _ = tx.closed() => return,
+                r = async { committing.as_mut().expect("guarded").await }, if committing.is_some() => {
+                    committing = None;
+                    let (batch, result) = r.unwrap_or_else(|e| (Batch::default(), Err(Error::broker(crate::BACKEND, "transaction task", true, e))));
+                    if !self.finish(batch, result).await {
+                        return;
+                    }
+                }
+                _ = tick.tick(), if eo && committing.is_none() => {
+                    committing = self.start_commit();
+                }
+                _ = sub.tracker.settled.notified(), if eo && committing.is_none() => {
+                    if sub.tracker.waiting() >= max_inputs {
+                        committing = self.start_commit();
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(next_due.unwrap_or(0).saturating_sub(now_ms()))), if next_due.is_some() => {
+                    self.release_due();
+                }
+                permit = tx.reserve(), if !self.handoff.is_empty() => {
+                    let Ok(permit) = permit else { return };
+                    let r = self.handoff.pop_front().expect("guarded");
+                    // A record of a partition rewound or revoked since it was received is read
+                    // again (or by the new owner): do not hand off the stale copy.
+                    if self.sub.tracker.epoch(r.partition) == r.epoch {
+                        permit.send(Ok(r.delivery));
+                    }
+                }
+                r = sub.consumer.recv(), if self.handoff.is_empty() && self.delayed_items.len() < MAX_DELAYED => {
+                    match r {
+                        Ok(m) => self.received(&m),
+                        Err(e) => consumer_error(self.sub.subscription(), "consume", e),
+                    }
+                }
             }
-        };
+        }
+        if eo {
+            // Graceful stop: what was settled commits now (the subscriber settled everything it
+            // will before closing).
+            if let Some(c) = committing.take() {
+                if let Ok((batch, result)) = c.await {
+                    if !self.finish(batch, result).await {
+                        return;
+                    }
+                }
+            }
+            let batch = self.sub.tracker.take_ready();
+            if !batch.items.is_empty() {
+                let (batch, result) = commit(self.sub.clone(), batch).await;
+                self.finish(batch, result).await;
+            }
+        }
+    }
+
+    fn received(&mut self, m: &BorrowedMessage<'_>) {
         let (p, o) = (m.partition(), m.offset());
         tracing::trace!(
-            subscription = sub.consumer.context().subscription,
+            subscription = self.sub.subscription(),
             partition = p,
             offset = o,
             "received"
@@ -272,46 +548,193 @@ async fn run(sub: Arc<Sub>, tx: mpsc::Sender<Result<Delivery>>, mut stop: onesho
         let message = Message {
             // A record from another producer: its position is a stable id.
             id: MessageId::from_string(
-                id.unwrap_or_else(|| format!("kafka-{}-{p}-{o}", sub.topic)),
+                id.unwrap_or_else(|| format!("kafka-{}-{p}-{o}", self.sub.topic)),
             ),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             headers,
             payload: m.payload().map(|b| b.to_vec()).unwrap_or_default().into(),
         };
-        if let Some(nb) = not_before {
-            let wait = nb.saturating_sub(now_ms());
-            if wait > 0 {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = tokio::time::sleep(Duration::from_millis(wait.min(3_600_000))) => {}
-                }
-            }
-        }
-        sub.tracker.received(p, o);
+        let epoch = self.sub.tracker.received(p, o);
         let settle = KafkaSettle {
-            sub: sub.clone(),
+            sub: self.sub.clone(),
             partition: p,
             offset: o,
+            epoch,
             attempt,
             message: message.clone(),
         };
-        let d = Delivery::new(
+        let delivery = Delivery::new(
             message,
             attempt,
             Position::Offset {
                 partition: p,
                 offset: o,
             },
-            sub.topic.clone(),
+            self.sub.topic.clone(),
             Box::new(settle),
         );
-        // Race the hand-off with the stop signal, so `close` is not held by a subscriber that
-        // stopped reading; the record not handed off is uncommitted and read again. Guarded by the
-        // conformance scenario `close_returns_promptly_with_deliveries_waiting`.
-        tokio::select! {
-            r = tx.send(Ok(d)) => if r.is_err() { return },
-            _ = &mut stop => return,
+        let ready = Ready {
+            partition: p,
+            epoch,
+            delivery,
+        };
+        match not_before.filter(|&due| due > now_ms()) {
+            // A retry waits here, not in the loop: the records behind it keep flowing (their
+            // offsets commit once it is handled). Guarded by
+            // `tests/offsets.rs::a_retry_waiting_for_its_backoff_does_not_hold_back_other_records`.
+            Some(due) => {
+                self.seq += 1;
+                self.delayed.push(Reverse((due, self.seq)));
+                self.delayed_items.insert(self.seq, ready);
+            }
+            None => self.handoff.push_back(ready),
         }
+    }
+
+    fn release_due(&mut self) {
+        let now = now_ms();
+        while let Some(Reverse((due, seq))) = self.delayed.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.delayed.pop();
+            if let Some(r) = self.delayed_items.remove(&seq) {
+                self.handoff.push_back(r);
+            }
+        }
+    }
+
+    fn start_commit(&mut self) -> Option<Committing> {
+        let batch = self.sub.tracker.take_ready();
+        if batch.items.is_empty() {
+            return None;
+        }
+        Some(tokio::spawn(commit(self.sub.clone(), batch)))
+    }
+
+    /// After a transaction: tell its inputs' steps how it ended; after an abort rewind its
+    /// partitions, after a fenced producer end the subscription. False = the task must stop.
+    async fn finish(&mut self, batch: Batch, result: Result<()>) -> bool {
+        let hooks: Vec<AfterCommit> = batch
+            .items
+            .into_iter()
+            .map(|(_, _, _, p)| p.after)
+            .collect();
+        match result {
+            Ok(()) => {
+                self.sub.tracker.committed_batch(&batch.offsets);
+                if hooks.iter().any(|h| !h.is_empty()) {
+                    tokio::spawn(futures::future::join_all(
+                        hooks.into_iter().map(|h| h.run(true)),
+                    ));
+                }
+                true
+            }
+            Err(e) => {
+                metrics::counter!("courier_transactions_aborted_total", "backend" => crate::BACKEND)
+                    .increment(1);
+                // Steps first (the idempotent layer gives its leases back), so the inputs read
+                // again after the rewind start at once.
+                let mut all = hooks;
+                let mut rewind = Vec::new();
+                for &(p, epoch, _) in &batch.offsets {
+                    let (base, dropped) = self.sub.tracker.rewind(p, epoch);
+                    all.extend(dropped);
+                    if let Some(base) = base {
+                        rewind.push((p, base));
+                    }
+                }
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    futures::future::join_all(all.into_iter().map(|h| h.run(false))),
+                )
+                .await;
+                let rewound: Vec<i32> = rewind.iter().map(|(p, _)| *p).collect();
+                self.handoff.retain(|r| !rewound.contains(&r.partition));
+                self.delayed_items
+                    .retain(|_, r| !rewound.contains(&r.partition));
+                if let Error::Fenced { .. } = e {
+                    warn!(subscription = self.sub.subscription(), error = %e, "producer fenced: another instance took over this transactional id; the subscription ends");
+                    let _ = self.tx.send(Err(e)).await;
+                    return false;
+                }
+                for (p, base) in rewind {
+                    let c = self.sub.consumer.clone();
+                    let topic = self.sub.topic.clone();
+                    match blocking(move || {
+                        c.seek(&topic, p, Offset::Offset(base), Duration::from_secs(10))
+                    })
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => consumer_error(self.sub.subscription(), "seek", e),
+                        Err(e) => consumer_error(self.sub.subscription(), "seek", e),
+                    }
+                }
+                warn!(subscription = self.sub.subscription(), error = %e, partitions = ?rewound, "transaction aborted; its partitions rewound to their last committed offsets");
+                true
+            }
+        }
+    }
+}
+
+/// One transaction: every output of `batch` and its partitions' watermarks, with the group's
+/// metadata (so a consumer that lost the partitions cannot commit them).
+async fn commit(sub: Arc<Sub>, batch: Batch) -> (Batch, Result<()>) {
+    let inner = &sub.inner;
+    let mut topics: Vec<&str> = batch
+        .items
+        .iter()
+        .flat_map(|(_, _, _, p)| p.outs.iter().map(|o| o.topic.as_str()))
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    for t in topics {
+        if let Err(e) = ensure_output_topic(inner, t).await {
+            return (batch, Err(e));
+        }
+    }
+    let result = inner
+        .transaction(|| async {
+            let sends = batch
+                .items
+                .iter()
+                .flat_map(|(_, _, _, p)| p.outs.iter())
+                .map(|o| inner.produce(&o.topic, &o.message, o.attempt, o.not_before));
+            futures::future::try_join_all(sends).await?;
+            let mut tpl = TopicPartitionList::new();
+            for &(p, _, wm) in &batch.offsets {
+                tpl.add_partition_offset(&sub.topic, p, Offset::Offset(wm))
+                    .map_err(|e| kafka_err("offsets", e))?;
+            }
+            let meta = sub.consumer.group_metadata().ok_or_else(|| {
+                Error::broker(
+                    crate::BACKEND,
+                    "group metadata",
+                    true,
+                    "consumer has no group metadata yet",
+                )
+            })?;
+            let p = inner.producer.clone();
+            blocking(move || {
+                rdkafka::producer::Producer::send_offsets_to_transaction(
+                    &p,
+                    &tpl,
+                    &meta,
+                    Duration::from_secs(30),
+                )
+            })
+            .await?
+            .map_err(|e| kafka_err("send_offsets_to_transaction", e))
+        })
+        .await;
+    (batch, result)
+}
+
+async fn ensure_output_topic(inner: &Inner, topic: &str) -> Result<()> {
+    match inner.ensure_topic(topic).await {
+        Err(Error::DestinationNotFound { .. }) => inner.create_topic(topic).await,
+        other => other,
     }
 }
 
@@ -326,9 +749,10 @@ impl DeliveryStream for KafkaStream {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            // Exactly-once: the task commits what was settled before it ends.
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
-        if self.sub.inner.guarantee != Guarantee::AtMostOnce {
+        if self.sub.inner.guarantee == Guarantee::AtLeastOnce {
             // Commit exactly what was processed, explicitly (not only what auto-commit saw).
             let stored: Vec<(i32, i64)> = self
                 .sub
@@ -338,17 +762,8 @@ impl DeliveryStream for KafkaStream {
                 .iter()
                 .map(|(p, o)| (*p, *o))
                 .collect();
-            let committed: Vec<(i32, i64)> = self
-                .sub
-                .tracker
-                .committed
-                .lock()
-                .iter()
-                .map(|(p, o)| (*p, *o))
-                .filter(|(_, o)| *o >= 0)
-                .collect();
             let mut tpl = TopicPartitionList::new();
-            for (p, o) in stored.into_iter().chain(committed) {
+            for (p, o) in stored {
                 let _ = tpl.add_partition_offset(&self.sub.topic, p, Offset::Offset(o));
             }
             let c = self.sub.consumer.clone();
@@ -380,47 +795,36 @@ struct KafkaSettle {
     sub: Arc<Sub>,
     partition: i32,
     offset: i64,
+    epoch: u64,
     attempt: u32,
     message: Message,
 }
 
-/// A record to produce as part of settling.
-struct Out {
-    topic: String,
-    message: Message,
-    attempt: Option<u32>,
-    not_before: Option<u64>,
-}
-
 impl KafkaSettle {
-    fn tpl(&self, wm: i64) -> Result<TopicPartitionList> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.sub.topic, self.partition, Offset::Offset(wm))
-            .map_err(|e| kafka_err("offsets", e))?;
-        Ok(tpl)
-    }
-
-    async fn commit(&self, wm: i64, mode: CommitMode) -> Result<()> {
+    async fn commit_sync(&self, wm: i64) -> Result<()> {
         if !self.sub.tracker.advance(self.partition, wm) {
             return Ok(());
         }
-        let tpl = self.tpl(wm)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.sub.topic, self.partition, Offset::Offset(wm))
+            .map_err(|e| kafka_err("offsets", e))?;
         let c = self.sub.consumer.clone();
-        blocking(move || c.commit(&tpl, mode))
+        blocking(move || c.commit(&tpl, CommitMode::Sync))
             .await?
             .map_err(|e| kafka_err("commit", e))
     }
 
     async fn mark_done(&self) -> Result<()> {
+        let tracker = &self.sub.tracker;
         match self.sub.inner.guarantee {
             Guarantee::AtMostOnce => {
                 // Commit this message's position before its handler runs (monotonic).
-                self.sub.tracker.done(self.partition, self.offset);
-                self.commit(self.offset + 1, CommitMode::Sync).await
+                tracker.done(self.partition, self.epoch, self.offset);
+                self.commit_sync(self.offset + 1).await
             }
-            Guarantee::AtLeastOnce => {
-                if let Some(wm) = self.sub.tracker.done(self.partition, self.offset) {
-                    self.sub.tracker.stored.lock().insert(self.partition, wm);
+            Guarantee::AtLeastOnce | Guarantee::ExactlyOnce => {
+                if let Some(wm) = tracker.done(self.partition, self.epoch, self.offset) {
+                    tracker.stored.lock().insert(self.partition, wm);
                     // rd_kafka_offset_store takes the last processed offset and stores it + 1.
                     if let Err(e) =
                         self.sub
@@ -433,89 +837,54 @@ impl KafkaSettle {
                 }
                 Ok(())
             }
-            Guarantee::ExactlyOnce => match self.sub.tracker.done(self.partition, self.offset) {
-                Some(wm) => self.commit(wm, CommitMode::Async).await,
-                None => Ok(()),
-            },
         }
     }
 
-    /// Produce `outs` and settle: atomically in one transaction under exactly-once, else
-    /// confirmed produce then mark done.
-    async fn settle_with(&self, outs: Vec<Out>) -> Result<()> {
+    /// Settle with `outs`: under exactly-once they go into the next transaction with this
+    /// input's offset (returns at once; `after` runs when that transaction ended), otherwise
+    /// they are produced (confirmed) before the input is marked done.
+    async fn settle_with(self, outs: Vec<Out>, after: AfterCommit) -> Result<()> {
         let inner = &self.sub.inner;
+        if inner.guarantee == Guarantee::ExactlyOnce {
+            let pending = Pending { outs, after };
+            return match self
+                .sub
+                .tracker
+                .settle(self.partition, self.epoch, self.offset, pending)
+            {
+                Ok(()) => Ok(()),
+                Err(pending) => {
+                    pending.after.run(false).await;
+                    Err(Error::broker(
+                        crate::BACKEND,
+                        "settle",
+                        true,
+                        format!(
+                            "partition {} was revoked or rewound since offset {} was received; it is delivered again",
+                            self.partition, self.offset
+                        ),
+                    ))
+                }
+            };
+        }
         for o in &outs {
-            if let Err(Error::DestinationNotFound { .. }) = inner.ensure_topic(&o.topic).await {
-                inner.create_topic(&o.topic).await?;
-            }
+            ensure_output_topic(inner, &o.topic).await?;
+            inner
+                .produce(&o.topic, &o.message, o.attempt, o.not_before)
+                .await?;
         }
-        if inner.guarantee != Guarantee::ExactlyOnce {
-            for o in &outs {
-                inner
-                    .produce(&o.topic, &o.message, o.attempt, o.not_before)
-                    .await?;
-            }
-            return self.mark_done().await;
-        }
-        let result = inner
-            .transaction(|| async {
-                for o in &outs {
-                    inner
-                        .produce(&o.topic, &o.message, o.attempt, o.not_before)
-                        .await?;
-                }
-                if let Some(wm) = self.sub.tracker.peek(self.partition, self.offset) {
-                    let tpl = self.tpl(wm)?;
-                    let meta = self.sub.consumer.group_metadata().ok_or_else(|| {
-                        Error::broker(
-                            crate::BACKEND,
-                            "group metadata",
-                            true,
-                            "consumer has no group metadata yet",
-                        )
-                    })?;
-                    let p = inner.producer.clone();
-                    blocking(move || {
-                        rdkafka::producer::Producer::send_offsets_to_transaction(
-                            &p,
-                            &tpl,
-                            &meta,
-                            Duration::from_secs(30),
-                        )
-                    })
-                    .await?
-                    .map_err(|e| kafka_err("send_offsets_to_transaction", e))?;
-                }
-                Ok(())
-            })
-            .await;
-        match result {
-            Ok(()) => {
-                if let Some(wm) = self.sub.tracker.done(self.partition, self.offset) {
-                    self.sub.tracker.advance(self.partition, wm);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Aborted: rewind so the input is processed again (its outputs were not committed).
-                if !matches!(e, Error::Fenced { .. }) {
-                    let c = self.sub.consumer.clone();
-                    let (topic, p, o) = (self.sub.topic.clone(), self.partition, self.offset);
-                    let _ = blocking(move || {
-                        c.seek(&topic, p, Offset::Offset(o), Duration::from_secs(10))
-                    })
-                    .await;
-                    warn!(error = %e, partition = p, offset = o, "transaction aborted; rewound to reprocess the input");
-                }
-                Err(e)
-            }
-        }
+        let r = self.mark_done().await;
+        after.run(r.is_ok()).await;
+        r
     }
 }
 
 #[async_trait]
 impl Settle for KafkaSettle {
     async fn ack(self: Box<Self>) -> Result<()> {
+        if self.sub.inner.guarantee == Guarantee::ExactlyOnce {
+            return self.settle_with(Vec::new(), AfterCommit::default()).await;
+        }
         self.mark_done().await
     }
 
@@ -525,14 +894,13 @@ impl Settle for KafkaSettle {
         }
         // No per-message nack in Kafka: re-publish with the next attempt number and a not-before
         // time, then settle the original.
-        let message = self.message.clone();
         let out = Out {
             topic: self.sub.topic.clone(),
-            message,
+            message: self.message.clone(),
             attempt: Some(self.attempt + 1),
             not_before: Some(now_ms() + delay.as_millis() as u64),
         };
-        self.settle_with(vec![out]).await
+        self.settle_with(vec![out], AfterCommit::default()).await
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
@@ -551,14 +919,18 @@ impl Settle for KafkaSettle {
             attempt: None,
             not_before: None,
         };
-        self.settle_with(vec![out]).await
+        self.settle_with(vec![out], AfterCommit::default()).await
     }
 
     fn atomic_outputs(&self) -> bool {
         self.sub.inner.guarantee == Guarantee::ExactlyOnce
     }
 
-    async fn ack_with_outputs(self: Box<Self>, outputs: Vec<Outgoing>) -> Result<()> {
+    async fn ack_with_outputs(
+        self: Box<Self>,
+        outputs: Vec<Outgoing>,
+        after: AfterCommit,
+    ) -> Result<()> {
         let outs = outputs
             .into_iter()
             .map(|o| Out {
@@ -568,6 +940,6 @@ impl Settle for KafkaSettle {
                 not_before: None,
             })
             .collect();
-        self.settle_with(outs).await
+        self.settle_with(outs, after).await
     }
 }

@@ -174,6 +174,14 @@ pub(crate) fn explain(
         commit,
         "the guarantee's settle order",
     );
+    if g == Guarantee::ExactlyOnce {
+        e = e.set(
+            "consumer",
+            "commit_interval",
+            format!("{:?} or {} inputs", k.commit_interval, k.commit_max_inputs),
+            "one transaction per interval holds the outputs and offsets of every input handled in it whose predecessors in its partition are done; an abort rewinds those partitions",
+        );
+    }
     for (name, v) in &k.settings {
         let shown = if is_secret_setting(name) {
             "***"

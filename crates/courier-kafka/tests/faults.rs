@@ -2,7 +2,7 @@
 //! NOT_ENOUGH_REPLICAS, request timeouts) and a broker down/up during a 10,000-message run lose
 //! nothing and leave no duplicate in the log (idempotent producer); on the Kafka-protocol broker
 //! of the stack, consumer processes SIGKILLed mid-handler lose nothing (at-least-once) and
-//! exactly-once consume-transform-produce gives every input its output.
+//! exactly-once consume-transform-produce gives every input exactly one committed output.
 
 mod common;
 
@@ -13,9 +13,8 @@ use std::time::Duration;
 use courier_core::{
     Consumer, Context, DeliveryClient, Guarantee, Handler, HandlerError, Message, Subscription,
 };
-use courier_testkit::process::{kill9, spawn_worker, worker_role};
+use courier_testkit::process::{kill9, spawn_worker, terminate, until_terminated, worker_role};
 use courier_testkit::{unique, FileLedger, Ledger};
-use parking_lot::Mutex;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 /// Records each delivery in the ledger (loss check); duplicates are counted in the log itself.
@@ -290,7 +289,7 @@ fn kafka_worker_entry() {
             k.transactional_id = Some(format!("courier-kill-{topic}"));
         }
         let c = Arc::new(courier_kafka::connect(&config).await.unwrap());
-        let _h = Consumer::new(c, Subscription::new(&topic, "g"))
+        let h = Consumer::new(c, Subscription::new(&topic, "g"))
             .concurrency(8)
             .spawn(Work {
                 ledger: FileLedger::new(std::env::var("LEDGER").unwrap()),
@@ -298,42 +297,10 @@ fn kafka_worker_entry() {
             })
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_secs(180)).await;
+        // Killed with SIGKILL mid-stream, or (the last worker) stopped with SIGTERM.
+        until_terminated(Duration::from_secs(180)).await;
+        h.shutdown().await.unwrap();
     });
-}
-
-/// Inputs whose output is in the output topic (read by a plain at-least-once consumer).
-async fn outputs(
-    client: Arc<dyn DeliveryClient>,
-    topic: &str,
-    inputs: &[Message],
-) -> HashMap<String, usize> {
-    let seen = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
-    let ledger = Arc::new(Ledger::new());
-    for m in inputs {
-        ledger.sent(m.id.as_str());
-    }
-    struct Out(Arc<Mutex<HashMap<String, usize>>>, Arc<Ledger>);
-    #[courier_core::async_trait]
-    impl Handler for Out {
-        async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
-            let input = String::from_utf8_lossy(&m.payload).into_owned();
-            *self.0.lock().entry(input.clone()).or_default() += 1;
-            self.1.handled(input);
-            Ok(())
-        }
-    }
-    let h = Consumer::new(client, Subscription::new(topic, unique("check")))
-        .spawn(Out(seen.clone(), ledger.clone()))
-        .await
-        .unwrap();
-    // No early give-up on a stall: the last worker first waits out the killed member's session.
-    let _ = ledger
-        .wait_until(Duration::from_secs(120), |r| r.lost == 0)
-        .await;
-    h.shutdown().await.unwrap();
-    let s = seen.lock().clone();
-    s
 }
 
 /// One SIGKILL test at a time: they share the broker and both cores.
@@ -341,9 +308,7 @@ static KILL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn kill_consumers(exactly_once: bool) {
     let _serial = KILL_TESTS.lock().await;
-    // Exactly-once commits one transaction per message: fewer, so workers make progress
-    // between kills.
-    let n: usize = if exactly_once { 600 } else { 2_000 };
+    let n: usize = 2_000;
     let boot = courier_testkit::endpoints::kafka_bootstrap();
     let g = if exactly_once {
         Guarantee::ExactlyOnce
@@ -368,11 +333,19 @@ async fn kill_consumers(exactly_once: bool) {
     std::fs::create_dir_all(&dir).unwrap();
     let ledger = FileLedger::new(dir.join("ledger"));
     let msgs: Vec<Message> = (0..n)
-        .map(|i| Message::new(format!("m{i}")).with_key(format!("k{}", i % 16)))
+        // Many keys, so the eight lanes finish offsets of one partition out of order.
+        .map(|i| Message::new(format!("m{i}")).with_key(format!("k{}", i % 64)))
         .collect();
     // Publish for about 40 s while workers come and go, so every worker has work when killed.
+    // Inputs are published without transactions, so the end of the input topic is its last
+    // record (see `wait_group_caught_up`).
+    let inputs: Arc<dyn DeliveryClient> = Arc::new(
+        courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
+            .await
+            .unwrap(),
+    );
     let publisher = {
-        let (c, topic, ledger, msgs) = (c.clone(), topic.clone(), ledger.clone(), msgs.clone());
+        let (c, topic, ledger, msgs) = (inputs, topic.clone(), ledger.clone(), msgs.clone());
         tokio::spawn(async move {
             for chunk in msgs.chunks(n / 40) {
                 c.publish_batch(&topic, chunk.to_vec()).await.unwrap();
@@ -419,40 +392,54 @@ async fn kill_consumers(exactly_once: bool) {
     assert!(kills >= 3, "too few kills ({kills})");
     assert_eq!(r.lost, 0, "{r}");
     if exactly_once {
-        // The ledger records a handler run, not a committed transaction: a last worker, not
-        // killed, processes whatever the killed ones left uncommitted. Then every input must
-        // have its output.
+        // A last worker, not killed, processes whatever the killed ones left uncommitted and
+        // stops gracefully (no transaction left open); then a read_committed reader counts the
+        // outputs per input: exactly one each.
         let mut last = spawn_worker("kafka_worker_entry", "consumer", &envs).unwrap();
-        let reader: Arc<dyn DeliveryClient> = Arc::new(
-            courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
-                .await
-                .unwrap(),
-        );
-        let outs = outputs(reader, &output, &msgs).await;
-        kill9(&mut last);
-        let missing: Vec<_> = msgs
-            .iter()
-            .filter(|m| !outs.contains_key(m.id.as_str()))
-            .collect();
-        if !missing.is_empty() {
-            let text = std::fs::read_to_string(ledger.path()).unwrap_or_default();
-            let handled_by_index: Vec<(usize, usize)> = missing
-                .iter()
-                .map(|m| {
-                    let i = msgs.iter().position(|x| x.id == m.id).unwrap();
-                    (
-                        i,
-                        text.lines().filter(|l| *l == format!("H {}", m.id)).count(),
-                    )
-                })
-                .collect();
-            println!("missing outputs (input index, handler runs): {handled_by_index:?}");
-        }
+        let caught_up = tokio::task::spawn_blocking({
+            let (boot, topic) = (boot.clone(), topic.clone());
+            move || {
+                courier_testkit::kafka_log::wait_group_caught_up(
+                    &boot,
+                    &topic,
+                    "g",
+                    Duration::from_secs(180),
+                )
+            }
+        })
+        .await
+        .unwrap();
         assert!(
-            missing.is_empty(),
-            "{} inputs have no output",
-            missing.len()
+            terminate(&mut last, Duration::from_secs(60)),
+            "the last worker did not stop"
         );
+        assert!(caught_up, "the last worker never committed all inputs");
+        let counts = tokio::task::spawn_blocking({
+            let (boot, output) = (boot.clone(), output.clone());
+            move || {
+                courier_testkit::kafka_log::committed_payload_counts(
+                    &boot,
+                    &output,
+                    Duration::from_secs(60),
+                )
+            }
+        })
+        .await
+        .unwrap();
+        let missing = msgs
+            .iter()
+            .filter(|m| !counts.contains_key(m.id.as_str()))
+            .count();
+        let duplicated: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+        println!(
+            "kafka exactly-once, {kills} SIGKILLs: {} inputs, {} with an output, {missing} missing, {} duplicated {:?}",
+            msgs.len(),
+            counts.len(),
+            duplicated.len(),
+            duplicated.iter().take(10).collect::<Vec<_>>()
+        );
+        assert_eq!(missing, 0, "inputs without an output");
+        assert!(duplicated.is_empty(), "inputs with more than one output");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -463,6 +450,6 @@ async fn sigkilled_consumers_at_least_once_lose_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkilled_consume_transform_produce_gives_every_input_its_output() {
+async fn sigkilled_consume_transform_produce_gives_every_input_exactly_one_output() {
     kill_consumers(true).await;
 }

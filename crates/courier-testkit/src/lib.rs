@@ -11,6 +11,7 @@
 //! ```
 
 pub mod endpoints;
+pub mod kafka_log;
 pub mod kafka_mock;
 mod ledger;
 pub mod process;

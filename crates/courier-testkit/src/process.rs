@@ -96,3 +96,29 @@ pub fn interop_python() -> String {
     }
     py
 }
+
+/// Stop a worker with SIGTERM (it shuts down gracefully) and wait for it, up to `timeout`;
+/// SIGKILL after that. True when it exited by itself.
+pub fn terminate(child: &mut Child, timeout: std::time::Duration) -> bool {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    kill9(child);
+    false
+}
+
+/// In a worker: wait until SIGTERM (or `limit`, a safety net if the test process died).
+pub async fn until_terminated(limit: std::time::Duration) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::time::sleep(limit) => {}
+    }
+}

@@ -24,8 +24,9 @@ use async_trait::async_trait;
 use tracing::{info_span, Instrument};
 
 use courier_core::{
-    header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
-    Explanation, Guarantee, Message, Outgoing, Receipt, Result, Settle, Subscription,
+    header, AfterCommit, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient,
+    DeliveryStream, Explanation, Guarantee, Message, Outgoing, Receipt, Result, Settle,
+    Subscription,
 };
 
 /// A new W3C `traceparent` value with a random trace id and span id.
@@ -268,10 +269,17 @@ impl Settle for InstrumentedSettle {
         self.inner.atomic_outputs()
     }
 
-    async fn ack_with_outputs(self: Box<Self>, outputs: Vec<Outgoing>) -> Result<()> {
+    async fn ack_with_outputs(
+        self: Box<Self>,
+        outputs: Vec<Outgoing>,
+        after: AfterCommit,
+    ) -> Result<()> {
         let span = self.span("ack_with_outputs");
         self.metrics.ack.increment(1);
-        self.inner.ack_with_outputs(outputs).instrument(span).await
+        self.inner
+            .ack_with_outputs(outputs, after)
+            .instrument(span)
+            .await
     }
 }
 

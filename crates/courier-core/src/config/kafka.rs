@@ -35,6 +35,14 @@ pub struct KafkaConfig {
     /// Producer `delivery.timeout.ms` (how long librdkafka retries a confirmed publish).
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
+    /// Exactly-once: how often the handled inputs' outputs and offsets commit, in one
+    /// transaction for all of them (Kafka Streams' `commit.interval.ms`). Longer = fewer
+    /// transactions and more throughput; outputs become visible to `read_committed` readers
+    /// up to this much later.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Exactly-once: commit early once this many handled inputs wait for the next transaction.
+    pub commit_max_inputs: usize,
     /// Raw librdkafka settings for everything courier does not model (TLS, SASL, tuning). Applied
     /// to producer and consumer; courier's guarantee settings win on conflict. Values of names
     /// containing password/secret/token are never printed (nor serialized back out).
@@ -55,6 +63,8 @@ impl Default for KafkaConfig {
             session_timeout: Duration::from_secs(10),
             max_poll_interval: Duration::from_secs(300),
             delivery_timeout: Duration::from_secs(120),
+            commit_interval: Duration::from_millis(100),
+            commit_max_inputs: 1000,
             settings: BTreeMap::new(),
         }
     }
@@ -106,6 +116,8 @@ impl fmt::Debug for KafkaConfig {
             .field("session_timeout", &self.session_timeout)
             .field("max_poll_interval", &self.max_poll_interval)
             .field("delivery_timeout", &self.delivery_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("commit_max_inputs", &self.commit_max_inputs)
             .field("settings", &settings)
             .finish()
     }

@@ -393,6 +393,17 @@ impl Config {
                 if k.partitions < 1 {
                     return Err(Error::config("backend.partitions must be at least 1"));
                 }
+                if k.commit_interval.is_zero() || k.commit_interval > k.delivery_timeout {
+                    return Err(Error::config(format!(
+                        "backend.commit_interval = {:?} must be above zero and at most backend.delivery_timeout ({:?}); 100ms is the default",
+                        k.commit_interval, k.delivery_timeout
+                    )));
+                }
+                if k.commit_max_inputs == 0 {
+                    return Err(Error::config(
+                        "backend.commit_max_inputs must be at least 1 (1000 is the default)",
+                    ));
+                }
             }
             BackendConfig::Rabbitmq(r) => {
                 let url = r.url.expose();

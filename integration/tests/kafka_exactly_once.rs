@@ -1,0 +1,362 @@
+//! Kafka exactly-once consume-transform-produce with an external effect, on the stack's Apache
+//! Kafka and PostgreSQL: worker processes (concurrency 8, 64 keys) are SIGKILLed mid-stream, a
+//! last one drains and stops; then a `read_committed` reader counts the outputs **per input**
+//! and PostgreSQL counts the effects per input.
+//!
+//! - Through `courier::consumer` (the idempotent layer, PostgreSQL store): exactly one output
+//!   per input, every effect at least once (an effect and its key are two writes: a kill between
+//!   them repeats the effect, reported).
+//! - Through the transactional mode (`TransactionalIdempotent`: the effect and the key in one
+//!   PostgreSQL transaction): exactly one output **and** exactly one effect per input.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier::config::{IdempotencyConfig, KafkaConfig, SecretUrl};
+use courier::idempotency::{PostgresStore, TransactionalIdempotent, TxHandler};
+use courier::{
+    async_trait, BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee,
+    Handler, HandlerError, Message, Subscription,
+};
+use courier_testkit::endpoints::{database_url, kafka_bootstrap, unreachable};
+use courier_testkit::process::{kill9, spawn_worker, terminate, until_terminated, worker_role};
+use courier_testkit::{unique, FileLedger};
+use sqlx::postgres::Postgres;
+use sqlx::{Row, Transaction};
+
+fn config(guarantee: Guarantee, transactional_id: Option<String>) -> Config {
+    Config {
+        guarantee,
+        backend: BackendConfig::Kafka(KafkaConfig {
+            bootstrap: kafka_bootstrap(),
+            session_timeout: Duration::from_secs(6),
+            max_poll_interval: Duration::from_secs(10),
+            delivery_timeout: Duration::from_secs(30),
+            transactional_id,
+            ..KafkaConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: (guarantee == Guarantee::ExactlyOnce).then(|| IdempotencyConfig {
+            store: SecretUrl::new(database_url()),
+            // A killed worker's key is free again after 5 s.
+            lease: Some(Duration::from_secs(5)),
+            ..IdempotencyConfig::default()
+        }),
+    }
+}
+
+async fn pool() -> sqlx::PgPool {
+    let url = database_url();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| unreachable("PostgreSQL", &url, e));
+    sqlx::query("CREATE TABLE IF NOT EXISTS courier_test_effects (run TEXT NOT NULL, input TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool
+}
+
+/// Each run's effects: one row per handler run that committed.
+async fn effects(pool: &sqlx::PgPool, run: &str) -> HashMap<String, usize> {
+    sqlx::query("SELECT input, count(*) AS n FROM courier_test_effects WHERE run = $1 GROUP BY input")
+        .bind(run)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get::<String, _>("input"), r.get::<i64, _>("n") as usize))
+        .collect()
+}
+
+/// The transactional mode's handler: the effect row in the layer's transaction, the output
+/// staged.
+struct TxWork {
+    run: String,
+    output: String,
+}
+
+#[async_trait]
+impl TxHandler for TxWork {
+    async fn handle(
+        &self,
+        m: &Message,
+        tx: &mut Transaction<'static, Postgres>,
+        cx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
+        sqlx::query("INSERT INTO courier_test_effects (run, input) VALUES ($1, $2)")
+            .bind(&self.run)
+            .bind(m.id.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::retryable)?;
+        cx.publish(
+            self.output.clone(),
+            Message::new(m.id.to_string()).with_id(cx.derive_id("out")),
+        );
+        Ok(())
+    }
+}
+
+/// Records each handler run in the ledger (the test's progress signal), then runs `inner`.
+struct Progress<H> {
+    ledger: FileLedger,
+    inner: H,
+}
+
+#[async_trait]
+impl<H: Handler> Handler for Progress<H> {
+    async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        self.inner.handle(m, cx).await?;
+        self.ledger
+            .handled(m.id.as_str())
+            .map_err(HandlerError::retryable)?;
+        Ok(())
+    }
+
+    fn is_idempotent(&self) -> bool {
+        self.inner.is_idempotent()
+    }
+
+    async fn prepare(&self, messages: &[&Message]) {
+        self.inner.prepare(messages).await;
+    }
+
+    async fn abandon(&self, messages: &[&Message]) {
+        self.inner.abandon(messages).await;
+    }
+}
+
+/// Worker process body (runs only when spawned by a test below).
+#[test]
+fn eo_worker_entry() {
+    if worker_role().is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let env = |k: &str| std::env::var(k).unwrap();
+        let (topic, output, run, mode) = (env("TOPIC"), env("OUTPUT"), env("RUN"), env("MODE"));
+        let ledger = FileLedger::new(env("LEDGER"));
+        // One transactional id per worker slot, stable across restarts: the new worker fences
+        // the killed one and aborts its open transaction.
+        let config = config(Guarantee::ExactlyOnce, Some(format!("courier-eo-{topic}")));
+        let client: Arc<dyn DeliveryClient> = Arc::from(courier::connect(&config).await.unwrap());
+        let pool = pool().await;
+        let sub = Subscription::new(&topic, "g");
+        let consumer = if mode == "transactional" {
+            let store = PostgresStore::connect(&database_url()).await.unwrap();
+            store.migrate().await.unwrap();
+            let layer = TransactionalIdempotent::new(TxWork { run, output }, &store).namespace("g");
+            Consumer::new(client, sub)
+                .concurrency(8)
+                .spawn(Progress {
+                    ledger,
+                    inner: layer,
+                })
+                .await
+                .unwrap()
+        } else {
+            // The documented way: courier::consumer puts the idempotent layer (PostgreSQL store)
+            // around the handler; the effect is a row written by the handler itself.
+            let mut config = config.clone();
+            config.consumer.concurrency = 8;
+            let handler = layer_work(run, output, pool);
+            courier::consumer(&config, client, sub, Progress { ledger, inner: handler })
+                .await
+                .unwrap()
+        };
+        until_terminated(Duration::from_secs(240)).await;
+        consumer.shutdown().await.unwrap();
+    });
+}
+
+/// The layer mode's handler: the effect row (its own write), the output staged.
+fn layer_work(run: String, output: String, pool: sqlx::PgPool) -> impl Handler {
+    struct Work {
+        run: String,
+        output: String,
+        pool: sqlx::PgPool,
+    }
+    #[async_trait]
+    impl Handler for Work {
+        async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
+            sqlx::query("INSERT INTO courier_test_effects (run, input) VALUES ($1, $2)")
+                .bind(&self.run)
+                .bind(m.id.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(HandlerError::retryable)?;
+            cx.publish(
+                self.output.clone(),
+                Message::new(m.id.to_string()).with_id(cx.derive_id("out")),
+            );
+            Ok(())
+        }
+    }
+    Work { run, output, pool }
+}
+
+/// One SIGKILL test at a time: they share the broker and both cores.
+static KILL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Counts {
+    inputs: usize,
+    kills: usize,
+    outputs: HashMap<String, usize>,
+    effects: HashMap<String, usize>,
+    ids: Vec<String>,
+}
+
+impl Counts {
+    fn missing(map: &HashMap<String, usize>, ids: &[String]) -> usize {
+        ids.iter().filter(|id| !map.contains_key(*id)).count()
+    }
+
+    fn repeated(map: &HashMap<String, usize>) -> usize {
+        map.values().filter(|n| **n > 1).count()
+    }
+}
+
+async fn kill_workers(mode: &str) -> Counts {
+    let _serial = KILL_TESTS.lock().await;
+    const N: usize = 2_000;
+    let inputs: Arc<dyn DeliveryClient> = Arc::from(
+        courier::connect(&config(Guarantee::AtLeastOnce, None))
+            .await
+            .unwrap_or_else(|e| unreachable("Kafka", &kafka_bootstrap(), e)),
+    );
+    let pool = pool().await;
+    let topic = unique("eo-in");
+    let output = unique("eo-out");
+    inputs.create_destination(&topic).await.unwrap();
+    inputs.create_destination(&output).await.unwrap();
+    let run = unique("run");
+    let dir = std::env::temp_dir().join(unique("courier-kafka-eo"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ledger = FileLedger::new(dir.join("ledger"));
+    let msgs: Vec<Message> = (0..N)
+        .map(|i| Message::new(format!("m{i}")).with_key(format!("k{}", i % 64)))
+        .collect();
+    let ids: Vec<String> = msgs.iter().map(|m| m.id.to_string()).collect();
+    // Published for about 30 s, without transactions (see `wait_group_caught_up`), while
+    // workers come and go.
+    let publisher = {
+        let (c, topic, ledger, msgs) = (inputs.clone(), topic.clone(), ledger.clone(), msgs.clone());
+        tokio::spawn(async move {
+            for chunk in msgs.chunks(N / 30) {
+                c.publish_batch(&topic, chunk.to_vec()).await.unwrap();
+                for m in chunk {
+                    ledger.sent(m.id.as_str()).unwrap();
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let envs = [
+        ("TOPIC", topic.as_str()),
+        ("OUTPUT", output.as_str()),
+        ("RUN", run.as_str()),
+        ("MODE", mode),
+        ("LEDGER", ledger.path().to_str().unwrap()),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut kills = 0;
+    while kills < 3 || !publisher.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "inputs never processed after {kills} kills: {}",
+            ledger.report().unwrap()
+        );
+        let mut child = spawn_worker("eo_worker_entry", "consumer", &envs).unwrap();
+        // Kill it 2-6 s after it handled its first message: in the middle of its work.
+        let before = ledger.report().unwrap().handlings;
+        let t = tokio::time::Instant::now();
+        while ledger.report().unwrap().handlings == before && t.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2_000 + (kills as u64 * 1_300) % 4_000)).await;
+        kill9(&mut child);
+        kills += 1;
+    }
+    let mut last = spawn_worker("eo_worker_entry", "consumer", &envs).unwrap();
+    let caught_up = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || {
+            courier_testkit::kafka_log::wait_group_caught_up(
+                &kafka_bootstrap(),
+                &topic,
+                "g",
+                Duration::from_secs(180),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(terminate(&mut last, Duration::from_secs(60)), "the last worker did not stop");
+    assert!(caught_up, "the last worker never committed all inputs: {}", ledger.report().unwrap());
+    let outputs = tokio::task::spawn_blocking({
+        let output = output.clone();
+        move || {
+            courier_testkit::kafka_log::committed_payload_counts(
+                &kafka_bootstrap(),
+                &output,
+                Duration::from_secs(60),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let effects = effects(&pool, &run).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = Counts {
+        inputs: N,
+        kills,
+        outputs,
+        effects,
+        ids,
+    };
+    println!(
+        "kafka exactly-once ({mode}), {} SIGKILLs, {} inputs: outputs {} missing / {} repeated; effects {} missing / {} repeated",
+        c.kills,
+        c.inputs,
+        Counts::missing(&c.outputs, &c.ids),
+        Counts::repeated(&c.outputs),
+        Counts::missing(&c.effects, &c.ids),
+        Counts::repeated(&c.effects),
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_courier_consumer_every_input_has_exactly_one_output_and_its_effect() {
+    let c = kill_workers("layer").await;
+    assert!(c.kills >= 3);
+    assert_eq!(Counts::missing(&c.outputs, &c.ids), 0, "inputs without an output");
+    assert_eq!(Counts::repeated(&c.outputs), 0, "inputs with more than one output");
+    assert_eq!(Counts::missing(&c.effects, &c.ids), 0, "inputs without an effect");
+    // The effect and the key are two writes: a kill between them repeats the effect. At most
+    // one such window per kill and lane.
+    assert!(
+        Counts::repeated(&c.effects) <= c.kills * 8,
+        "{} inputs with a repeated effect after {} kills",
+        Counts::repeated(&c.effects),
+        c.kills
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactional_mode_gives_every_input_exactly_one_output_and_one_effect() {
+    let c = kill_workers("transactional").await;
+    assert!(c.kills >= 3);
+    assert_eq!(Counts::missing(&c.outputs, &c.ids), 0, "inputs without an output");
+    assert_eq!(Counts::repeated(&c.outputs), 0, "inputs with more than one output");
+    assert_eq!(Counts::missing(&c.effects, &c.ids), 0, "inputs without an effect");
+    assert_eq!(Counts::repeated(&c.effects), 0, "inputs with a repeated effect");
+}

@@ -16,8 +16,8 @@ use std::time::Duration;
 use courier::config::{IdempotencyConfig, KafkaConfig, SecretUrl};
 use courier::idempotency::{PostgresStore, TransactionalIdempotent, TxHandler};
 use courier::{
-    async_trait, BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee,
-    Handler, HandlerError, Message, Subscription,
+    async_trait, BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee, Handler,
+    HandlerError, Message, Subscription,
 };
 use courier_testkit::endpoints::{database_url, kafka_bootstrap, unreachable};
 use courier_testkit::process::{kill9, spawn_worker, terminate, until_terminated, worker_role};
@@ -53,23 +53,27 @@ async fn pool() -> sqlx::PgPool {
         .connect(&url)
         .await
         .unwrap_or_else(|e| unreachable("PostgreSQL", &url, e));
-    sqlx::query("CREATE TABLE IF NOT EXISTS courier_test_effects (run TEXT NOT NULL, input TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS courier_test_effects (run TEXT NOT NULL, input TEXT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     pool
 }
 
 /// Each run's effects: one row per handler run that committed.
 async fn effects(pool: &sqlx::PgPool, run: &str) -> HashMap<String, usize> {
-    sqlx::query("SELECT input, count(*) AS n FROM courier_test_effects WHERE run = $1 GROUP BY input")
-        .bind(run)
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.get::<String, _>("input"), r.get::<i64, _>("n") as usize))
-        .collect()
+    sqlx::query(
+        "SELECT input, count(*) AS n FROM courier_test_effects WHERE run = $1 GROUP BY input",
+    )
+    .bind(run)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.get::<String, _>("input"), r.get::<i64, _>("n") as usize))
+    .collect()
 }
 
 /// The transactional mode's handler: the effect row in the layer's transaction, the output
@@ -166,9 +170,17 @@ fn eo_worker_entry() {
             let mut config = config.clone();
             config.consumer.concurrency = 8;
             let handler = layer_work(run, output, pool);
-            courier::consumer(&config, client, sub, Progress { ledger, inner: handler })
-                .await
-                .unwrap()
+            courier::consumer(
+                &config,
+                client,
+                sub,
+                Progress {
+                    ledger,
+                    inner: handler,
+                },
+            )
+            .await
+            .unwrap()
         };
         until_terminated(Duration::from_secs(240)).await;
         consumer.shutdown().await.unwrap();
@@ -247,7 +259,8 @@ async fn kill_workers(mode: &str) -> Counts {
     // Published for about 30 s, without transactions (see `wait_group_caught_up`), while
     // workers come and go.
     let publisher = {
-        let (c, topic, ledger, msgs) = (inputs.clone(), topic.clone(), ledger.clone(), msgs.clone());
+        let (c, topic, ledger, msgs) =
+            (inputs.clone(), topic.clone(), ledger.clone(), msgs.clone());
         tokio::spawn(async move {
             for chunk in msgs.chunks(N / 30) {
                 c.publish_batch(&topic, chunk.to_vec()).await.unwrap();
@@ -281,7 +294,10 @@ async fn kill_workers(mode: &str) -> Counts {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(2_000 + (kills as u64 * 1_300) % 4_000)).await;
+        tokio::time::sleep(Duration::from_millis(
+            2_000 + (kills as u64 * 1_300) % 4_000,
+        ))
+        .await;
         kill9(&mut child);
         kills += 1;
     }
@@ -299,8 +315,15 @@ async fn kill_workers(mode: &str) -> Counts {
     })
     .await
     .unwrap();
-    assert!(terminate(&mut last, Duration::from_secs(60)), "the last worker did not stop");
-    assert!(caught_up, "the last worker never committed all inputs: {}", ledger.report().unwrap());
+    assert!(
+        terminate(&mut last, Duration::from_secs(60)),
+        "the last worker did not stop"
+    );
+    assert!(
+        caught_up,
+        "the last worker never committed all inputs: {}",
+        ledger.report().unwrap()
+    );
     let outputs = tokio::task::spawn_blocking({
         let output = output.clone();
         move || {
@@ -338,9 +361,21 @@ async fn kill_workers(mode: &str) -> Counts {
 async fn through_courier_consumer_every_input_has_exactly_one_output_and_its_effect() {
     let c = kill_workers("layer").await;
     assert!(c.kills >= 3);
-    assert_eq!(Counts::missing(&c.outputs, &c.ids), 0, "inputs without an output");
-    assert_eq!(Counts::repeated(&c.outputs), 0, "inputs with more than one output");
-    assert_eq!(Counts::missing(&c.effects, &c.ids), 0, "inputs without an effect");
+    assert_eq!(
+        Counts::missing(&c.outputs, &c.ids),
+        0,
+        "inputs without an output"
+    );
+    assert_eq!(
+        Counts::repeated(&c.outputs),
+        0,
+        "inputs with more than one output"
+    );
+    assert_eq!(
+        Counts::missing(&c.effects, &c.ids),
+        0,
+        "inputs without an effect"
+    );
     // The effect and the key are two writes: a kill between them repeats the effect. At most
     // one such window per kill and lane.
     assert!(
@@ -355,8 +390,24 @@ async fn through_courier_consumer_every_input_has_exactly_one_output_and_its_eff
 async fn transactional_mode_gives_every_input_exactly_one_output_and_one_effect() {
     let c = kill_workers("transactional").await;
     assert!(c.kills >= 3);
-    assert_eq!(Counts::missing(&c.outputs, &c.ids), 0, "inputs without an output");
-    assert_eq!(Counts::repeated(&c.outputs), 0, "inputs with more than one output");
-    assert_eq!(Counts::missing(&c.effects, &c.ids), 0, "inputs without an effect");
-    assert_eq!(Counts::repeated(&c.effects), 0, "inputs with a repeated effect");
+    assert_eq!(
+        Counts::missing(&c.outputs, &c.ids),
+        0,
+        "inputs without an output"
+    );
+    assert_eq!(
+        Counts::repeated(&c.outputs),
+        0,
+        "inputs with more than one output"
+    );
+    assert_eq!(
+        Counts::missing(&c.effects, &c.ids),
+        0,
+        "inputs without an effect"
+    );
+    assert_eq!(
+        Counts::repeated(&c.effects),
+        0,
+        "inputs with a repeated effect"
+    );
 }

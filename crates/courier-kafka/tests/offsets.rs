@@ -83,3 +83,102 @@ async fn committed_offsets_match_processed_messages() {
         );
     }
 }
+
+/// A retry waiting for its backoff is held beside the receive loop: the records behind it (and
+/// in other partitions) keep being handled meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_waiting_for_its_backoff_does_not_hold_back_other_records() {
+    use courier_core::{handler_fn, Consumer, HandlerError, RetryPolicy};
+    use std::sync::Arc;
+
+    let boot = courier_testkit::endpoints::kafka_bootstrap();
+    let client: Arc<dyn DeliveryClient> = Arc::new(
+        courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
+            .await
+            .unwrap_or_else(|e| courier_testkit::endpoints::unreachable("Kafka", &boot, e)),
+    );
+    let topic = courier_testkit::unique("backoff");
+    client.create_destination(&topic).await.unwrap();
+    let events = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let handler = {
+        let events = events.clone();
+        let attempts = Arc::new(parking_lot::Mutex::new(HashMap::<String, u32>::new()));
+        handler_fn(move |m: Message| {
+            let (events, attempts, tx) = (events.clone(), attempts.clone(), tx.clone());
+            async move {
+                let body = String::from_utf8_lossy(&m.payload).into_owned();
+                let n = {
+                    let mut a = attempts.lock();
+                    let n = a.entry(body.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                events.lock().push(format!("{body}#{n}"));
+                let _ = tx.send(format!("{body}#{n}"));
+                if body == "slow" && n == 1 {
+                    return Err(HandlerError::retryable("first attempt fails"));
+                }
+                Ok(())
+            }
+        })
+    };
+    let consumer = Consumer::new(client.clone(), Subscription::new(&topic, "g"))
+        .concurrency(4)
+        .retry(RetryPolicy::attempts(3).backoff(Duration::from_secs(5), Duration::from_secs(5)))
+        .spawn(handler)
+        .await
+        .unwrap();
+    client.publish(&topic, Message::new("slow")).await.unwrap();
+    wait_for(&mut rx, "slow#1").await;
+    // The failed attempt's copy (with its not-before time) is published before the handler's
+    // run counts as settled: wait until the consumer has nothing in flight.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while consumer.stats().retried == 0 || consumer.stats().in_flight > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retry was never scheduled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..20 {
+        client
+            .publish(
+                &topic,
+                Message::new(format!("fast{i}")).with_key(format!("k{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for(&mut rx, "slow#2").await;
+    consumer.shutdown().await.unwrap();
+    let events = events.lock().clone();
+    let slow = events.iter().position(|e| e == "slow#2").unwrap();
+    let fast_after: Vec<&String> = events[slow..]
+        .iter()
+        .filter(|e| e.starts_with("fast"))
+        .collect();
+    assert!(
+        fast_after.is_empty(),
+        "records published after the retry waited for its 5 s backoff: {fast_after:?} came after it ({events:?})"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e.starts_with("fast")).count(),
+        20,
+        "{events:?}"
+    );
+}
+
+/// Wait (up to a minute) until the handler reports `want`.
+async fn wait_for(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let next = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{want} never handled"))
+            .expect("handler alive");
+        if next == want {
+            return;
+        }
+    }
+}

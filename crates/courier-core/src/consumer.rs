@@ -31,6 +31,7 @@ struct StatsInner {
     dead_lettered: AtomicU64,
     dropped: AtomicU64,
     duplicates_skipped: AtomicU64,
+    duplicates_absorbed: AtomicU64,
     settle_errors: AtomicU64,
     in_flight: AtomicU64,
 }
@@ -41,9 +42,9 @@ struct StatsInner {
 pub struct ConsumerStats {
     /// Deliveries received from the broker.
     pub received: u64,
-    /// Handler runs that succeeded.
+    /// Handler runs that succeeded (duplicates the idempotent layer absorbed not included).
     pub handled: u64,
-    /// Handler runs that failed (any kind).
+    /// Handler runs that failed (retryable or permanent; deferrals are not counted here).
     pub handler_errors: u64,
     /// Deliveries nacked for a retry.
     pub retried: u64,
@@ -55,6 +56,9 @@ pub struct ConsumerStats {
     pub dropped: u64,
     /// At-most-once deliveries skipped because their id was already handed to the handler.
     pub duplicates_skipped: u64,
+    /// Deliveries of an id already completed, acknowledged by the idempotent layer without
+    /// running the handler.
+    pub duplicates_absorbed: u64,
     /// Settle operations the broker refused (the message will be redelivered).
     pub settle_errors: u64,
     /// Deliveries being handled right now.
@@ -73,6 +77,7 @@ impl StatsInner {
             dead_lettered: l(&self.dead_lettered),
             dropped: l(&self.dropped),
             duplicates_skipped: l(&self.duplicates_skipped),
+            duplicates_absorbed: l(&self.duplicates_absorbed),
             settle_errors: l(&self.settle_errors),
             in_flight: l(&self.in_flight),
         }
@@ -378,6 +383,7 @@ struct Labels {
     destination: String,
     in_flight: metrics::Gauge,
     handled: metrics::Counter,
+    duplicates_absorbed: metrics::Counter,
     handler_errors: metrics::Counter,
     dropped: metrics::Counter,
     deferred: metrics::Counter,
@@ -400,6 +406,7 @@ impl Labels {
             in_flight: metrics::gauge!("courier_in_flight", labels.iter()),
             handled: counter("courier_handled_total"),
             handler_errors: counter("courier_handler_errors_total"),
+            duplicates_absorbed: counter("courier_consumer_duplicates_absorbed_total"),
             dropped: counter("courier_dropped_total"),
             deferred: counter("courier_deferred_total"),
             retried: counter("courier_retried_total"),
@@ -453,6 +460,25 @@ impl Shared {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(HandlerError::retryable(format!("handler panicked: {msg}")))
         })
+    }
+
+    /// A handler run that returned `Ok`: handled, or a duplicate the idempotent layer absorbed.
+    fn count_success(&self, cx: &Context) {
+        if cx.is_duplicate() {
+            bump(&self.stats.duplicates_absorbed);
+            self.labels.duplicates_absorbed.increment(1);
+        } else {
+            bump(&self.stats.handled);
+            self.labels.handled.increment(1);
+        }
+    }
+
+    /// A handler run that failed; a deferral (the handler did not run) is not a handler error.
+    fn count_failure(&self, e: &HandlerError) {
+        if !matches!(e, HandlerError::Defer { .. }) {
+            bump(&self.stats.handler_errors);
+            self.labels.handler_errors.increment(1);
+        }
     }
 
     fn settle_failed(&self, what: &str, id: &MessageId, e: &Error) {
@@ -523,7 +549,7 @@ impl Shared {
                 bump(&self.stats.deferred);
                 self.labels.deferred.increment(1);
                 debug!(message_id = %id, %reason, "deferred");
-                settle.nack(after).await
+                settle.defer(after).await
             }
             HandlerError::Retryable(e) if self.retry.should_retry(info.attempt) => {
                 bump(&self.stats.retried);
@@ -597,8 +623,7 @@ impl Shared {
                     let mut cx = self.context(&info, false);
                     match self.run_handler(handler.handle(&info.message, &mut cx)).await {
                         Ok(()) => {
-                            bump(&self.stats.handled);
-                            self.labels.handled.increment(1);
+                            self.count_success(&cx);
                             if let Err(e) = cx.flush().await {
                                 warn!(message_id = %id, error = %e, "at-most-once: handler output lost");
                             }
@@ -615,15 +640,13 @@ impl Shared {
                     let mut cx = self.context(&info, settle.atomic_outputs());
                     match self.run_handler(handler.handle(&info.message, &mut cx)).await {
                         Ok(()) => {
-                            bump(&self.stats.handled);
-                            self.labels.handled.increment(1);
+                            self.count_success(&cx);
                             let outputs = cx.take_outputs();
                             let after = cx.take_after_commit();
                             self.ack_with_outputs(&id, settle, outputs, after).await;
                         }
                         Err(e) => {
-                            bump(&self.stats.handler_errors);
-                            self.labels.handler_errors.increment(1);
+                            self.count_failure(&e);
                             self.settle_failure(&info, settle, e).await;
                             cx.take_after_commit().run(false).await;
                         }
@@ -917,7 +940,7 @@ impl Shared {
                             }
                         }
                         Err(e) => {
-                            bump(&self.stats.handler_errors);
+                            self.count_failure(&e);
                             let text = e.to_string();
                             let permanent = matches!(e, HandlerError::Permanent(_));
                             let defer = match e {

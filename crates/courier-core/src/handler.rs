@@ -105,6 +105,7 @@ pub struct Context {
     trace_id: Option<String>,
     position: Position,
     after_commit: AfterCommit,
+    duplicate: bool,
 }
 
 impl Context {
@@ -121,12 +122,33 @@ impl Context {
             trace_id: None,
             position: Position::Unknown,
             after_commit: AfterCommit::default(),
+            duplicate: false,
         }
+    }
+
+    /// Mark this delivery as a duplicate of an id already completed, acknowledged without
+    /// running the handler (the idempotent layer calls it; counted in
+    /// [`ConsumerStats::duplicates_absorbed`](crate::ConsumerStats) instead of `handled`).
+    pub fn absorb_duplicate(&mut self) {
+        self.duplicate = true;
+    }
+
+    /// Whether [`Context::absorb_duplicate`] was called.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
     }
 
     /// Where the delivery sits on the broker (for tests of handlers: the consume loop sets it).
     pub fn with_position(mut self, position: Position) -> Self {
         self.position = position;
+        self
+    }
+
+    /// A context whose staged outputs commit with the consumed position after the handler
+    /// returns, as on Kafka exactly-once (for tests of handlers and layers; the consume loop sets
+    /// it from the backend).
+    pub fn committing_atomically(mut self) -> Self {
+        self.atomic_outputs = true;
         self
     }
 

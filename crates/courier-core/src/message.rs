@@ -232,6 +232,15 @@ pub trait Settle: Send + Sync {
     /// delayed redelivery documents its behaviour in [`crate::Capabilities`]).
     async fn nack(self: Box<Self>, delay: Duration) -> Result<()>;
 
+    /// Redeliver after `delay` without counting an attempt: the handler did not run (the
+    /// idempotent layer's store was unreachable, or another worker holds the message's key).
+    /// Must not move the message towards the dead-letter destination — neither courier's retry
+    /// budget nor a broker's own delivery limit (RabbitMQ quorum `x-delivery-limit`, an SQS
+    /// redrive policy). Default: [`Settle::nack`], for brokers that count nothing themselves.
+    async fn defer(self: Box<Self>, delay: Duration) -> Result<()> {
+        self.nack(delay).await
+    }
+
     /// Move the message to the subscription's dead-letter destination and settle it, so it is not
     /// redelivered. Must not lose the message: publish to the dead-letter destination is confirmed
     /// before the original is acknowledged.

@@ -351,6 +351,7 @@ impl<H: Handler> Handler for Idempotent<H> {
             None => match self.store.begin(&key, &fp, self.lease).await {
                 Ok(Begin::Begun(t)) => (t, Instant::now()),
                 Ok(Begin::Completed { result }) => {
+                    cx.absorb_duplicate();
                     if replay_outputs(cx, result.as_ref()) {
                         bump(
                             &self.stats.outputs_replayed,

@@ -41,10 +41,17 @@ use courier_core::config::IdempotencyConfig;
 use courier_core::{Error, Result};
 
 /// Build the store an `[idempotency]` section names: `memory`, `redis://…` or `postgres://…`.
+///
+/// `memory` is one store per process, shared by every consumer built from a config (the layer
+/// namespaces keys by consumer group): duplicates are absorbed across the consumers of a
+/// process, not across processes or restarts. Guarded by `tests/layer.rs`,
+/// `memory_store_from_config_is_one_per_process`.
 pub async fn store_from_config(config: &IdempotencyConfig) -> Result<Arc<dyn IdempotencyStore>> {
     let url = config.store.expose();
     if url == "memory" {
-        return Ok(Arc::new(MemoryStore::default()));
+        static PROCESS: std::sync::OnceLock<Arc<MemoryStore>> = std::sync::OnceLock::new();
+        let store: Arc<dyn IdempotencyStore> = PROCESS.get_or_init(Arc::default).clone();
+        return Ok(store);
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return Ok(Arc::new(RedisStore::connect(url).await?));

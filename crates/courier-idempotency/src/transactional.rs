@@ -207,6 +207,7 @@ impl<H: TxHandler> Handler for TransactionalIdempotent<H> {
                 }));
             }
             if status == "c" {
+                cx.absorb_duplicate();
                 let result: Option<Vec<u8>> = row.get("result");
                 if crate::layer::replay_outputs(cx, result.map(bytes::Bytes::from).as_ref()) {
                     bump(

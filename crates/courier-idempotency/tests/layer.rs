@@ -216,3 +216,110 @@ async fn one_id_two_payloads_in_a_batch_runs_once_and_conflicts_once() {
         assert_eq!(get(&runs), 2, "forged first: {forged_first}");
     }
 }
+
+#[tokio::test]
+async fn memory_store_from_config_is_one_per_process() {
+    let config = courier_core::config::IdempotencyConfig::default();
+    let a = courier_idempotency::store_from_config(&config)
+        .await
+        .unwrap();
+    let b = courier_idempotency::store_from_config(&config)
+        .await
+        .unwrap();
+    let Begin::Begun(token) = a
+        .begin("billing:one-process", "fp", Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is begun")
+    };
+    a.complete(
+        "billing:one-process",
+        &token,
+        "fp",
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            b.begin("billing:one-process", "fp", Duration::from_secs(5))
+                .await
+                .unwrap(),
+            Begin::Completed { .. }
+        ),
+        "a second consumer of the process sees the first one's completed key"
+    );
+}
+
+/// On a backend that commits outputs with the consumed offset after the handler (Kafka
+/// exactly-once), the layer stores the outputs with the key: the same input read again at the
+/// same position (its transaction never committed) gets them staged again without running the
+/// handler; a copy at another position (a publisher's duplicate) is absorbed with none.
+#[tokio::test]
+async fn stored_outputs_are_staged_again_only_for_the_same_position() {
+    use courier_core::Position;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let runs = Arc::new(AtomicU32::new(0));
+    struct Transform(Arc<AtomicU32>);
+    #[courier_core::async_trait]
+    impl Handler for Transform {
+        async fn handle(
+            &self,
+            m: &Message,
+            cx: &mut Context,
+        ) -> Result<(), courier_core::HandlerError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            cx.set_result("charged");
+            cx.publish(
+                "receipts",
+                Message::new(m.payload.clone()).with_id(cx.derive_id("receipt")),
+            );
+            Ok(())
+        }
+    }
+    let store: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::default());
+    let layer = Idempotent::new(Transform(runs.clone()), store).namespace("billing");
+    let m = Message::new("order-1");
+    let at = |offset| {
+        Context::new(m.id.clone(), 1, "orders")
+            .with_position(Position::Offset {
+                partition: 0,
+                offset,
+            })
+            .committing_atomically()
+    };
+
+    let mut first = at(7);
+    layer.handle(&m, &mut first).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(first.outputs().len(), 1);
+    assert!(!first.is_duplicate());
+
+    let mut again = at(7);
+    layer.handle(&m, &mut again).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran again");
+    assert_eq!(
+        again.outputs(),
+        first.outputs(),
+        "the stored outputs are staged again"
+    );
+    assert_eq!(again.result().map(|r| &r[..]), Some(&b"charged"[..]));
+    assert!(again.is_duplicate());
+
+    let mut copy = at(9);
+    layer.handle(&m, &mut copy).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        copy.outputs().is_empty(),
+        "a publisher's duplicate got outputs"
+    );
+    assert!(copy.is_duplicate());
+    assert_eq!(
+        layer.stats().outputs_replayed.load(Ordering::SeqCst),
+        1,
+        "one replay"
+    );
+}

@@ -294,6 +294,46 @@ impl Inner {
         })
     }
 
+    /// Produce many records, all enqueued before any is awaited, and wait for every ack (inside
+    /// a transaction: the records a commit interval's inputs left).
+    pub(crate) async fn produce_all<'a>(
+        &self,
+        records: impl Iterator<Item = (&'a str, &'a Message, Option<u32>, Option<u64>)>,
+    ) -> Result<()> {
+        let mut acks = Vec::new();
+        for (topic, m, attempt, not_before_ms) in records {
+            let mut record = FutureRecord::to(topic)
+                .payload(&m.payload[..])
+                .headers(record_headers(m, attempt, not_before_ms));
+            if let Some(k) = &m.key {
+                record = record.key(k.as_str());
+            }
+            match self.producer.send_result(record) {
+                Ok(ack) => acks.push(ack),
+                // The local queue is full: this one waits for room (and its ack) the slow way.
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    self.produce(topic, m, attempt, not_before_ms).await?;
+                }
+                Err((e, _)) => return Err(kafka_err("produce", e)),
+            }
+        }
+        for ack in acks {
+            match ack.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(kafka_err("produce", e)),
+                Err(_) => {
+                    return Err(Error::broker(
+                        BACKEND,
+                        "produce",
+                        true,
+                        "the producer was closed before the record was acknowledged",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Produce and wait for the broker's ack (no transaction handling here).
     pub(crate) async fn produce(
         &self,

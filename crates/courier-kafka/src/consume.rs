@@ -84,7 +84,6 @@ struct Batch {
 }
 
 /// Per-partition state shared by the receive task, the settles and the rebalance callback.
-#[derive(Default)]
 pub(crate) struct Tracker {
     parts: Mutex<HashMap<i32, Part>>,
     /// At-most-once: the last committed watermark per partition (commits stay monotonic).
@@ -93,8 +92,10 @@ pub(crate) struct Tracker {
     stored: Mutex<HashMap<i32, i64>>,
     /// Exactly-once: settled inputs waiting for a transaction.
     waiting: std::sync::atomic::AtomicUsize,
-    /// Woken by settles, so a full batch commits before the interval ends.
+    /// Woken when `max_inputs` settled inputs wait, so a full batch commits before the interval
+    /// ends.
     settled: Notify,
+    max_inputs: usize,
 }
 
 /// The watermark after the leading settled offsets of `part` (removing them), if any.
@@ -115,6 +116,17 @@ fn pop_settled(part: &mut Part) -> Option<i64> {
 }
 
 impl Tracker {
+    fn new(max_inputs: usize) -> Self {
+        Tracker {
+            parts: Mutex::default(),
+            committed: Mutex::default(),
+            stored: Mutex::default(),
+            waiting: Default::default(),
+            settled: Notify::new(),
+            max_inputs: max_inputs.max(1),
+        }
+    }
+
     /// Track a received offset; returns the partition's epoch to settle it under.
     fn received(&self, p: i32, o: i64) -> u64 {
         let mut parts = self.parts.lock();
@@ -158,9 +170,13 @@ impl Tracker {
         };
         *slot = Slot::Settled(Some(pending));
         drop(parts);
-        self.waiting
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.settled.notify_one();
+        let waiting = self
+            .waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if waiting == self.max_inputs {
+            self.settled.notify_one();
+        }
         Ok(())
     }
 
@@ -380,7 +396,7 @@ pub(crate) struct KafkaStream {
 
 impl KafkaStream {
     pub(crate) fn start(inner: Arc<Inner>, s: Subscription) -> Result<Self> {
-        let tracker = Arc::new(Tracker::default());
+        let tracker = Arc::new(Tracker::new(inner.config.commit_max_inputs));
         let ours = settings::consumer(&inner.config, inner.guarantee, &s.group);
         let consumer: StreamConsumer<Ctx> = settings::client_config(&inner.config, &ours)
             .create_with_context(Ctx {
@@ -493,7 +509,20 @@ impl Receiver {
                 }
                 r = sub.consumer.recv(), if self.handoff.is_empty() && self.delayed_items.len() < MAX_DELAYED => {
                     match r {
-                        Ok(m) => self.received(&m),
+                        Ok(m) => {
+                            self.received(&m);
+                            // Hand it over now if the subscriber is waiting (saves a turn of
+                            // the loop per record).
+                            if let Some(r) = self.handoff.pop_front() {
+                                match tx.try_reserve() {
+                                    Ok(permit) if self.sub.tracker.epoch(r.partition) == r.epoch => {
+                                        permit.send(Ok(r.delivery))
+                                    }
+                                    Ok(_) => {}
+                                    Err(_) => self.handoff.push_front(r),
+                                }
+                            }
+                        }
                         Err(e) => consumer_error(self.sub.subscription(), "consume", e),
                     }
                 }
@@ -696,12 +725,15 @@ async fn commit(sub: Arc<Sub>, batch: Batch) -> (Batch, Result<()>) {
     }
     let result = inner
         .transaction(|| async {
-            let sends = batch
-                .items
-                .iter()
-                .flat_map(|(_, _, _, p)| p.outs.iter())
-                .map(|o| inner.produce(&o.topic, &o.message, o.attempt, o.not_before));
-            futures::future::try_join_all(sends).await?;
+            inner
+                .produce_all(
+                    batch
+                        .items
+                        .iter()
+                        .flat_map(|(_, _, _, p)| p.outs.iter())
+                        .map(|o| (o.topic.as_str(), &o.message, o.attempt, o.not_before)),
+                )
+                .await?;
             let mut tpl = TopicPartitionList::new();
             for &(p, _, wm) in &batch.offsets {
                 tpl.add_partition_offset(&sub.topic, p, Offset::Offset(wm))
@@ -898,6 +930,21 @@ impl Settle for KafkaSettle {
             topic: self.sub.topic.clone(),
             message: self.message.clone(),
             attempt: Some(self.attempt + 1),
+            not_before: Some(now_ms() + delay.as_millis() as u64),
+        };
+        self.settle_with(vec![out], AfterCommit::default()).await
+    }
+
+    /// Re-published with the *same* attempt number: a deferral does not spend the retry budget
+    /// (`tests/conformance.rs`, scenario `deferrals_never_dead_letter`).
+    async fn defer(self: Box<Self>, delay: Duration) -> Result<()> {
+        if self.sub.inner.guarantee == Guarantee::AtMostOnce {
+            return Ok(());
+        }
+        let out = Out {
+            topic: self.sub.topic.clone(),
+            message: self.message.clone(),
+            attempt: Some(self.attempt),
             not_before: Some(now_ms() + delay.as_millis() as u64),
         };
         self.settle_with(vec![out], AfterCommit::default()).await

@@ -166,7 +166,7 @@ pub(crate) fn explain(
     let commit = match g {
         Guarantee::AtMostOnce => "commit offset (sync) before the handler",
         Guarantee::AtLeastOnce => "store offset after the handler (contiguous per partition); commit on revoke, on close and every second",
-        Guarantee::ExactlyOnce => "commit offsets with the handler's outputs in one transaction; read_committed",
+        Guarantee::ExactlyOnce => "commit offsets with the outputs, one transaction per commit interval; read_committed",
     };
     e = e.set(
         "consumer",

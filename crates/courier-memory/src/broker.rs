@@ -62,11 +62,17 @@ impl Group {
 
     /// Put an in-flight entry back (for redelivery) with the next attempt number.
     fn requeue(&mut self, token: u64, visible_at: Option<Instant>) -> bool {
+        self.put_back(token, visible_at, 1)
+    }
+
+    /// Put an in-flight entry back with its attempt number raised by `counted` (0 for a
+    /// deferral: the handler did not run).
+    fn put_back(&mut self, token: u64, visible_at: Option<Instant>, counted: u32) -> bool {
         match self.inflight.remove(&token) {
             Some(f) => {
                 self.unmark_busy(&f.entry.message.key);
                 let mut e = f.entry;
-                e.attempt += 1;
+                e.attempt += counted;
                 e.visible_at = visible_at;
                 self.ready.insert(e.seq, e);
                 true
@@ -321,6 +327,7 @@ impl MemoryBroker {
                 None => false,
             },
             SettleOp::Requeue(at) => g.requeue(token, at),
+            SettleOp::Defer(at) => g.put_back(token, Some(at), 0),
         };
         drop(st);
         self.inner.changed.notify_waiters();
@@ -331,6 +338,8 @@ impl MemoryBroker {
 enum SettleOp {
     Ack,
     Requeue(Option<Instant>),
+    /// Back to the queue at this time, not counted as an attempt.
+    Defer(Instant),
 }
 
 /// Per-client fault injection with its own random generator.
@@ -833,6 +842,22 @@ impl Settle for MemorySettle {
             .broker
             .settle(&self.topic, &self.group, self.token, SettleOp::Requeue(at))
         {
+            Ok(())
+        } else {
+            Err(self.expired("it was already redelivered"))
+        }
+    }
+
+    async fn defer(self: Box<Self>, delay: Duration) -> Result<()> {
+        if let Some(e) = self.crashed() {
+            return Err(e);
+        }
+        if self.broker.settle(
+            &self.topic,
+            &self.group,
+            self.token,
+            SettleOp::Defer(Instant::now() + delay),
+        ) {
             Ok(())
         } else {
             Err(self.expired("it was already redelivered"))

@@ -192,7 +192,19 @@ async fn run(
             };
             match item {
                 Some(Ok(d)) => {
-                    let delivery = convert(&ctx, &ch, &lost, d);
+                    let (delivery, has_id) = convert(&ctx, &ch, &lost, d);
+                    if !has_id && ctx.guarantee == Guarantee::ExactlyOnce {
+                        let (info, settle) = delivery.into_parts();
+                        warn!(queue = %ctx.queue, "a message without message_id is dead-lettered: {NO_ID}");
+                        let why = DeadLetter {
+                            reason: NO_ID.to_owned(),
+                            attempts: info.attempt,
+                        };
+                        if let Err(e) = settle.dead_letter(&info.message, why).await {
+                            warn!(queue = %ctx.queue, error = %e, "dead-lettering a message without message_id failed; it is delivered again");
+                        }
+                        continue;
+                    }
                     // Race the hand-off with the stop signal: a subscriber that stopped reading
                     // must not hold `close` until its deadline. The delivery not handed off is
                     // requeued with the channel. Guarded by the conformance scenario
@@ -227,21 +239,24 @@ async fn run(
     }
 }
 
-/// A stable id for messages published without `message_id` (e.g. by other clients).
-fn fallback_id(d: &lapin::message::Delivery) -> MessageId {
-    let mut h = DefaultHasher::new();
-    d.exchange.as_str().hash(&mut h);
-    d.routing_key.as_str().hash(&mut h);
-    d.data.hash(&mut h);
-    MessageId::from_string(format!("amqp-{:016x}", h.finish()))
+/// The id of a message published without `message_id` (by another client): AMQP gives a message
+/// nothing stable to tell two publishes of the same body apart, nor one message's redeliveries
+/// from each other, so it gets a fresh id per delivery. Exactly-once refuses such messages (see
+/// `NO_ID`); under the other guarantees the id is only a label. Guarded by
+/// `tests/interop.rs::pika_messages_without_an_id`.
+fn fallback_id() -> MessageId {
+    MessageId::from_string(format!("amqp-{}", MessageId::new()))
 }
+
+/// Why an exactly-once subscription dead-letters a message without `message_id`.
+const NO_ID: &str = "exactly-once needs a message id to recognise redeliveries, and this message has no AMQP message_id property: publish it with message_id set (courier does)";
 
 fn convert(
     ctx: &Arc<Ctx>,
     ch: &lapin::Channel,
     lost: &CancellationToken,
     d: lapin::message::Delivery,
-) -> Delivery {
+) -> (Delivery, bool) {
     let mut headers = Headers::new();
     let mut key = None;
     let mut courier_attempt = None;
@@ -278,8 +293,9 @@ fn convert(
         .properties
         .message_id()
         .as_ref()
-        .map(|s| MessageId::from_string(s.as_str()))
-        .unwrap_or_else(|| fallback_id(&d));
+        .map(|s| MessageId::from_string(s.as_str()));
+    let has_id = id.is_some();
+    let id = id.unwrap_or_else(fallback_id);
     let redeliveries = if delivery_count > 0 {
         delivery_count
     } else {
@@ -300,13 +316,14 @@ fn convert(
         message: message.clone(),
         attempt,
     };
-    Delivery::new(
+    let delivery = Delivery::new(
         message,
         attempt,
         Position::DeliveryTag(d.delivery_tag),
         ctx.sub.destination.clone(),
         Box::new(settle),
-    )
+    );
+    (delivery, has_id)
 }
 
 #[async_trait]
@@ -381,6 +398,21 @@ impl RabbitSettle {
         }
     }
 
+    /// Park a copy carrying `attempt` in the delay queue of the delay's step (confirmed), then
+    /// settle the original.
+    async fn park(self: Box<Self>, delay: Duration, attempt: u32) -> Result<()> {
+        let client = self.client();
+        let queue = client
+            .declare_delay_queue(&self.ctx.queue, crate::client::delay_step(delay))
+            .await?;
+        let out = Outbound {
+            message: self.message.clone(),
+            attempt: Some(attempt),
+        };
+        client.send("", Some(&queue), &[out]).await?;
+        self.ack_now().await
+    }
+
     fn client(&self) -> RabbitMqClient {
         RabbitMqClient::from_link(self.ctx.link.clone(), self.ctx.guarantee)
     }
@@ -409,18 +441,19 @@ impl Settle for RabbitSettle {
             .await;
             return self.settled(nacked);
         }
-        // Park a copy in the delay queue of the delay's step (confirmed), then settle the
-        // original.
-        let client = self.client();
-        let queue = client
-            .declare_delay_queue(&self.ctx.queue, crate::client::delay_step(delay))
-            .await?;
-        let out = Outbound {
-            message: self.message.clone(),
-            attempt: Some(self.attempt + 1),
-        };
-        client.send("", Some(&queue), &[out]).await?;
-        self.ack_now().await
+        let attempt = self.attempt + 1;
+        self.park(delay, attempt).await
+    }
+
+    /// A new message in the delay queue with the *same* attempt number: neither courier's retry
+    /// budget nor the quorum queue's delivery count moves (conformance scenario
+    /// `deferrals_never_dead_letter`).
+    async fn defer(self: Box<Self>, delay: Duration) -> Result<()> {
+        if self.ctx.guarantee == Guarantee::AtMostOnce {
+            return Ok(());
+        }
+        let attempt = self.attempt;
+        self.park(delay, attempt).await
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {

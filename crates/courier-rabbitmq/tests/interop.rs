@@ -127,3 +127,91 @@ async fn courier_consumes_what_pika_publishes() {
     assert_eq!(d.attempt, 1);
     d.ack().await.unwrap();
 }
+
+const PIKA_PUBLISH_SAME_BODY: &str = r#"
+import sys, pika
+conn = pika.BlockingConnection(pika.URLParameters(sys.argv[1]))
+ch = conn.channel()
+ch.confirm_delivery()
+for _ in range(3):
+    ch.basic_publish(exchange=sys.argv[2], routing_key="anything", body=b"charge 10 EUR",
+                     properties=pika.BasicProperties(delivery_mode=2), mandatory=True)
+ch.basic_publish(exchange=sys.argv[2], routing_key="anything", body=b"with an id",
+                 properties=pika.BasicProperties(message_id="pika-id-7", delivery_mode=2),
+                 mandatory=True)
+conn.close()
+"#;
+
+/// Three publishes of the same body without `message_id` are three messages: at-least-once hands
+/// each over with an id of its own (no merging by body), and exactly-once, which could not tell
+/// a redelivery from a new publish, dead-letters them with the reason instead of guessing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pika_messages_without_an_id() {
+    let c = client().await;
+    let dest = unique("interop-noid");
+    c.create_destination(&dest).await.unwrap();
+    let mut alo = c
+        .subscribe(Subscription::new(&dest, "plain"))
+        .await
+        .unwrap();
+    let mut eo_config = Config {
+        guarantee: Guarantee::ExactlyOnce,
+        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+            url: SecretUrl::new(endpoints::rabbitmq_url()),
+            ..RabbitMqConfig::default()
+        }),
+        consumer: Default::default(),
+        idempotency: Some(Default::default()),
+    };
+    eo_config.consumer.concurrency = 1;
+    let eo_client = courier_rabbitmq::connect(&eo_config).await.unwrap();
+    let mut eo = eo_client
+        .subscribe(Subscription::new(&dest, "billing"))
+        .await
+        .unwrap();
+    let dlq = format!("{dest}-dlq");
+    let mut dead = c.subscribe(Subscription::new(&dlq, "ops")).await.unwrap();
+    pika(PIKA_PUBLISH_SAME_BODY, &[&endpoints::rabbitmq_url(), &dest]);
+
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let d = alo
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("at-least-once received fewer than 4 messages")
+            .unwrap();
+        ids.insert(d.message.id.to_string());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(ids.len(), 4, "messages merged by body: {ids:?}");
+    assert!(ids.contains("pika-id-7"), "{ids:?}");
+    assert_eq!(
+        ids.iter().filter(|id| id.starts_with("amqp-")).count(),
+        3,
+        "{ids:?}"
+    );
+
+    let d = eo
+        .next_timeout(Duration::from_secs(20))
+        .await
+        .expect("exactly-once never received the message with an id")
+        .unwrap();
+    assert_eq!(d.message.id.as_str(), "pika-id-7");
+    d.ack().await.unwrap();
+    for _ in 0..3 {
+        let d = dead
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("an id-less message did not reach the dead-letter queue")
+            .unwrap();
+        assert_eq!(&d.message.payload[..], b"charge 10 EUR");
+        let reason = d
+            .message
+            .headers
+            .get(courier_core::header::DEAD_LETTER_REASON)
+            .cloned()
+            .unwrap_or_default();
+        assert!(reason.contains("message_id"), "reason: {reason}");
+        d.ack().await.unwrap();
+    }
+}

@@ -71,6 +71,9 @@ const ATTR_ID: &str = "courier-id";
 const ATTR_KEY: &str = "courier-key";
 const ATTR_HEADERS: &str = "courier-headers";
 const ATTR_ENCODING: &str = "courier-encoding";
+/// Attempts a deferred message had already made before it was sent again (its receive count
+/// starts over; courier's attempt number continues).
+const ATTR_ATTEMPTS_BEFORE: &str = "courier-attempts-before";
 /// Entries per SendMessageBatch / DeleteMessageBatch.
 const BATCH: usize = 10;
 /// Delete requests one subscription keeps in flight at once (see `run_deleter`).
@@ -129,6 +132,9 @@ pub(crate) struct Inner {
     limits: Mutex<HashMap<String, usize>>,
     /// The consumer group each queue was claimed for (see [`Inner::claim_group`]), by queue URL.
     groups: Mutex<HashMap<String, String>>,
+    /// FIFO queues: deferrals of each SQS message by this client, taken off its receive count
+    /// so that they do not spend the retry budget (see `SqsSettle::defer`).
+    deferrals: Mutex<HashMap<String, u32>>,
 }
 
 impl fmt::Debug for SqsClient {
@@ -168,6 +174,8 @@ struct Encoded {
     body: String,
     attributes: HashMap<String, MessageAttributeValue>,
     size: usize,
+    /// `DelaySeconds` of this message (standard queues).
+    delay_seconds: Option<i32>,
 }
 
 fn encode(m: &Message) -> Result<Encoded> {
@@ -200,6 +208,7 @@ fn encode(m: &Message) -> Result<Encoded> {
         body,
         attributes,
         size,
+        delay_seconds: None,
     })
 }
 
@@ -299,6 +308,7 @@ impl SqsClient {
                 urls: Mutex::new(HashMap::new()),
                 limits: Mutex::new(HashMap::new()),
                 groups: Mutex::new(HashMap::new()),
+                deferrals: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -508,7 +518,8 @@ impl Inner {
             .send_message()
             .queue_url(&url)
             .message_body(enc.body)
-            .set_message_attributes(Some(enc.attributes));
+            .set_message_attributes(Some(enc.attributes))
+            .set_delay_seconds(enc.delay_seconds);
         if fifo {
             req = req
                 .message_group_id(self.group_id(m))
@@ -966,11 +977,21 @@ fn delivery(
     m: aws_sdk_sqs::types::Message,
 ) -> Delivery {
     let message = decode(&m);
+    let before: u32 = m
+        .message_attributes()
+        .and_then(|a| a.get(ATTR_ATTEMPTS_BEFORE))
+        .and_then(|v| v.string_value())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let attempt = m
         .attributes()
         .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .saturating_add(before);
+    let sqs_id = m.message_id().unwrap_or_default().to_owned();
+    let deferred = inner.deferrals.lock().get(&sqs_id).copied().unwrap_or(0);
+    let attempt = attempt.saturating_sub(deferred).max(1);
     let sequence = m
         .attributes()
         .and_then(|a| a.get(&MessageSystemAttributeName::SequenceNumber))
@@ -984,6 +1005,10 @@ fn delivery(
         source: source.to_owned(),
         handle,
         id: message.id.clone(),
+        message: message.clone(),
+        attempt,
+        fifo: url.ends_with(".fifo"),
+        sqs_id: Some(sqs_id.clone()).filter(|s| !s.is_empty()),
         deleter: deleter.clone(),
         _lease: lease,
     };
@@ -991,7 +1016,7 @@ fn delivery(
         message,
         attempt,
         Position::SqsMessage {
-            message_id: m.message_id().unwrap_or_default().to_owned(),
+            message_id: sqs_id,
             sequence_number: sequence,
         },
         source.to_owned(),
@@ -1149,12 +1174,20 @@ struct SqsSettle {
     source: String,
     handle: String,
     id: MessageId,
+    message: Message,
+    attempt: u32,
+    fifo: bool,
+    /// SQS's own message id (FIFO deferral counts).
+    sqs_id: Option<String>,
     deleter: Deleter,
     _lease: Option<Lease>,
 }
 
 impl SqsSettle {
     async fn delete(&self) -> Result<()> {
+        if let Some(sqs_id) = &self.sqs_id {
+            self.inner.deferrals.lock().remove(sqs_id);
+        }
         let (done, outcome) = oneshot::channel();
         let req = DeleteRequest {
             handle: self.handle.clone(),
@@ -1211,6 +1244,35 @@ impl Settle for SqsSettle {
             .await
             .map(|_| ())
             .map_err(|e| sdk_err("change_message_visibility", e))
+    }
+
+    /// Standard queues: a copy sent with `DelaySeconds` (at most 15 minutes) and the attempts
+    /// made so far, then the original deleted — the copy's receive count starts over, so a
+    /// redrive policy never counts a deferral (conformance scenario `deferrals_never_dead_letter`).
+    /// FIFO queues keep the message in place (a copy would overtake its group's later messages,
+    /// and SQS has no per-message delay there): the visibility timeout is changed, which SQS
+    /// counts as a receive; this client takes its deferrals off the receive count for the retry
+    /// budget, but a redrive policy's `maxReceiveCount` sees them (size it above the deferrals an
+    /// outage can cause).
+    async fn defer(self: Box<Self>, delay: Duration) -> Result<()> {
+        if self.fifo {
+            if let Some(sqs_id) = self.sqs_id.clone() {
+                let mut d = self.inner.deferrals.lock();
+                if d.len() >= 100_000 {
+                    d.clear();
+                }
+                *d.entry(sqs_id).or_default() += 1;
+            }
+            return self.nack(delay).await;
+        }
+        let mut enc = encode(&self.message)?;
+        enc.attributes.insert(
+            ATTR_ATTEMPTS_BEFORE.to_owned(),
+            string_attr(&self.attempt.saturating_sub(1).to_string()),
+        );
+        enc.delay_seconds = Some(delay.as_secs_f64().ceil().min(900.0) as i32);
+        self.inner.send(&self.source, &self.message, enc).await?;
+        self.delete().await
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {

@@ -154,6 +154,7 @@ macro_rules! conformance_suite {
             oversize_payload_is_rejected_before_sending,
             missing_destination_is_a_typed_error,
             handler_errors_retry_then_dead_letter,
+            deferrals_never_dead_letter,
             permanent_error_dead_letters_at_once,
             batch_settles_only_after_success,
             exactly_once_effects_with_idempotent_layer,

@@ -845,6 +845,96 @@ pub async fn handler_errors_retry_then_dead_letter(b: &dyn TestBackend) -> Outco
     dead_letter_case(b, false).await
 }
 
+/// Defers its first runs (as the idempotent layer does while its store is down), then fails
+/// once, then succeeds; records the attempt number of every run.
+struct DeferThenFail {
+    ledger: Arc<Ledger>,
+    defers: u32,
+    runs: Mutex<Vec<u32>>,
+}
+
+#[async_trait]
+impl Handler for DeferThenFail {
+    async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        let run = {
+            let mut runs = self.runs.lock();
+            runs.push(cx.attempt());
+            runs.len() as u32
+        };
+        if run <= self.defers {
+            return Err(HandlerError::defer(
+                Duration::from_millis(20),
+                "the idempotency store is unreachable",
+            ));
+        }
+        if run == self.defers + 1 {
+            return Err(HandlerError::retryable("a real failure after the outage"));
+        }
+        self.ledger.handled(m.id.as_str());
+        Ok(())
+    }
+}
+
+/// Deferrals never move a message towards the dead-letter destination: five deferrals (more
+/// than the retry budget of 3), then a failure, then success — the failure is retried, not
+/// dead-lettered, and the deferrals left the attempt number where it was.
+pub async fn deferrals_never_dead_letter(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "defer").await?;
+    let dlq = b.fresh_destination(&*client, "defer-dlq").await?;
+    let group = unique("g");
+    let ledger = Arc::new(Ledger::new());
+    let handler = Arc::new(DeferThenFail {
+        ledger: ledger.clone(),
+        defers: 5,
+        runs: Mutex::new(Vec::new()),
+    });
+    struct Shared(Arc<DeferThenFail>);
+    #[async_trait]
+    impl Handler for Shared {
+        async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+            self.0.handle(m, cx).await
+        }
+    }
+    let h = launch(
+        b,
+        Consumer::new(
+            client.clone(),
+            Subscription::new(&dest, &group).dead_letter(&dlq),
+        )
+        .retry(fast_retry(3)),
+        &group,
+        Shared(handler.clone()),
+    )
+    .await?;
+    let m = Message::new("deferred").with_key("account-1");
+    ledger.sent(m.id.as_str());
+    client.publish(&dest, m).await?;
+    let (report, done) = ledger.wait_all_handled(wait() * 2).await;
+    let stats = h.shutdown().await?;
+    let runs = handler.runs.lock().clone();
+    ensure!(
+        done,
+        "a deferred message was never handled ({report}); runs by attempt {runs:?}, {} dead-lettered",
+        stats.dead_lettered
+    );
+    ensure!(
+        stats.dead_lettered == 0,
+        "dead-lettered after deferrals: runs by attempt {runs:?}"
+    );
+    ensure!(
+        runs == vec![1, 1, 1, 1, 1, 1, 2],
+        "deferrals spent attempts: runs by attempt {runs:?} (expected 1 x6, then 2)"
+    );
+    ensure!(
+        stats.deferred == 5 && stats.handler_errors == 1,
+        "{} deferred, {} handler errors (expected 5 and 1): deferrals are not handler errors",
+        stats.deferred,
+        stats.handler_errors
+    );
+    Ok(())
+}
+
 /// A permanent handler error dead-letters after one attempt.
 pub async fn permanent_error_dead_letters_at_once(b: &dyn TestBackend) -> Outcome {
     dead_letter_case(b, true).await
@@ -1083,6 +1173,7 @@ pub const ALL: &[&str] = &[
     "oversize_payload_is_rejected_before_sending",
     "missing_destination_is_a_typed_error",
     "handler_errors_retry_then_dead_letter",
+    "deferrals_never_dead_letter",
     "permanent_error_dead_letters_at_once",
     "batch_settles_only_after_success",
     "exactly_once_effects_with_idempotent_layer",
@@ -1115,6 +1206,7 @@ pub async fn run(name: &str, b: &dyn TestBackend) -> Outcome {
         }
         "missing_destination_is_a_typed_error" => missing_destination_is_a_typed_error(b).await,
         "handler_errors_retry_then_dead_letter" => handler_errors_retry_then_dead_letter(b).await,
+        "deferrals_never_dead_letter" => deferrals_never_dead_letter(b).await,
         "permanent_error_dead_letters_at_once" => permanent_error_dead_letters_at_once(b).await,
         "batch_settles_only_after_success" => batch_settles_only_after_success(b).await,
         "exactly_once_effects_with_idempotent_layer" => {

@@ -113,6 +113,14 @@ fn payload_limit(config: &Config) -> usize {
     }
 }
 
+/// Whether `config` keeps its idempotency keys in the process's memory.
+pub(crate) fn memory_store(config: &Config) -> bool {
+    config
+        .idempotency
+        .as_ref()
+        .is_some_and(|i| i.store.expose() == "memory")
+}
+
 /// What changes for `config` on each of the other brokers.
 pub fn portability(config: &Config) -> Vec<Finding> {
     let from = traits(config.backend.kind());
@@ -168,6 +176,13 @@ pub fn portability(config: &Config) -> Vec<Finding> {
                 ),
                 _ => {}
             }
+            if to.name != "memory" && memory_store(config) {
+                add(
+                    Severity::Warning,
+                    "[idempotency] store = memory absorbs duplicates within one process only: a duplicate handled by another consumer process, or after a restart, runs again".into(),
+                    "use a shared store: [idempotency] store = \"redis://…\" or \"postgres://…\"",
+                );
+            }
             if from.transactions && !to.transactions {
                 add(
                     Severity::Warning,
@@ -198,6 +213,20 @@ pub fn portability(config: &Config) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_memory_idempotency_store_is_flagged_as_one_process_only() {
+        let c = Config::from_url("memory://?guarantee=exactly-once&idempotency=memory").unwrap();
+        let found = portability(&c);
+        for to in ["kafka", "rabbitmq", "sqs"] {
+            assert!(
+                found
+                    .iter()
+                    .any(|f| f.backend == to && f.what.contains("within one process only")),
+                "{to}: {found:?}"
+            );
+        }
+    }
 
     #[test]
     fn moving_exactly_once_off_memory_without_a_store_is_flagged() {

@@ -259,6 +259,12 @@ impl Settle for InstrumentedSettle {
         self.inner.nack(delay).instrument(span).await
     }
 
+    async fn defer(self: Box<Self>, delay: Duration) -> Result<()> {
+        // Counted by the consume loop (`courier_deferred_total`).
+        let span = self.span("defer");
+        self.inner.defer(delay).instrument(span).await
+    }
+
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
         let span = self.span("dead_letter");
         self.metrics.dead_letter.increment(1);

@@ -112,6 +112,14 @@ pub fn explain(config: &Config) -> Result<Explanation> {
             "then dead-lettered with the attempt count and last error",
         );
     e = match &config.idempotency {
+        Some(i) if doctor::memory_store(config) && !matches!(config.backend, BackendConfig::Memory(_)) => e
+            .set(
+                "idempotency",
+                "store",
+                i.store.redacted(),
+                format!("duplicates absorbed for {:?}, within this process", i.ttl),
+            )
+            .note("[idempotency] store = memory is one store per process: consumers in other processes, and this one after a restart, do not see its keys; use redis:// or postgres:// for exactly-once across instances"),
         Some(i) => e.set(
             "idempotency",
             "store",
@@ -148,6 +156,12 @@ pub async fn consumer<H: Handler>(
         return c.spawn(handler).await;
     }
     let section = config.idempotency.clone().unwrap_or_default();
+    if section.store.expose() == "memory" && !matches!(config.backend, BackendConfig::Memory(_)) {
+        tracing::warn!(
+            backend = client.backend(),
+            "idempotency store = memory: duplicates are absorbed within this process only (not across processes or restarts); configure [idempotency] store = redis:// or postgres:// for more than one instance"
+        );
+    }
     let store = idempotency_store(&section).await?;
     let lease = section.lease.unwrap_or_else(|| {
         client

@@ -418,3 +418,22 @@ async fn verify_catches_exactly_once_without_dedup() {
         "exactly-once without dedup must show duplicate effects: {r}"
     );
 }
+
+/// The transactional mode (a postgres:// store) cannot process without its database: fail-open
+/// is refused before anything runs rather than silently ignored.
+#[tokio::test]
+async fn fail_open_with_the_transactional_mode_is_refused() {
+    let mut config = Config::from_url(&format!(
+        "memory://?guarantee=exactly-once&idempotency={}",
+        courier_testkit::endpoints::database_url()
+    ))
+    .unwrap();
+    config.idempotency.as_mut().unwrap().on_store_error =
+        courier_core::config::StoreFailurePolicy::FailOpen;
+    let e = verify::run(&config, &plan("", None)).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("fail-open") && text.contains("transactional"),
+        "{text}"
+    );
+}

@@ -60,7 +60,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use courier::config::BackendConfig;
+use courier::config::{BackendConfig, StoreFailurePolicy};
 use courier::idempotency::{
     Begin, IdempotencyStore, LeaseToken, PostgresStore, TransactionalIdempotent, TxHandler,
 };
@@ -909,7 +909,15 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let use_layer = (g == Guarantee::ExactlyOnce || config.idempotency.is_some())
         && plan.sabotage != Some(Sabotage::NoDedup);
     let url = section.store.expose();
-    let pg = if use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+    let transactional =
+        use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://"));
+    if transactional && section.on_store_error == StoreFailurePolicy::FailOpen {
+        return Err(courier::Error::config(
+            "idempotency.on_store_error = \"fail-open\" is not honoured with a postgres:// store: verify runs the transactional mode, where the effect and its key commit in one PostgreSQL transaction, so an unreachable database can only defer; remove on_store_error (fail-closed) or use a redis:// store",
+        )
+        .into());
+    }
+    let pg = if transactional {
         Some(Arc::new(PgLedger::connect(url, &suffix).await?))
     } else {
         None

@@ -348,6 +348,30 @@ impl ConsumerHandle {
         self.stats.snapshot()
     }
 
+    /// Wait until the consumer is idle: nothing in flight and nothing received for `quiet`
+    /// (the destination is drained, as far as this consumer can tell). `false` if that did not
+    /// happen within `timeout`. For batch jobs that stop when the queue is empty, and for tests.
+    pub async fn wait_idle(&self, quiet: Duration, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let step = (quiet / 4).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        let mut last = self.stats.received.load(Ordering::Relaxed);
+        let mut since = tokio::time::Instant::now();
+        loop {
+            let now = tokio::time::Instant::now();
+            let received = self.stats.received.load(Ordering::Relaxed);
+            if received != last || self.stats.in_flight.load(Ordering::Relaxed) > 0 {
+                last = received;
+                since = now;
+            } else if now.duration_since(since) >= quiet {
+                return true;
+            }
+            if now >= deadline || self.join.is_finished() {
+                return false;
+            }
+            tokio::time::sleep(step).await;
+        }
+    }
+
     /// Stop intake, let in-flight handlers finish (up to the shutdown timeout), settle, and
     /// close the subscription. Deliveries whose handler did not finish are left unsettled, so
     /// the broker redelivers them: nothing is lost.

@@ -86,6 +86,15 @@ impl Completed {
     }
 }
 
+/// The handler result stored with a completed key (inside a [`Completed`] record or as it is).
+pub(crate) fn stored_result(stored: Option<bytes::Bytes>) -> Option<bytes::Bytes> {
+    let stored = stored?;
+    match Completed::decode(&stored) {
+        Some(record) => record.result,
+        None => Some(stored),
+    }
+}
+
 /// Stage the stored outputs of a completed key again when this delivery is the same input at
 /// the same position on a backend that commits outputs atomically (see [`Completed`]).
 pub(crate) fn replay_outputs(cx: &mut Context, stored: Option<&bytes::Bytes>) -> bool {
@@ -360,6 +369,11 @@ impl<H: Handler> Handler for Idempotent<H> {
                         );
                         debug!(%key, "completed before, its transaction did not commit: outputs staged again");
                         return Ok(());
+                    }
+                    // The first run's result, for whoever answers the duplicate (a request
+                    // asked twice is answered with the stored reply).
+                    if let Some(r) = stored_result(result) {
+                        cx.set_result(r);
                     }
                     bump(
                         &self.stats.duplicates_absorbed,

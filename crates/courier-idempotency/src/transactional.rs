@@ -209,7 +209,8 @@ impl<H: TxHandler> Handler for TransactionalIdempotent<H> {
             if status == "c" {
                 cx.absorb_duplicate();
                 let result: Option<Vec<u8>> = row.get("result");
-                if crate::layer::replay_outputs(cx, result.map(bytes::Bytes::from).as_ref()) {
+                let result = result.map(bytes::Bytes::from);
+                if crate::layer::replay_outputs(cx, result.as_ref()) {
                     bump(
                         &self.stats,
                         |s| &s.outputs_replayed,
@@ -217,6 +218,9 @@ impl<H: TxHandler> Handler for TransactionalIdempotent<H> {
                     );
                     debug!(%key, "completed before, its transaction did not commit: outputs staged again (transactional)");
                     return Ok(());
+                }
+                if let Some(r) = crate::layer::stored_result(result) {
+                    cx.set_result(r);
                 }
                 bump(
                     &self.stats,

@@ -323,3 +323,178 @@ async fn stored_outputs_are_staged_again_only_for_the_same_position() {
         "one replay"
     );
 }
+
+/// A real store behind an outage switch: while `down`, every call fails as an unreachable store
+/// does (`Error::Store`).
+struct Outage {
+    inner: Arc<dyn IdempotencyStore>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Outage {
+    fn check(&self) -> courier_core::Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(courier_core::Error::Store {
+                store: self.inner.name(),
+                operation: "begin",
+                source: "connection refused (outage switch)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[courier_core::async_trait]
+impl IdempotencyStore for Outage {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn begin(&self, key: &str, fp: &str, lease: Duration) -> courier_core::Result<Begin> {
+        self.check()?;
+        self.inner.begin(key, fp, lease).await
+    }
+    async fn extend(
+        &self,
+        key: &str,
+        token: &courier_idempotency::LeaseToken,
+        lease: Duration,
+    ) -> courier_core::Result<bool> {
+        self.check()?;
+        self.inner.extend(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &courier_idempotency::LeaseToken,
+        fp: &str,
+        result: Option<courier_core::Bytes>,
+        ttl: Duration,
+    ) -> courier_core::Result<bool> {
+        self.check()?;
+        self.inner.complete(key, token, fp, result, ttl).await
+    }
+    async fn release(
+        &self,
+        key: &str,
+        token: &courier_idempotency::LeaseToken,
+    ) -> courier_core::Result<()> {
+        self.check()?;
+        self.inner.release(key, token).await
+    }
+}
+
+async fn postgres() -> Arc<dyn IdempotencyStore> {
+    let url = courier_testkit::endpoints::database_url();
+    match courier_idempotency::PostgresStore::connect(&url).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => courier_testkit::endpoints::unreachable("PostgreSQL", &url, e),
+    }
+}
+
+/// Fail-closed defers while the store is down (the handler does not run) and runs once after;
+/// fail-open runs the handler without dedup while it is down (counted), so a redelivery after
+/// the outage runs it again — the documented price of availability.
+async fn store_failure_policies(store: Arc<dyn IdempotencyStore>) {
+    use courier_core::config::StoreFailurePolicy;
+    for policy in [StoreFailurePolicy::FailClosed, StoreFailurePolicy::FailOpen] {
+        let outage = Arc::new(Outage {
+            inner: store.clone(),
+            down: std::sync::atomic::AtomicBool::new(true),
+        });
+        let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let layer = Idempotent::new(counting(runs.clone()), outage.clone())
+            .namespace(courier_testkit::unique("policy"))
+            .on_store_error(policy);
+        let m = Message::new("charge 10 EUR");
+        let during = handle(&layer, &m).await;
+        outage
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let after = handle(&layer, &m).await;
+        let again = handle(&layer, &m).await;
+        let stats = layer.stats();
+        match policy {
+            StoreFailurePolicy::FailClosed => {
+                assert!(
+                    matches!(during, Err(courier_core::HandlerError::Defer { .. })),
+                    "{}: fail-closed must defer during the outage: {during:?}",
+                    store.name()
+                );
+                assert_eq!(
+                    get(&runs),
+                    1,
+                    "{}: fail-closed ran {} times",
+                    store.name(),
+                    get(&runs)
+                );
+                assert_eq!(get(&stats.processed_fail_open), 0);
+            }
+            StoreFailurePolicy::FailOpen => {
+                assert!(
+                    during.is_ok(),
+                    "{}: fail-open must process: {during:?}",
+                    store.name()
+                );
+                assert_eq!(get(&stats.processed_fail_open), 1, "{}", store.name());
+                assert_eq!(
+                    get(&runs),
+                    2,
+                    "{}: fail-open runs during the outage and once more after it",
+                    store.name()
+                );
+            }
+        }
+        assert!(after.is_ok() && again.is_ok(), "{after:?} {again:?}");
+        assert_eq!(get(&stats.duplicates_absorbed), 1, "{}", store.name());
+    }
+}
+
+#[tokio::test]
+async fn store_failure_policies_memory() {
+    store_failure_policies(Arc::new(MemoryStore::default())).await;
+}
+
+#[tokio::test]
+async fn store_failure_policies_redis() {
+    store_failure_policies(redis().await).await;
+}
+
+#[tokio::test]
+async fn store_failure_policies_postgres() {
+    store_failure_policies(postgres().await).await;
+}
+
+/// A duplicate is not handled again, but whoever answers it sees the first run's result.
+#[tokio::test]
+async fn a_duplicate_gets_the_first_runs_result() {
+    let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    struct Reply(Arc<std::sync::atomic::AtomicU64>);
+    #[courier_core::async_trait]
+    impl Handler for Reply {
+        async fn handle(
+            &self,
+            _m: &Message,
+            cx: &mut Context,
+        ) -> Result<(), courier_core::HandlerError> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            cx.set_result(format!("payment accepted, run {n}"));
+            Ok(())
+        }
+    }
+    for store in [
+        Arc::new(MemoryStore::default()) as Arc<dyn IdempotencyStore>,
+        redis().await,
+        postgres().await,
+    ] {
+        let layer = Idempotent::new(Reply(runs.clone()), store.clone())
+            .namespace(courier_testkit::unique("reply"));
+        let m = Message::new("pay 10 EUR");
+        let mut first = Context::new(m.id.clone(), 1, "payments");
+        layer.handle(&m, &mut first).await.unwrap();
+        let mut dup = Context::new(m.id.clone(), 1, "payments");
+        layer.handle(&m, &mut dup).await.unwrap();
+        assert!(dup.is_duplicate(), "{}", store.name());
+        assert_eq!(dup.result(), first.result(), "{}", store.name());
+    }
+    assert_eq!(get(&runs), 3, "one run per store");
+}

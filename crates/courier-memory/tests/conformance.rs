@@ -169,3 +169,37 @@ mod through_the_layer {
     }
     courier_testkit::conformance_suite!(layered);
 }
+
+/// `wait_idle` says when a consumer has drained its destination, without a guess at how long
+/// that takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_returns_once_the_destination_is_drained() {
+    use courier_core::{handler_fn, Consumer, Message, Subscription};
+    use std::time::Duration;
+    let b = backend().await;
+    let client = b.client(Guarantee::AtLeastOnce).await.unwrap();
+    let dest = unique("idle");
+    client.create_destination(&dest).await.unwrap();
+    for i in 0..50 {
+        client
+            .publish(&dest, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let h = Consumer::new(client, Subscription::new(&dest, "g"))
+        .concurrency(4)
+        .spawn(handler_fn(|_m| async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(())
+        }))
+        .await
+        .unwrap();
+    assert!(
+        h.wait_idle(Duration::from_millis(200), Duration::from_secs(30))
+            .await,
+        "never idle: {:?}",
+        h.stats()
+    );
+    let stats = h.shutdown().await.unwrap();
+    assert_eq!(stats.handled, 50, "{stats:?}");
+}

@@ -105,3 +105,26 @@ pub fn committed_payload_counts(
         }
     }
 }
+
+/// The end of a crash test: `last` (a worker that is not killed) processes whatever the killed
+/// ones left until `group` has committed all of `input`, then stops with SIGTERM (no transaction
+/// left open); returns the committed records of `output` counted by payload. Panics if the
+/// worker never catches up or does not stop.
+pub fn drain_and_count(
+    bootstrap: &str,
+    input: &str,
+    group: &str,
+    output: &str,
+    last: &mut std::process::Child,
+) -> HashMap<String, usize> {
+    let caught_up = wait_group_caught_up(bootstrap, input, group, Duration::from_secs(180));
+    assert!(
+        crate::process::terminate(last, Duration::from_secs(60)),
+        "the last worker did not stop"
+    );
+    assert!(
+        caught_up,
+        "the last worker never committed all inputs of {input}"
+    );
+    committed_payload_counts(bootstrap, output, Duration::from_secs(60))
+}

@@ -20,7 +20,9 @@ use courier::{
     HandlerError, Message, Subscription,
 };
 use courier_testkit::endpoints::{database_url, kafka_bootstrap, unreachable};
-use courier_testkit::process::{kill9, spawn_worker, until_terminated, worker_role};
+use courier_testkit::process::{
+    kill_workers_until, spawn_worker, trickle, until_terminated, worker_role,
+};
 use courier_testkit::{unique, FileLedger};
 use sqlx::postgres::Postgres;
 use sqlx::{Row, Transaction};
@@ -76,6 +78,31 @@ async fn effects(pool: &sqlx::PgPool, run: &str) -> HashMap<String, usize> {
     .collect()
 }
 
+/// The effect of handling `m`: a row in PostgreSQL (a few ms of work first, so the lanes
+/// finish out of order).
+async fn effect<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    run: &str,
+    m: &Message,
+) -> Result<(), HandlerError> {
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
+    sqlx::query("INSERT INTO courier_test_effects (run, input) VALUES ($1, $2)")
+        .bind(run)
+        .bind(m.id.as_str())
+        .execute(db)
+        .await
+        .map_err(HandlerError::retryable)?;
+    Ok(())
+}
+
+/// The output of `m`: its id as payload, with an id derived from the input's.
+fn stage(cx: &mut Context, output: &str, m: &Message) {
+    cx.publish(
+        output.to_owned(),
+        Message::new(m.id.to_string()).with_id(cx.derive_id("out")),
+    );
+}
+
 /// The transactional mode's handler: the effect row in the layer's transaction, the output
 /// staged.
 struct TxWork {
@@ -91,17 +118,8 @@ impl TxHandler for TxWork {
         tx: &mut Transaction<'static, Postgres>,
         cx: &mut Context,
     ) -> Result<(), HandlerError> {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
-        sqlx::query("INSERT INTO courier_test_effects (run, input) VALUES ($1, $2)")
-            .bind(&self.run)
-            .bind(m.id.as_str())
-            .execute(&mut **tx)
-            .await
-            .map_err(HandlerError::retryable)?;
-        cx.publish(
-            self.output.clone(),
-            Message::new(m.id.to_string()).with_id(cx.derive_id("out")),
-        );
+        effect(&mut **tx, &self.run, m).await?;
+        stage(cx, &self.output, m);
         Ok(())
     }
 }
@@ -197,17 +215,8 @@ fn layer_work(run: String, output: String, pool: sqlx::PgPool) -> impl Handler {
     #[async_trait]
     impl Handler for Work {
         async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
-            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
-            sqlx::query("INSERT INTO courier_test_effects (run, input) VALUES ($1, $2)")
-                .bind(&self.run)
-                .bind(m.id.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(HandlerError::retryable)?;
-            cx.publish(
-                self.output.clone(),
-                Message::new(m.id.to_string()).with_id(cx.derive_id("out")),
-            );
+            effect(&self.pool, &self.run, m).await?;
+            stage(cx, &self.output, m);
             Ok(())
         }
     }
@@ -258,19 +267,13 @@ async fn kill_workers(mode: &str) -> Counts {
     let ids: Vec<String> = msgs.iter().map(|m| m.id.to_string()).collect();
     // Published for about 30 s, without transactions (see `wait_group_caught_up`), while
     // workers come and go.
-    let publisher = {
-        let (c, topic, ledger, msgs) =
-            (inputs.clone(), topic.clone(), ledger.clone(), msgs.clone());
-        tokio::spawn(async move {
-            for chunk in msgs.chunks(N / 30) {
-                c.publish_batch(&topic, chunk.to_vec()).await.unwrap();
-                for m in chunk {
-                    ledger.sent(m.id.as_str()).unwrap();
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    };
+    let publisher = trickle(
+        inputs.clone(),
+        topic.clone(),
+        msgs.clone(),
+        30,
+        ledger.clone(),
+    );
     let envs = [
         ("TOPIC", topic.as_str()),
         ("OUTPUT", output.as_str()),
@@ -278,29 +281,15 @@ async fn kill_workers(mode: &str) -> Counts {
         ("MODE", mode),
         ("LEDGER", ledger.path().to_str().unwrap()),
     ];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    let mut kills = 0;
-    while kills < 3 || !publisher.is_finished() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "inputs never processed after {kills} kills: {}",
-            ledger.report().unwrap()
-        );
-        let mut child = spawn_worker("eo_worker_entry", "consumer", &envs).unwrap();
-        // Kill it 2-6 s after it handled its first message: in the middle of its work.
-        let before = ledger.report().unwrap().handlings;
-        let t = tokio::time::Instant::now();
-        while ledger.report().unwrap().handlings == before && t.elapsed() < Duration::from_secs(60)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(
-            2_000 + (kills as u64 * 1_300) % 4_000,
-        ))
-        .await;
-        kill9(&mut child);
-        kills += 1;
-    }
+    let kills = kill_workers_until(
+        "eo_worker_entry",
+        &envs,
+        &ledger,
+        3,
+        Duration::from_secs(300),
+        || publisher.is_finished(),
+    )
+    .await;
     let mut last = spawn_worker("eo_worker_entry", "consumer", &envs).unwrap();
     let outputs = tokio::task::spawn_blocking({
         let (topic, output) = (topic.clone(), output.clone());

@@ -13,7 +13,9 @@ use std::time::Duration;
 use courier_core::{
     Consumer, Context, DeliveryClient, Guarantee, Handler, HandlerError, Message, Subscription,
 };
-use courier_testkit::process::{kill9, spawn_worker, until_terminated, worker_role};
+use courier_testkit::process::{
+    kill_workers_until, spawn_worker, trickle, until_terminated, worker_role,
+};
 use courier_testkit::{unique, FileLedger, Ledger};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -344,49 +346,21 @@ async fn kill_consumers(exactly_once: bool) {
             .await
             .unwrap(),
     );
-    let publisher = {
-        let (c, topic, ledger, msgs) = (inputs, topic.clone(), ledger.clone(), msgs.clone());
-        tokio::spawn(async move {
-            for chunk in msgs.chunks(n / 40) {
-                c.publish_batch(&topic, chunk.to_vec()).await.unwrap();
-                for m in chunk {
-                    ledger.sent(m.id.as_str()).unwrap();
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    };
+    let publisher = trickle(inputs, topic.clone(), msgs.clone(), 40, ledger.clone());
     let envs = [
         ("TOPIC", topic.as_str()),
         ("OUTPUT", output.as_str()),
         ("LEDGER", ledger.path().to_str().unwrap()),
     ];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    let mut kills = 0;
-    let idle = |publisher: &tokio::task::JoinHandle<()>| {
-        publisher.is_finished() && ledger.report().unwrap().lost == 0
-    };
-    while kills < 3 || !idle(&publisher) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "inputs never processed after {kills} kills: {}",
-            ledger.report().unwrap()
-        );
-        let mut child = spawn_worker("kafka_worker_entry", "consumer", &envs).unwrap();
-        // Wait until this worker handles something (it has joined the group), then kill it
-        // 2-6 s later, in the middle of its work.
-        let before = ledger.report().unwrap().handlings;
-        let t = tokio::time::Instant::now();
-        while ledger.report().unwrap().handlings == before
-            && t.elapsed() < Duration::from_secs(60)
-            && !idle(&publisher)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(2_000..6_000))).await;
-        kill9(&mut child);
-        kills += 1;
-    }
+    let kills = kill_workers_until(
+        "kafka_worker_entry",
+        &envs,
+        &ledger,
+        3,
+        Duration::from_secs(300),
+        || publisher.is_finished() && ledger.report().unwrap().lost == 0,
+    )
+    .await;
     let r = ledger.report().unwrap();
     println!("kafka {g}, {kills} SIGKILLs: {r}");
     assert!(kills >= 3, "too few kills ({kills})");

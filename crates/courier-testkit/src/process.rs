@@ -122,3 +122,62 @@ pub async fn until_terminated(limit: std::time::Duration) {
         _ = tokio::time::sleep(limit) => {}
     }
 }
+
+/// Publish `messages` to `topic` in `chunks` parts one second apart, recording each in `ledger`:
+/// a stream that keeps crash-test workers busy while they are killed.
+pub fn trickle(
+    client: std::sync::Arc<dyn courier_core::DeliveryClient>,
+    topic: String,
+    messages: Vec<courier_core::Message>,
+    chunks: usize,
+    ledger: crate::FileLedger,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let size = messages.len().div_ceil(chunks.max(1)).max(1);
+        for chunk in messages.chunks(size) {
+            client
+                .publish_batch(&topic, chunk.to_vec())
+                .await
+                .expect("publishing the test's inputs");
+            for m in chunk {
+                ledger.sent(m.id.as_str()).expect("the ledger file");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// Start workers (`worker_test` of this binary, with `envs`) one after another and SIGKILL each
+/// 2–6 s after it first made progress (`ledger`'s handlings grew): in the middle of its work.
+/// Stops once there were `min_kills` kills and `done()` holds; panics after `limit`. Returns
+/// the number of kills.
+pub async fn kill_workers_until(
+    worker_test: &str,
+    envs: &[(&str, &str)],
+    ledger: &crate::FileLedger,
+    min_kills: usize,
+    limit: std::time::Duration,
+    done: impl Fn() -> bool,
+) -> usize {
+    use std::time::Duration;
+    let deadline = tokio::time::Instant::now() + limit;
+    let handlings = || ledger.report().expect("the ledger file").handlings;
+    let mut kills = 0;
+    while kills < min_kills || !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "inputs never processed after {kills} kills: {}",
+            ledger.report().expect("the ledger file")
+        );
+        let mut child = spawn_worker(worker_test, "consumer", envs).expect("a worker process");
+        let before = handlings();
+        let t = tokio::time::Instant::now();
+        while handlings() == before && t.elapsed() < Duration::from_secs(60) && !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(2_000..6_000))).await;
+        kill9(&mut child);
+        kills += 1;
+    }
+    kills
+}

@@ -495,7 +495,8 @@ impl Receiver {
                         committing = self.start_commit();
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(next_due.unwrap_or(0).saturating_sub(now_ms()))), if next_due.is_some() => {
+                // Lazy: the clock is read only when a retry waits.
+                _ = async { tokio::time::sleep(Duration::from_millis(next_due.unwrap_or(0).saturating_sub(now_ms()))).await }, if next_due.is_some() => {
                     self.release_due();
                 }
                 permit = tx.reserve(), if !self.handoff.is_empty() => {

@@ -252,18 +252,8 @@ pub trait Settle: Send + Sync {
         false
     }
 
-    /// Whether the backend publishes a handler's outputs itself, in
-    /// [`Settle::ack_with_outputs`], and acknowledges the input once they are confirmed —
-    /// without holding the consume loop while it waits (Kafka). True whenever
-    /// [`Settle::atomic_outputs`] is. Otherwise the consume loop publishes the outputs (each
-    /// confirmed) and then acknowledges.
-    fn publishes_outputs(&self) -> bool {
-        self.atomic_outputs()
-    }
-
-    /// Publish `outputs` and acknowledge — in one atomic step where [`Settle::atomic_outputs`],
-    /// else the acknowledgement after every output is confirmed — then run `after` with whether
-    /// that happened. Only called when [`Settle::publishes_outputs`] is true.
+    /// Publish `outputs` and acknowledge in one atomic step, then run `after` with whether that
+    /// step committed. Only called when [`Settle::atomic_outputs`] is true.
     ///
     /// A backend may return before the commit (Kafka commits many inputs in one transaction per
     /// commit interval); it runs `after` exactly once in every case, `false` when the outputs

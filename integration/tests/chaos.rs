@@ -177,6 +177,11 @@ fn kafka_config(bootstrap: String) -> Config {
             bootstrap,
             session_timeout: Duration::from_secs(6),
             max_poll_interval: Duration::from_secs(10),
+            // Also the transaction timeout: a SIGKILLed worker's open transaction (verify's workers
+            // get a new transactional id each) holds read_committed readers of its partitions
+            // back until the broker aborts it — 20 s here, not the default 120 s, which is the
+            // whole run's deadline.
+            delivery_timeout: Duration::from_secs(20),
             ..KafkaConfig::default()
         }),
         consumer: Default::default(),

@@ -177,10 +177,10 @@ fn kafka_config(bootstrap: String) -> Config {
             bootstrap,
             session_timeout: Duration::from_secs(6),
             max_poll_interval: Duration::from_secs(10),
-            // Also the transaction timeout: a SIGKILLed worker's open transaction (verify's workers
-            // get a new transactional id each) holds read_committed readers of its partitions
-            // back until the broker aborts it — 20 s here, not the default 120 s, which is the
-            // whole run's deadline.
+            // Also the transaction timeout. A SIGKILLed worker's replacement takes its slot's
+            // transactional id and aborts its open transaction when it starts; until then that
+            // transaction holds read_committed readers of its partitions back. The broker's own
+            // abort (at this timeout) bounds the wait if a replacement is slow to start.
             delivery_timeout: Duration::from_secs(20),
             ..KafkaConfig::default()
         }),

@@ -748,7 +748,11 @@ pub enum Workers {
 
 /// A consumer of the run.
 enum Running {
-    Task { handle: ConsumerHandle, id: u64 },
+    Task {
+        handle: ConsumerHandle,
+        id: u64,
+        slot: usize,
+    },
     Proc(workers::Proc),
 }
 
@@ -757,6 +761,15 @@ impl Running {
         match self {
             Running::Task { id, .. } => *id,
             Running::Proc(p) => p.id,
+        }
+    }
+
+    /// Its place in the fleet: a replacement takes the crashed consumer's slot (and, on Kafka,
+    /// its transactional id).
+    fn slot(&self) -> usize {
+        match self {
+            Running::Task { slot, .. } => *slot,
+            Running::Proc(p) => p.slot,
         }
     }
 
@@ -839,7 +852,15 @@ async fn start_worker(
     Option<Arc<courier::idempotency::IdempotencyStats>>,
     Arc<dyn DeliveryClient>,
 )> {
-    let config = Config::from_toml_str(&spec.config)?;
+    let mut config = Config::from_toml_str(&spec.config)?;
+    if let BackendConfig::Kafka(k) = &mut config.backend {
+        // One transactional id per fleet slot, kept by the slot's replacement: a restarted
+        // worker fences its SIGKILLed predecessor and aborts its open transaction at once, as a
+        // pod with a stable name does (instead of read_committed readers waiting for the
+        // transaction timeout). Guarded by `integration/tests/chaos.rs::kafka_matrix_holds`.
+        let base = k.transactional_id.as_deref().unwrap_or(&k.client_id);
+        k.transactional_id = Some(format!("{base}-verify-{}-{}", spec.run, spec.slot));
+    }
     let client: Arc<dyn DeliveryClient> = courier::connect(&config).await?.into();
     let work = Work {
         sink: Sink::Pipe(pipe),
@@ -1006,7 +1027,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         let fleet = fleet.clone();
         let consumer_toml = consumer_toml.clone();
         let ids = Arc::new(AtomicU64::new(0));
-        move || {
+        move |slot: usize| {
             let kill = kill.clone();
             let id = ids.fetch_add(1, Ordering::Relaxed);
             let consumer_client = consumer_client.clone();
@@ -1032,6 +1053,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                     let spec = workers::WorkerSpec {
                         config: consumer_toml,
                         consumer: id,
+                        slot,
                         dest,
                         dlq,
                         group,
@@ -1062,13 +1084,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                     }
                     (None, None) => consumer.spawn(work).await?,
                 };
-                Ok::<_, courier::Error>(Running::Task { handle, id })
+                Ok::<_, courier::Error>(Running::Task { handle, id, slot })
             }
         }
     };
     let mut consumers = Vec::new();
-    for _ in 0..plan.consumers.max(1) {
-        consumers.push(spawn().await?);
+    for slot in 0..plan.consumers.max(1) {
+        consumers.push(spawn(slot).await?);
     }
 
     let bar = plan.progress.then(|| {
@@ -1293,14 +1315,16 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             kill.arm(target_of(i + 1));
         }
         if let (true, Some(i)) = (hit, parked_on) {
-            consumers.remove(i).crash().await;
+            let crashed = consumers.remove(i);
+            let slot = crashed.slot();
+            crashed.crash().await;
             crashes += 1;
             // The replacement subscribes while other faults (a connection cut) may be under
             // way: retry a transient failure, as a restarting service would.
             let mut backoff = Duration::from_millis(100);
             let until = Instant::now() + Duration::from_secs(60);
             let fresh = loop {
-                match spawn().await {
+                match spawn(slot).await {
                     Ok(c) => break c,
                     Err(e) if e.is_retryable() && Instant::now() < until => {
                         tracing::warn!(error = %e, "verify: starting a replacement consumer failed; retrying");

@@ -66,6 +66,8 @@ pub(super) struct WorkerSpec {
     pub config: String,
     /// This consumer's id in the run.
     pub consumer: u64,
+    /// Its slot in the fleet (a replacement gets the slot of the consumer it replaces).
+    pub slot: usize,
     pub dest: String,
     pub dlq: String,
     pub group: String,
@@ -201,6 +203,7 @@ pub(super) struct Fleet {
 /// One consumer process.
 pub(super) struct Proc {
     pub id: u64,
+    pub slot: usize,
     fleet: Arc<Fleet>,
     child: tokio::process::Child,
     tx: mpsc::UnboundedSender<String>,
@@ -341,6 +344,7 @@ impl Fleet {
         }
         Ok(Proc {
             id,
+            slot: spec.slot,
             fleet: self.clone(),
             child,
             tx,

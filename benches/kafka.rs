@@ -51,12 +51,36 @@ fn config(bootstrap: &str, g: Guarantee) -> Config {
     }
 }
 
-struct Count(Arc<AtomicU64>);
+/// Counts up to a target and wakes the waiter when it is reached.
+#[derive(Default)]
+struct Tally {
+    n: AtomicU64,
+    reached: tokio::sync::Notify,
+}
+
+impl Tally {
+    fn add(&self) {
+        if self.n.fetch_add(1, Ordering::Relaxed) + 1 == N as u64 {
+            self.reached.notify_one();
+        }
+    }
+
+    /// Wait until `N` were counted (bounded: a stalled run fails the bench).
+    async fn reached(&self) {
+        tokio::time::timeout(Duration::from_secs(300), self.reached.notified())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("only {} of {N} after 300 s", self.n.load(Ordering::Relaxed))
+            });
+    }
+}
+
+struct Count(Arc<Tally>);
 
 #[async_trait]
 impl Handler for Count {
     async fn handle(&self, _m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.add();
         Ok(())
     }
 }
@@ -64,7 +88,7 @@ impl Handler for Count {
 /// Stages one output per input; counts inputs whose output and settle are final.
 struct Transform {
     output: String,
-    done: Arc<AtomicU64>,
+    done: Arc<Tally>,
 }
 
 #[async_trait]
@@ -77,7 +101,7 @@ impl Handler for Transform {
         let done = self.done.clone();
         cx.after_commit(move |ok| async move {
             if ok {
-                done.fetch_add(1, Ordering::Relaxed);
+                done.add();
             }
         });
         Ok(())
@@ -233,15 +257,13 @@ async fn main() {
     consumer.commit_consumer_state(CommitMode::Sync).unwrap();
     let raw_rate = N as f64 / t.elapsed().as_secs_f64();
 
-    let count = Arc::new(AtomicU64::new(0));
+    let count = Arc::new(Tally::default());
     let t = Instant::now();
     let h = Consumer::new(alo.clone(), Subscription::new(&cour_t, "bench"))
         .spawn(Count(count.clone()))
         .await
         .unwrap();
-    while count.load(Ordering::Relaxed) < N as u64 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    count.reached().await;
     let cour_rate = N as f64 / t.elapsed().as_secs_f64();
     h.shutdown().await.unwrap();
     line(
@@ -298,9 +320,9 @@ async fn main() {
     };
 
     // courier: concurrency 8, an input counted when its output and its settle are final
-    // (Context::after_commit). At-least-once publishes each output (confirmed) before
-    // acknowledging its input; exactly-once commits outputs and offsets in one transaction per
-    // commit interval.
+    // (Context::after_commit). At-least-once enqueues the outputs and marks the input done once
+    // they are confirmed; exactly-once commits outputs and offsets in one transaction per commit
+    // interval.
     let mut rates = Vec::new();
     for (g, client) in [
         (Guarantee::AtLeastOnce, &alo),
@@ -308,7 +330,7 @@ async fn main() {
     ] {
         let out = format!("bench-ctp-{g}-{tag}");
         client.create_destination(&out).await.unwrap();
-        let done = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(Tally::default());
         let t = Instant::now();
         let h = Consumer::new(
             client.clone(),
@@ -321,9 +343,7 @@ async fn main() {
         })
         .await
         .unwrap();
-        while done.load(Ordering::Relaxed) < N as u64 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        done.reached().await;
         rates.push(N as f64 / t.elapsed().as_secs_f64());
         h.shutdown().await.unwrap();
     }
@@ -340,6 +360,13 @@ async fn main() {
         raw_ctp,
         "courier ALO",
         rates[0],
+    );
+    line(
+        "consume-transform-produce EO vs ALO",
+        "courier ALO",
+        rates[0],
+        "courier EO",
+        rates[1],
     );
     alo.close().await.unwrap();
     eo.close().await.unwrap();

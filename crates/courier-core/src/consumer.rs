@@ -511,9 +511,9 @@ impl Shared {
         warn!(message_id = %id, error = %e, "{what} failed; the broker will redeliver the message");
     }
 
-    /// Publish outputs (non-atomic backends) and acknowledge, then run the handler's
-    /// after-commit steps with the outcome. On a backend with atomic outputs the backend
-    /// commits outputs and acknowledgement together and runs the steps itself.
+    /// Publish outputs and acknowledge, then run the handler's after-commit steps with the
+    /// outcome. A backend that publishes outputs itself (Kafka) does both, and runs the steps,
+    /// in `ack_with_outputs`; under exactly-once it commits them with the acknowledgement.
     async fn ack_with_outputs(
         &self,
         id: &MessageId,
@@ -521,7 +521,7 @@ impl Shared {
         outputs: Vec<Outgoing>,
         after: AfterCommit,
     ) -> bool {
-        if settle.atomic_outputs() {
+        if settle.publishes_outputs() && !outputs.is_empty() || settle.atomic_outputs() {
             return match settle.ack_with_outputs(outputs, after).await {
                 Ok(()) => true,
                 Err(e) => {

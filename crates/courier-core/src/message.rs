@@ -26,6 +26,8 @@ pub mod header {
     pub const DEAD_LETTER_SOURCE: &str = "courier-dead-letter-source";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// The payload's media type (`application/json` for [`Message::json`](crate::Message::json)).
+    pub const CONTENT_TYPE: &str = "content-type";
 }
 
 /// The stable identity of a message: set once by the producer, kept across retries and
@@ -252,8 +254,18 @@ pub trait Settle: Send + Sync {
         false
     }
 
-    /// Publish `outputs` and acknowledge in one atomic step, then run `after` with whether that
-    /// step committed. Only called when [`Settle::atomic_outputs`] is true.
+    /// Whether the backend publishes a handler's outputs itself, in
+    /// [`Settle::ack_with_outputs`], and acknowledges the input once they are confirmed —
+    /// without holding the consume loop while it waits (Kafka). True whenever
+    /// [`Settle::atomic_outputs`] is. Otherwise the consume loop publishes the outputs (each
+    /// confirmed) and then acknowledges.
+    fn publishes_outputs(&self) -> bool {
+        self.atomic_outputs()
+    }
+
+    /// Publish `outputs` and acknowledge — in one atomic step where [`Settle::atomic_outputs`],
+    /// else the acknowledgement after every output is confirmed — then run `after` with whether
+    /// that happened. Only called when [`Settle::publishes_outputs`] is true.
     ///
     /// A backend may return before the commit (Kafka commits many inputs in one transaction per
     /// commit interval); it runs `after` exactly once in every case, `false` when the outputs

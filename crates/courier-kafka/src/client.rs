@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use courier_core::config::KafkaConfig;
@@ -95,6 +95,25 @@ impl fmt::Debug for KafkaClient {
             .field("transactional_id", &self.inner.transactional_id)
             .finish()
     }
+}
+
+/// Wait for the acks of enqueued records; the first failure is the result.
+pub(crate) async fn confirm(acks: Vec<DeliveryFuture>) -> Result<()> {
+    for ack in acks {
+        match ack.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(kafka_err("produce", e)),
+            Err(_) => {
+                return Err(Error::broker(
+                    BACKEND,
+                    "produce",
+                    true,
+                    "the producer was closed before the record was acknowledged",
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Run a blocking librdkafka call off the async executor.
@@ -300,6 +319,16 @@ impl Inner {
         &self,
         records: impl Iterator<Item = (&'a str, &'a Message, Option<u32>, Option<u64>)>,
     ) -> Result<()> {
+        let acks = self.enqueue_all(records).await?;
+        confirm(acks).await
+    }
+
+    /// Enqueue records without waiting for their acks (a full local queue is waited out); the
+    /// acks to await with [`confirm`].
+    pub(crate) async fn enqueue_all<'a>(
+        &self,
+        records: impl Iterator<Item = (&'a str, &'a Message, Option<u32>, Option<u64>)>,
+    ) -> Result<Vec<DeliveryFuture>> {
         let mut acks = Vec::new();
         for (topic, m, attempt, not_before_ms) in records {
             let mut record = FutureRecord::to(topic)
@@ -317,21 +346,7 @@ impl Inner {
                 Err((e, _)) => return Err(kafka_err("produce", e)),
             }
         }
-        for ack in acks {
-            match ack.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(kafka_err("produce", e)),
-                Err(_) => {
-                    return Err(Error::broker(
-                        BACKEND,
-                        "produce",
-                        true,
-                        "the producer was closed before the record was acknowledged",
-                    ))
-                }
-            }
-        }
-        Ok(())
+        Ok(acks)
     }
 
     /// Produce and wait for the broker's ack (no transaction handling here).

@@ -379,6 +379,41 @@ struct Sub {
     tracker: Arc<Tracker>,
     topic: String,
     dlq: String,
+    /// At-least-once inputs whose outputs are being confirmed.
+    confirming: Arc<Confirming>,
+}
+
+/// A count of background confirmations, awaited on close.
+#[derive(Default)]
+struct Confirming {
+    count: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+impl Confirming {
+    fn start(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn finish(&self) {
+        if self.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Wait until none is left (bounded by `limit`).
+    async fn drained(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let idle = self.idle.notified();
+                if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+    }
 }
 
 impl Sub {
@@ -418,6 +453,7 @@ impl KafkaStream {
             tracker,
             topic: s.destination.clone(),
             dlq: s.dead_letter_destination(),
+            confirming: Arc::default(),
         });
         let (tx, rx) = mpsc::channel(1);
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -786,6 +822,11 @@ impl DeliveryStream for KafkaStream {
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
         if self.sub.inner.guarantee == Guarantee::AtLeastOnce {
+            // Inputs whose outputs are still being confirmed are done once they are.
+            self.sub
+                .confirming
+                .drained(self.sub.inner.config.delivery_timeout)
+                .await;
             // Commit exactly what was processed, explicitly (not only what auto-commit saw).
             let stored: Vec<(i32, i64)> = self
                 .sub
@@ -845,6 +886,23 @@ impl KafkaSettle {
         blocking(move || c.commit(&tpl, CommitMode::Sync))
             .await?
             .map_err(|e| kafka_err("commit", e))
+    }
+
+    /// An at-least-once output could not be published: the input goes round again (re-published
+    /// with the next attempt number, a second later) and its after-commit steps learn that
+    /// nothing was committed — what the consume loop does when its own publish of an output fails.
+    async fn handle_again(self, e: &Error, after: AfterCommit) {
+        warn!(error = %e, partition = self.partition, offset = self.offset, "publishing a handler output failed; retrying the input");
+        let retry = Out {
+            topic: self.sub.topic.clone(),
+            message: self.message.clone(),
+            attempt: Some(self.attempt + 1),
+            not_before: Some(now_ms() + 1_000),
+        };
+        if let Err(e) = self.settle_with(vec![retry], AfterCommit::default()).await {
+            warn!(error = %e, "re-publishing the input failed; it is read again after a restart or rebalance");
+        }
+        after.run(false).await;
     }
 
     async fn mark_done(&self) -> Result<()> {
@@ -974,12 +1032,20 @@ impl Settle for KafkaSettle {
         self.sub.inner.guarantee == Guarantee::ExactlyOnce
     }
 
+    fn publishes_outputs(&self) -> bool {
+        self.sub.inner.guarantee != Guarantee::AtMostOnce
+    }
+
+    /// Exactly-once: into the next transaction. At-least-once: the outputs are enqueued now, in
+    /// the handler's order, and the input is marked done once every one is confirmed — in the
+    /// background, so the lane moves on (guarded by the conformance suite's output scenarios
+    /// and `benches/kafka.rs`). An output that fails sends the input round again.
     async fn ack_with_outputs(
         self: Box<Self>,
         outputs: Vec<Outgoing>,
         after: AfterCommit,
     ) -> Result<()> {
-        let outs = outputs
+        let outs: Vec<Out> = outputs
             .into_iter()
             .map(|o| Out {
                 topic: o.destination,
@@ -988,6 +1054,41 @@ impl Settle for KafkaSettle {
                 not_before: None,
             })
             .collect();
-        self.settle_with(outs, after).await
+        if self.sub.inner.guarantee == Guarantee::ExactlyOnce {
+            return self.settle_with(outs, after).await;
+        }
+        let inner = self.sub.inner.clone();
+        let enqueued = async {
+            for o in &outs {
+                ensure_output_topic(&inner, &o.topic).await?;
+            }
+            inner
+                .enqueue_all(
+                    outs.iter()
+                        .map(|o| (o.topic.as_str(), &o.message, o.attempt, o.not_before)),
+                )
+                .await
+        }
+        .await;
+        let acks = match enqueued {
+            Ok(acks) => acks,
+            Err(e) => {
+                self.handle_again(&e, after).await;
+                return Ok(());
+            }
+        };
+        let confirming = self.sub.confirming.clone();
+        confirming.start();
+        tokio::spawn(async move {
+            match crate::client::confirm(acks).await {
+                Ok(()) => {
+                    let r = self.mark_done().await;
+                    after.run(r.is_ok()).await;
+                }
+                Err(e) => self.handle_again(&e, after).await,
+            }
+            confirming.finish();
+        });
+        Ok(())
     }
 }

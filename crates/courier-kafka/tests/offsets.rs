@@ -123,12 +123,15 @@ async fn a_retry_waiting_for_its_backoff_does_not_hold_back_other_records() {
             }
         })
     };
-    let consumer = Consumer::new(client.clone(), Subscription::new(&topic, "g"))
-        .concurrency(4)
-        .retry(RetryPolicy::attempts(3).backoff(Duration::from_secs(5), Duration::from_secs(5)))
-        .spawn(handler)
-        .await
-        .unwrap();
+    let consumer = Consumer::new(
+        client.clone(),
+        Subscription::new(&topic, courier_testkit::unique("g")),
+    )
+    .concurrency(4)
+    .retry(RetryPolicy::attempts(3).backoff(Duration::from_secs(5), Duration::from_secs(5)))
+    .spawn(handler)
+    .await
+    .unwrap();
     client.publish(&topic, Message::new("slow")).await.unwrap();
     wait_for(&mut rx, "slow#1").await;
     // The failed attempt's copy (with its not-before time) is published before the handler's
@@ -181,4 +184,83 @@ async fn wait_for(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &
             return;
         }
     }
+}
+
+/// At-least-once with outputs: an output that cannot be published sends its input round again
+/// (the next attempt), the failed run's after-commit step learns it was not committed, and the
+/// input is settled only once a run's outputs are published.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_that_cannot_be_published_sends_its_input_round_again() {
+    use courier_core::{Consumer, Context, Handler, HandlerError};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    struct FirstOutputInvalid {
+        out: String,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+        runs: AtomicU32,
+    }
+
+    #[courier_core::async_trait]
+    impl Handler for FirstOutputInvalid {
+        async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+            let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            // The first run addresses a topic name Kafka refuses; the second a real topic.
+            let to = if run == 1 {
+                "no spaces allowed".to_owned()
+            } else {
+                self.out.clone()
+            };
+            cx.publish(to, Message::new(m.payload.clone()));
+            let tx = self.tx.clone();
+            let attempt = cx.attempt();
+            cx.after_commit(move |committed| async move {
+                let _ = tx.send(format!("attempt {attempt} committed={committed}"));
+            });
+            Ok(())
+        }
+    }
+
+    let boot = courier_testkit::endpoints::kafka_bootstrap();
+    let client: Arc<dyn DeliveryClient> = Arc::new(
+        courier_kafka::connect(&common::config(&boot, Guarantee::AtLeastOnce))
+            .await
+            .unwrap_or_else(|e| courier_testkit::endpoints::unreachable("Kafka", &boot, e)),
+    );
+    let topic = courier_testkit::unique("out-fails");
+    let out = courier_testkit::unique("out-fails-out");
+    client.create_destination(&topic).await.unwrap();
+    client.create_destination(&out).await.unwrap();
+    let mut outputs = client
+        .subscribe(Subscription::new(&out, courier_testkit::unique("reader")))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let consumer = Consumer::new(
+        client.clone(),
+        Subscription::new(&topic, courier_testkit::unique("g")),
+    )
+    .spawn(FirstOutputInvalid {
+        out: out.clone(),
+        tx,
+        runs: AtomicU32::new(0),
+    })
+    .await
+    .unwrap();
+    client
+        .publish(&topic, Message::new("payload"))
+        .await
+        .unwrap();
+    wait_for(&mut rx, "attempt 1 committed=false").await;
+    wait_for(&mut rx, "attempt 2 committed=true").await;
+    let d = outputs
+        .next_timeout(Duration::from_secs(60))
+        .await
+        .expect("the second run's output arrives")
+        .unwrap();
+    assert_eq!(&d.message.payload[..], b"payload");
+    d.ack().await.unwrap();
+    let stats = consumer.shutdown().await.unwrap();
+    assert_eq!(stats.handled, 2, "{stats:?}");
+    outputs.close().await.unwrap();
 }

@@ -158,7 +158,8 @@ macro_rules! conformance_suite {
             permanent_error_dead_letters_at_once,
             batch_settles_only_after_success,
             exactly_once_effects_with_idempotent_layer,
-            prepared_deliveries_are_handled_or_abandoned
+            prepared_deliveries_are_handled_or_abandoned,
+            handler_outputs_arrive_and_inputs_settle
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

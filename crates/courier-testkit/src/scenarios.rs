@@ -1083,6 +1083,109 @@ pub async fn batch_settles_only_after_success(b: &dyn TestBackend) -> Outcome {
     Ok(())
 }
 
+/// Publishes one output per input (its id in the payload) and counts the after-commit steps.
+struct Transform {
+    out: String,
+    committed: Arc<AtomicU32>,
+    not_committed: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl Handler for Transform {
+    async fn handle(&self, message: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        cx.publish(
+            self.out.clone(),
+            Message::new(message.id.as_str().to_owned())
+                .with_key(message.key.clone().unwrap_or_default()),
+        );
+        let (yes, no) = (self.committed.clone(), self.not_committed.clone());
+        cx.after_commit(move |committed| async move {
+            let counter = if committed { yes } else { no };
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        Ok(())
+    }
+}
+
+/// Consume-transform-produce at at-least-once, concurrency 8: every input's output arrives, every
+/// input's after-commit step runs once with `true`, and no settled input comes back after
+/// re-subscribing (Kafka publishes outputs without holding the lane: this guards that the input
+/// is settled only once its outputs are confirmed).
+pub async fn handler_outputs_arrive_and_inputs_settle(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let caps = client.capabilities();
+    let dest = b.fresh_destination(&*client, "ctp-in").await?;
+    let out = b.fresh_destination(&*client, "ctp-out").await?;
+    let group = unique("g");
+    let out_group = unique("g");
+    let mut outputs = client
+        .subscribe(Subscription::new(&out, &out_group))
+        .await?;
+    let committed = Arc::new(AtomicU32::new(0));
+    let not_committed = Arc::new(AtomicU32::new(0));
+    let handle = launch(
+        b,
+        Consumer::new(client.clone(), Subscription::new(&dest, &group)).concurrency(8),
+        &group,
+        Transform {
+            out: out.clone(),
+            committed: committed.clone(),
+            not_committed: not_committed.clone(),
+        },
+    )
+    .await?;
+    let msgs: Vec<Message> = numbered(120, "ctp")
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| m.with_key(format!("k-{}", i % 10)))
+        .collect();
+    for m in &msgs {
+        client.publish(&dest, m.clone()).await?;
+    }
+    let mut arrived: HashMap<String, u32> = HashMap::new();
+    while arrived.len() < msgs.len() {
+        let Some(d) = outputs.next_timeout(wait()).await else {
+            break;
+        };
+        let d = d?;
+        *arrived
+            .entry(String::from_utf8_lossy(&d.message.payload).into_owned())
+            .or_default() += 1;
+        d.ack().await?;
+    }
+    let missing = msgs
+        .iter()
+        .filter(|m| !arrived.contains_key(m.id.as_str()))
+        .count();
+    ensure!(
+        missing == 0,
+        "{missing} of {} inputs have no output",
+        msgs.len()
+    );
+    // Every settle is final once the consumer has stopped.
+    handle.shutdown().await?;
+    outputs.close().await?;
+    let (yes, no) = (
+        committed.load(Ordering::Relaxed),
+        not_committed.load(Ordering::Relaxed),
+    );
+    ensure!(
+        yes as usize == msgs.len() && no == 0,
+        "after-commit steps: {yes} committed, {no} not, for {} inputs handled once each",
+        msgs.len()
+    );
+    let mut again = client.subscribe(Subscription::new(&dest, &group)).await?;
+    let window = caps.settle_window + caps.redelivery_after_crash;
+    if let Some(Ok(d)) = again.next_timeout(window).await {
+        return Err(ScenarioError(format!(
+            "input {} came back after its outputs were published and the consumer stopped",
+            d.message.id
+        )));
+    }
+    again.close().await?;
+    Ok(())
+}
+
 /// Exactly-once: with duplicate publishes (producer retries with the same id) and redeliveries,
 /// the idempotent layer leaves exactly one effect per id.
 pub async fn exactly_once_effects_with_idempotent_layer(b: &dyn TestBackend) -> Outcome {
@@ -1256,6 +1359,7 @@ pub const ALL: &[&str] = &[
     "batch_settles_only_after_success",
     "exactly_once_effects_with_idempotent_layer",
     "prepared_deliveries_are_handled_or_abandoned",
+    "handler_outputs_arrive_and_inputs_settle",
 ];
 
 /// Run one scenario by name.
@@ -1292,6 +1396,9 @@ pub async fn run(name: &str, b: &dyn TestBackend) -> Outcome {
         }
         "prepared_deliveries_are_handled_or_abandoned" => {
             prepared_deliveries_are_handled_or_abandoned(b).await
+        }
+        "handler_outputs_arrive_and_inputs_settle" => {
+            handler_outputs_arrive_and_inputs_settle(b).await
         }
         other => Err(ScenarioError(format!("no scenario named {other}"))),
     }

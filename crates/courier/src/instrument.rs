@@ -275,6 +275,10 @@ impl Settle for InstrumentedSettle {
         self.inner.atomic_outputs()
     }
 
+    fn publishes_outputs(&self) -> bool {
+        self.inner.publishes_outputs()
+    }
+
     async fn ack_with_outputs(
         self: Box<Self>,
         outputs: Vec<Outgoing>,

@@ -28,6 +28,7 @@ struct StatsInner {
     handler_errors: AtomicU64,
     retried: AtomicU64,
     deferred: AtomicU64,
+    delayed: AtomicU64,
     dead_lettered: AtomicU64,
     dropped: AtomicU64,
     duplicates_skipped: AtomicU64,
@@ -50,6 +51,9 @@ pub struct ConsumerStats {
     pub retried: u64,
     /// Deliveries deferred (nacked without counting as a failure).
     pub deferred: u64,
+    /// Deliveries that arrived before their not-before time ([`Message::with_delay`]) and were
+    /// put back until then without running the handler (at-most-once: held until due).
+    pub delayed: u64,
     /// Deliveries dead-lettered.
     pub dead_lettered: u64,
     /// At-most-once deliveries whose handler failed (dropped by contract).
@@ -74,6 +78,7 @@ impl StatsInner {
             handler_errors: l(&self.handler_errors),
             retried: l(&self.retried),
             deferred: l(&self.deferred),
+            delayed: l(&self.delayed),
             dead_lettered: l(&self.dead_lettered),
             dropped: l(&self.dropped),
             duplicates_skipped: l(&self.duplicates_skipped),
@@ -306,6 +311,16 @@ impl Consumer {
         handler: H,
         options: BatchOptions,
     ) -> Result<ConsumerHandle> {
+        if self.client.guarantee() == Guarantee::ExactlyOnce
+            && self.client.capabilities().transactions
+        {
+            // Guarded by `crates/courier-kafka/tests/exactly_once.rs::batch_handlers_are_refused_under_exactly_once`.
+            return Err(Error::unsupported(
+                self.client.backend(),
+                "exactly-once batch handlers",
+                "a transaction commits a handler's outputs with its own input's offset; a batch spans inputs whose offsets commit in different transactions, so its outputs could repeat after a crash — use `spawn` with a per-message handler (its outputs commit with its offset), or at-least-once for batches",
+            ));
+        }
         self.check(false)?;
         let deliveries = self.client.subscribe(self.subscription.clone()).await?;
         let token = CancellationToken::new();
@@ -411,6 +426,7 @@ struct Labels {
     handler_errors: metrics::Counter,
     dropped: metrics::Counter,
     deferred: metrics::Counter,
+    delayed: metrics::Counter,
     retried: metrics::Counter,
     dead_lettered: metrics::Counter,
     settle_errors: metrics::Counter,
@@ -433,6 +449,7 @@ impl Labels {
             duplicates_absorbed: counter("courier_consumer_duplicates_absorbed_total"),
             dropped: counter("courier_dropped_total"),
             deferred: counter("courier_deferred_total"),
+            delayed: counter("courier_delayed_total"),
             retried: counter("courier_retried_total"),
             dead_lettered: counter("courier_dead_lettered_total"),
             settle_errors: counter("courier_settle_errors_total"),
@@ -605,6 +622,14 @@ impl Shared {
         }
     }
 
+    /// A delivery that arrived before its not-before time (scenario
+    /// `delayed_delivery_waits_until_due`).
+    fn count_delayed(&self, id: &MessageId, wait: Duration) {
+        bump(&self.stats.delayed);
+        self.labels.delayed.increment(1);
+        debug!(message_id = %id, wait_ms = wait.as_millis() as u64, "not due yet");
+    }
+
     fn context(&self, info: &DeliveryInfo, atomic: bool) -> Context {
         Context::new(info.message.id.clone(), info.attempt, info.source.clone())
             .with_position(info.position.clone())
@@ -644,10 +669,16 @@ impl Shared {
                         self.settle_failed("ack", &id, &e);
                         return;
                     }
+                    if let Some(wait) = info.message.due_in() {
+                        // Already settled: it can only wait here, holding its lane.
+                        self.count_delayed(&id, wait);
+                        tokio::time::sleep(wait).await;
+                    }
                     let mut cx = self.context(&info, false);
                     match self.run_handler(handler.handle(&info.message, &mut cx)).await {
                         Ok(()) => {
                             self.count_success(&cx);
+                            stage_reply(&info.message, &mut cx);
                             if let Err(e) = cx.flush().await {
                                 warn!(message_id = %id, error = %e, "at-most-once: handler output lost");
                             }
@@ -661,10 +692,18 @@ impl Shared {
                     }
                 }
                 Guarantee::AtLeastOnce | Guarantee::ExactlyOnce => {
+                    if let Some(wait) = info.message.due_in() {
+                        self.count_delayed(&id, wait);
+                        if let Err(e) = settle.defer(wait).await {
+                            self.settle_failed("deferring a delayed message", &id, &e);
+                        }
+                        return;
+                    }
                     let mut cx = self.context(&info, settle.atomic_outputs());
                     match self.run_handler(handler.handle(&info.message, &mut cx)).await {
                         Ok(()) => {
                             self.count_success(&cx);
+                            stage_reply(&info.message, &mut cx);
                             let outputs = cx.take_outputs();
                             let after = cx.take_after_commit();
                             self.ack_with_outputs(&id, settle, outputs, after).await;
@@ -681,6 +720,14 @@ impl Shared {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A request's reply (its handler's result, or a duplicate's stored one) goes out with the
+/// handler's outputs (scenario `request_reply_answers_a_repeated_request_from_the_stored_result`).
+fn stage_reply(request: &Message, cx: &mut Context) {
+    if let Some((to, reply)) = crate::request::reply_for(request, cx.result()) {
+        cx.publish(to, reply);
     }
 }
 
@@ -904,8 +951,27 @@ async fn run_batch<H: BatchHandler>(
 
 impl Shared {
     async fn process_batch<H: BatchHandler>(&self, handler: &H, batch: Vec<Delivery>) {
-        let parts: Vec<(DeliveryInfo, Box<dyn Settle>)> =
+        let mut parts: Vec<(DeliveryInfo, Box<dyn Settle>)> =
             batch.into_iter().map(Delivery::into_parts).collect();
+        if self.guarantee != Guarantee::AtMostOnce {
+            // Deliveries that are not due yet go back until they are; the rest is the batch.
+            let mut due = Vec::with_capacity(parts.len());
+            for (info, settle) in parts {
+                match info.message.due_in() {
+                    Some(wait) => {
+                        self.count_delayed(&info.message.id, wait);
+                        if let Err(e) = settle.defer(wait).await {
+                            self.settle_failed("deferring a delayed message", &info.message.id, &e);
+                        }
+                    }
+                    None => due.push((info, settle)),
+                }
+            }
+            parts = due;
+            if parts.is_empty() {
+                return;
+            }
+        }
         let span =
             info_span!("courier.handle_batch", size = parts.len(), guarantee = %self.guarantee);
         async {
@@ -923,6 +989,11 @@ impl Shared {
                             (true, Err(e)) => self.settle_failed("ack", &info.message.id, &e),
                             (true, Ok(())) => messages.push(info.message),
                         }
+                    }
+                    if let Some(wait) = messages.iter().filter_map(Message::due_in).max() {
+                        // Already settled: the batch waits for its latest not-before time.
+                        self.count_delayed(&first_id, wait);
+                        tokio::time::sleep(wait).await;
                     }
                     if !messages.is_empty() {
                         let mut cx = Context::new(first_id, 1, self.labels.destination.clone())

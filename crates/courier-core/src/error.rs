@@ -141,6 +141,14 @@ pub enum Error {
         /// Fingerprint of the new message.
         received: String,
     },
+    /// A value could not be encoded as a message payload (see `Message::json`); nothing was sent.
+    #[error("a {type_name} cannot be encoded as JSON: {reason}; nothing was sent (JSON object keys must be strings)")]
+    Encode {
+        /// The Rust type that was being encoded.
+        type_name: &'static str,
+        /// serde's reason.
+        reason: String,
+    },
     /// A store courier keeps state in (idempotency store, outbox database) failed.
     #[error("{store} store error during {operation}: {source}")]
     Store {
@@ -169,7 +177,8 @@ impl Error {
             | Error::Unsupported { .. }
             | Error::Fenced { .. }
             | Error::Closed { .. }
-            | Error::IdempotencyConflict { .. } => false,
+            | Error::IdempotencyConflict { .. }
+            | Error::Encode { .. } => false,
         }
     }
 
@@ -255,6 +264,7 @@ impl Error {
             Error::DeliveryExpired { .. } => "delivery_expired",
             Error::IdempotencyConflict { .. } => "idempotency_conflict",
             Error::Store { .. } => "store",
+            Error::Encode { .. } => "encode",
         }
     }
 }

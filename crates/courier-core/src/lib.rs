@@ -14,6 +14,7 @@
 pub mod batch;
 mod capabilities;
 mod client;
+mod codec;
 pub mod config;
 mod consumer;
 mod error;
@@ -21,10 +22,14 @@ mod explain;
 mod guarantee;
 mod handler;
 mod message;
+mod request;
 mod retry;
 
 pub use capabilities::Capabilities;
 pub use client::{check_payload, Deliveries, DeliveryClient, DeliveryStream, Subscription};
+pub use codec::{
+    handler_fn_with_context, json_handler_fn, ContextHandlerFn, HandlerFuture, JsonHandlerFn, JSON,
+};
 pub use config::{BackendConfig, Config};
 pub use consumer::{BatchOptions, Consumer, ConsumerHandle, ConsumerStats};
 pub use error::{BoxError, Error, Result};
@@ -38,6 +43,7 @@ pub use message::{
     header, AfterCommit, CommitHook, DeadLetter, Delivery, DeliveryInfo, Headers, Message,
     MessageId, Position, Receipt, Settle,
 };
+pub use request::Requester;
 pub use retry::RetryPolicy;
 
 /// Re-exported so backends and users implement the traits without naming the crate.

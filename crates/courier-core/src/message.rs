@@ -28,6 +28,16 @@ pub mod header {
     pub const TRACEPARENT: &str = "traceparent";
     /// The payload's media type (`application/json` for [`Message::json`](crate::Message::json)).
     pub const CONTENT_TYPE: &str = "content-type";
+    /// The earliest time (milliseconds since the Unix epoch) the message may be handled: set by
+    /// [`Message::with_delay`](crate::Message::with_delay) and by Kafka retries.
+    pub const NOT_BEFORE: &str = "courier-not-before";
+    /// Where the reply to a request goes (set by [`Requester`](crate::Requester)).
+    pub const REPLY_TO: &str = "courier-reply-to";
+    /// Ties a reply to its request.
+    pub const CORRELATION_ID: &str = "courier-correlation-id";
+    /// The key the idempotent layer dedups on when it is not the message id: a request asked
+    /// again goes out with a new message id (no broker dedup drops it) and keeps this key.
+    pub const IDEMPOTENCY_KEY: &str = "courier-idempotency-key";
 }
 
 /// The stable identity of a message: set once by the producer, kept across retries and
@@ -127,6 +137,40 @@ impl Message {
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
         self
+    }
+
+    /// Deliver no earlier than `delay` from now: the message is published at once, and its
+    /// consumers hand it to their handler only from then on (see
+    /// [`Message::with_not_before`]).
+    pub fn with_delay(self, delay: std::time::Duration) -> Self {
+        self.with_not_before(std::time::SystemTime::now() + delay)
+    }
+
+    /// Deliver no earlier than `at` (delayed delivery, every backend). Stored in the
+    /// [`header::NOT_BEFORE`] header; SQS standard queues also hold the message back with
+    /// `DelaySeconds` (up to 15 minutes), Kafka's receive task holds it beside the stream without
+    /// blocking other records, and everywhere else the consume loop defers a delivery that
+    /// arrives early until it is due — without running the handler or counting an attempt
+    /// (conformance scenario `delayed_delivery_waits_until_due`).
+    pub fn with_not_before(self, at: std::time::SystemTime) -> Self {
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.with_header(header::NOT_BEFORE, ms.to_string())
+    }
+
+    /// The earliest time the message may be handled, if it was published with one.
+    pub fn not_before(&self) -> Option<std::time::SystemTime> {
+        let ms: u64 = self.headers.get(header::NOT_BEFORE)?.parse().ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    }
+
+    /// How long until the message is due; `None` when it is (or has no not-before time).
+    pub fn due_in(&self) -> Option<std::time::Duration> {
+        self.not_before()?
+            .duration_since(std::time::SystemTime::now())
+            .ok()
+            .filter(|d| !d.is_zero())
     }
 
     /// Bytes the envelope occupies on a broker that stores id, key and headers beside the payload:

@@ -257,7 +257,7 @@ impl<H: Handler> Idempotent<H> {
     }
 
     fn key(&self, message: &Message) -> String {
-        format!("{}:{}", self.namespace, message.id)
+        format!("{}:{}", self.namespace, crate::idempotency_key(message))
     }
 
     /// Give a held lease back; a failure is only logged (the lease then expires by itself).

@@ -35,6 +35,17 @@ pub use redis::RedisStore;
 pub use store::{Begin, IdempotencyStore, LeaseToken};
 pub use transactional::{TransactionalIdempotent, TxHandler};
 
+/// The key a message is deduplicated on: its [`header::IDEMPOTENCY_KEY`] when it has one (a
+/// request asked again with a new message id keeps its key), else its id.
+///
+/// [`header::IDEMPOTENCY_KEY`]: courier_core::header::IDEMPOTENCY_KEY
+pub fn idempotency_key(message: &courier_core::Message) -> &str {
+    message
+        .headers
+        .get(courier_core::header::IDEMPOTENCY_KEY)
+        .map_or(message.id.as_str(), String::as_str)
+}
+
 use std::sync::Arc;
 
 use courier_core::config::IdempotencyConfig;

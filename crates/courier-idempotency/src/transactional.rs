@@ -128,7 +128,7 @@ impl<H: TxHandler> TransactionalIdempotent<H> {
 #[async_trait]
 impl<H: TxHandler> Handler for TransactionalIdempotent<H> {
     async fn handle(&self, message: &Message, cx: &mut Context) -> Result<(), HandlerError> {
-        let key = format!("{}:{}", self.namespace, message.id);
+        let key = format!("{}:{}", self.namespace, crate::idempotency_key(message));
         let fp = fingerprint(message);
         let mut tx = self
             .pool

@@ -149,6 +149,9 @@ pub(crate) fn record_headers(
         });
     }
     for (k, v) in &m.headers {
+        if nb.is_some() && k == header::NOT_BEFORE {
+            continue; // this copy's own not-before time (a retry) replaces the message's
+        }
         h = h.insert(Header {
             key: k.as_str(),
             value: Some(v.as_str()),

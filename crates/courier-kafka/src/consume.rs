@@ -26,7 +26,7 @@ use crate::client::{blocking, kafka_err, Inner};
 use crate::settings;
 
 /// Header carrying the earliest time (ms since the epoch) a retried message may be handled.
-pub(crate) const NOT_BEFORE: &str = "courier-not-before";
+pub(crate) const NOT_BEFORE: &str = header::NOT_BEFORE;
 
 /// Retries waiting for their not-before time, at most, before the receive task stops fetching
 /// until some are due.

@@ -263,3 +263,27 @@ async fn an_aborted_transaction_rewinds_and_every_input_commits_once() {
         "outputs in the committed log"
     );
 }
+
+/// A batch handler cannot commit its outputs with the offsets of all its inputs in one
+/// transaction: exactly-once batches are refused with the reason, before subscribing.
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_handlers_are_refused_under_exactly_once() {
+    use courier_core::{batch_handler_fn, BatchOptions, Error};
+    let boot = common::mock_bootstrap();
+    let client: Arc<dyn DeliveryClient> = Arc::new(
+        courier_kafka::connect(&common::config(&boot, Guarantee::ExactlyOnce))
+            .await
+            .unwrap(),
+    );
+    let refused = Consumer::new(client, Subscription::new(unique("batch"), "g"))
+        .spawn_batch(
+            batch_handler_fn(|_ms: Vec<Message>| async { Ok(()) }),
+            BatchOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::Unsupported { .. }) && refused.to_string().contains("spawn"),
+        "{refused}"
+    );
+}

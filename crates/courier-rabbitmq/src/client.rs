@@ -478,6 +478,17 @@ pub(crate) fn delay_step(delay: Duration) -> u64 {
         .unwrap_or(DELAY_STEPS_MS[DELAY_STEPS_MS.len() - 1])
 }
 
+/// The longest delay step not longer than `delay` (the shortest step for shorter delays).
+pub(crate) fn delay_step_at_most(delay: Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    DELAY_STEPS_MS
+        .iter()
+        .copied()
+        .rev()
+        .find(|&s| s <= ms)
+        .unwrap_or(DELAY_STEPS_MS[0])
+}
+
 /// The name of `queue`'s delay queue for `step_ms`.
 pub fn delay_queue(queue: &str, step_ms: u64) -> String {
     format!("{queue}.delay.{step_ms}")
@@ -606,7 +617,12 @@ pub(crate) fn properties(m: &Message, persistent: bool, attempt: Option<u32>) ->
     BasicProperties::default()
         .with_message_id(m.id.as_str().into())
         .with_delivery_mode(if persistent { 2 } else { 1 })
-        .with_content_type("application/octet-stream".into())
+        // The AMQP property too, for consumers that are not courier (`Message::json`).
+        .with_content_type(
+            m.content_type()
+                .unwrap_or("application/octet-stream")
+                .into(),
+        )
         .with_headers(headers)
 }
 

@@ -289,6 +289,15 @@ fn convert(
             }
         }
     }
+    // A foreign producer's AMQP content type (pika's `content_type="application/json"`) is the
+    // message's, unless it carries courier's header.
+    if let Some(ct) = d.properties.content_type() {
+        if ct.as_str() != "application/octet-stream" {
+            headers
+                .entry(header::CONTENT_TYPE.to_owned())
+                .or_insert_with(|| ct.as_str().to_owned());
+        }
+    }
     let id = d
         .properties
         .message_id()
@@ -453,7 +462,10 @@ impl Settle for RabbitSettle {
             return Ok(());
         }
         let attempt = self.attempt;
-        self.park(delay, attempt).await
+        // The longest delay step that does not overshoot: a message deferred until its
+        // not-before time comes back at most that early and is deferred for the rest.
+        let step = crate::client::delay_step_at_most(delay);
+        self.park(Duration::from_millis(step), attempt).await
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {

@@ -204,11 +204,14 @@ fn encode(m: &Message) -> Result<Encoded> {
             .iter()
             .map(|(k, v)| k.len() + v.data_type().len() + v.string_value().map_or(0, str::len))
             .sum::<usize>();
+    // Delayed delivery: a standard queue holds the message back itself, up to 15 minutes (the
+    // consume loop defers what arrives early); FIFO queues have no per-message delay.
+    let delay_seconds = m.due_in().map(|d| d.as_secs_f64().ceil().min(900.0) as i32);
     Ok(Encoded {
         body,
         attributes,
         size,
-        delay_seconds: None,
+        delay_seconds,
     })
 }
 
@@ -519,7 +522,7 @@ impl Inner {
             .queue_url(&url)
             .message_body(enc.body)
             .set_message_attributes(Some(enc.attributes))
-            .set_delay_seconds(enc.delay_seconds);
+            .set_delay_seconds(enc.delay_seconds.filter(|_| !fifo));
         if fifo {
             req = req
                 .message_group_id(self.group_id(m))
@@ -650,7 +653,8 @@ impl DeliveryClient for SqsClient {
                     let mut entry = SendMessageBatchRequestEntry::builder()
                         .id(i.to_string())
                         .message_body(e.body.clone())
-                        .set_message_attributes(Some(e.attributes.clone()));
+                        .set_message_attributes(Some(e.attributes.clone()))
+                        .set_delay_seconds(e.delay_seconds.filter(|_| !fifo));
                     if fifo {
                         entry = entry
                             .message_group_id(self.inner.group_id(m))

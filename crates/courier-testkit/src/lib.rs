@@ -159,7 +159,10 @@ macro_rules! conformance_suite {
             batch_settles_only_after_success,
             exactly_once_effects_with_idempotent_layer,
             prepared_deliveries_are_handled_or_abandoned,
-            handler_outputs_arrive_and_inputs_settle
+            handler_outputs_arrive_and_inputs_settle,
+            typed_messages_round_trip_and_bad_payloads_dead_letter,
+            delayed_delivery_waits_until_due,
+            request_reply_answers_a_repeated_request_from_the_stored_result
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -953,13 +953,6 @@ pub async fn deferrals_never_dead_letter(b: &dyn TestBackend) -> Outcome {
         Subscription::new(&dest, &group).dead_letter(&dlq),
     )
     .retry(fast_retry(3));
-    struct Shared(Arc<DeferThenFail>);
-    #[async_trait]
-    impl Handler for Shared {
-        async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
-            self.0.handle(m, cx).await
-        }
-    }
     let through_layer = b.layer_store();
     let handler = Arc::new(DeferThenFail {
         ledger: ledger.clone(),
@@ -972,13 +965,13 @@ pub async fn deferrals_never_dead_letter(b: &dyn TestBackend) -> Outcome {
                 inner: store,
                 down: AtomicU32::new(5),
             });
-            let layer = Idempotent::new(Shared(handler.clone()), store)
+            let layer = Idempotent::new(handler.clone(), store)
                 .namespace(&group)
                 .lease(Duration::from_secs(5))
                 .store_retry_delay(Duration::from_millis(20));
             consumer.spawn(layer).await?
         }
-        None => consumer.spawn(Shared(handler.clone())).await?,
+        None => consumer.spawn(handler.clone()).await?,
     };
     let m = Message::new("deferred").with_key("account-1");
     ledger.sent(m.id.as_str());
@@ -1114,18 +1107,11 @@ pub async fn delayed_delivery_waits_until_due(b: &dyn TestBackend) -> Outcome {
             ledger: ledger.clone(),
             runs: Mutex::new(Vec::new()),
         });
-        struct Shared(Arc<Clock>);
-        #[async_trait]
-        impl Handler for Shared {
-            async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
-                self.0.handle(m, cx).await
-            }
-        }
         let h = launch(
             b,
             Consumer::new(client.clone(), Subscription::new(&dest, &group)).concurrency(4),
             &group,
-            Shared(clock.clone()),
+            clock.clone(),
         )
         .await?;
         // The consumer is live (a Kafka group has joined) before the delay starts counting.
@@ -1216,14 +1202,7 @@ pub async fn request_reply_answers_a_repeated_request_from_the_stored_result(
         ledger: ledger.clone(),
         first_run_takes: Duration::from_secs(2),
     });
-    struct Shared(Arc<Cashier>);
-    #[async_trait]
-    impl Handler for Shared {
-        async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
-            self.0.handle(m, cx).await
-        }
-    }
-    let layer = Idempotent::new(Shared(cashier.clone()), b.idempotency_store())
+    let layer = Idempotent::new(cashier.clone(), b.idempotency_store())
         .namespace(group.clone())
         .lease(Duration::from_secs(10));
     let h = Consumer::new(client.clone(), Subscription::new(&dest, &group))

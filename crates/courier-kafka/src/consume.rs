@@ -888,18 +888,13 @@ impl KafkaSettle {
             .map_err(|e| kafka_err("commit", e))
     }
 
-    /// An at-least-once output could not be published: the input goes round again (re-published
-    /// with the next attempt number, a second later) and its after-commit steps learn that
-    /// nothing was committed — what the consume loop does when its own publish of an output fails.
-    async fn handle_again(self, e: &Error, after: AfterCommit) {
+    /// An at-least-once output could not be published: the input goes round again (the Kafka
+    /// nack: re-published with the next attempt number, a second later) and its after-commit
+    /// steps learn that nothing was committed — what the consume loop does when its own publish
+    /// of an output fails (`tests/offsets.rs::an_output_that_cannot_be_published_sends_its_input_round_again`).
+    async fn handle_again(self: Box<Self>, e: &Error, after: AfterCommit) {
         warn!(error = %e, partition = self.partition, offset = self.offset, "publishing a handler output failed; retrying the input");
-        let retry = Out {
-            topic: self.sub.topic.clone(),
-            message: self.message.clone(),
-            attempt: Some(self.attempt + 1),
-            not_before: Some(now_ms() + 1_000),
-        };
-        if let Err(e) = self.settle_with(vec![retry], AfterCommit::default()).await {
+        if let Err(e) = self.nack(Duration::from_secs(1)).await {
             warn!(error = %e, "re-publishing the input failed; it is read again after a restart or rebalance");
         }
         after.run(false).await;

@@ -1,6 +1,7 @@
 //! Library half of the `courier` command-line tool: the `verify` experiment runner, usable from
 //! tests (the chaos matrix in `integration/`) as well as from the binary.
 
+pub mod admin;
 pub mod doctor;
 pub mod proxy;
 pub mod verify;

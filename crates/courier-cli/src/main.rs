@@ -4,6 +4,8 @@
 //! courier explain --config courier.toml [--guarantee exactly-once] [--json]
 //! courier send    --url memory:// --to orders --key customer-7 --header x-tenant=acme 'payload'
 //! courier consume --config courier.toml --from orders --group billing --count 10
+//! courier inspect --config courier.toml orders --group billing
+//! courier top     --config courier.toml orders --group billing --interval 2s
 //! ```
 
 use std::io::Read;
@@ -109,6 +111,55 @@ enum Command {
         /// Leave messages unsettled (they will be redelivered) instead of acknowledging.
         #[arg(long)]
         peek: bool,
+    },
+    /// What the broker holds for destinations and their consumer groups: stored messages,
+    /// per group backlog (Kafka lag), in flight, delayed, consumers, oldest message age.
+    Inspect {
+        #[command(flatten)]
+        target: Target,
+        /// Destinations (topics / queues / exchanges).
+        #[arg(required = true)]
+        destinations: Vec<String>,
+        /// Consumer group to report on (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// `inspect` as a live table, refreshed every --interval, with each group's backlog change
+    /// per second.
+    Top {
+        #[command(flatten)]
+        target: Target,
+        /// Destinations (topics / queues / exchanges).
+        #[arg(required = true)]
+        destinations: Vec<String>,
+        /// Consumer group to report on (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime_parse)]
+        interval: Duration,
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        refreshes: Option<usize>,
+    },
+    /// Remove a destination and what courier created for the named groups (their queues or
+    /// committed offsets). Its messages are deleted; the dead-letter destination is kept unless
+    /// named too.
+    Delete {
+        #[command(flatten)]
+        target: Target,
+        /// Destinations to remove.
+        #[arg(required = true)]
+        destinations: Vec<String>,
+        /// Consumer group to remove with them (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Confirm: without it nothing is removed.
+        #[arg(long)]
+        yes: bool,
     },
     /// Check a configuration: what changes on another broker, and live checks of this one.
     Doctor {
@@ -225,10 +276,14 @@ async fn main() {
     } else {
         "warn"
     };
+    // lapin logs every channel the broker closes as an error, including the passive declares
+    // `inspect` and `delete` use to look for queues that may not exist; courier reports what
+    // matters itself.
+    let default_filter = format!("{default_level},lapin::channel=off");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
-                .unwrap_or_else(|_| default_level.into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -240,6 +295,79 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Inspect {
+            target,
+            destinations,
+            groups,
+            json,
+        } => {
+            let config = target.load()?;
+            let client = courier::connect(&config).await?;
+            let infos = courier_cli::admin::inspect(&*client, &destinations, &groups).await;
+            client.close().await?;
+            let infos = infos?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&infos)?);
+            } else {
+                for i in &infos {
+                    print!("{i}");
+                }
+            }
+        }
+        Command::Top {
+            target,
+            destinations,
+            groups,
+            interval,
+            refreshes,
+        } => {
+            let config = target.load()?;
+            let client = courier::connect(&config).await?;
+            let options = courier_cli::admin::TopOptions {
+                interval,
+                refreshes,
+                clear: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            };
+            let r = courier_cli::admin::top(
+                &*client,
+                &destinations,
+                &groups,
+                &options,
+                &mut std::io::stdout(),
+            )
+            .await;
+            client.close().await?;
+            r?;
+        }
+        Command::Delete {
+            target,
+            destinations,
+            groups,
+            yes,
+        } => {
+            if !yes {
+                bail!(
+                    "courier delete removes {} and its messages: add --yes to confirm",
+                    destinations.join(", ")
+                );
+            }
+            let config = target.load()?;
+            let client = courier::connect(&config).await?;
+            let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+            for d in &destinations {
+                let removed = client
+                    .delete_destination(d, &groups)
+                    .await
+                    .with_context(|| format!("deleting {d}"))?;
+                if removed.is_empty() {
+                    println!("{d}: nothing to remove");
+                }
+                for r in removed {
+                    println!("removed {r}");
+                }
+            }
+            client.close().await?;
+        }
         Command::Doctor {
             target,
             destinations,

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Capabilities, Delivery, Explanation, Guarantee, Message, Receipt, Result};
+use crate::{
+    Capabilities, Delivery, DestinationInfo, Error, Explanation, Guarantee, Message, Receipt,
+    Result,
+};
 
 /// What to consume: a destination, a consumer group and consume-side options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +167,33 @@ pub trait DeliveryClient: Send + Sync {
 
     /// Subscribe to a destination as a member of a consumer group.
     async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries>;
+
+    /// What the broker holds for `destination` and each of `groups` (backlog, in flight,
+    /// delayed, consumers, oldest message age — see [`GroupInfo`](crate::GroupInfo) for what
+    /// each backend can tell). A group the broker holds nothing for is reported with
+    /// `exists: false`. A missing destination is [`Error::DestinationNotFound`].
+    async fn inspect(&self, destination: &str, groups: &[&str]) -> Result<DestinationInfo> {
+        let _ = (destination, groups);
+        Err(Error::unsupported(
+            self.backend(),
+            "inspect",
+            "inspect the destination with the broker's own tools",
+        ))
+    }
+
+    /// Remove `destination` and what courier created for each of `groups` on the broker (their
+    /// queues, delay queues or committed offsets). Returns what was removed; something already
+    /// gone is not an error. Messages in them are deleted. The dead-letter destination is a
+    /// destination of its own, kept unless it is removed by name: it holds the messages that
+    /// need a person.
+    async fn delete_destination(&self, destination: &str, groups: &[&str]) -> Result<Vec<String>> {
+        let _ = (destination, groups);
+        Err(Error::unsupported(
+            self.backend(),
+            "delete_destination",
+            "remove the destination with the broker's own tools",
+        ))
+    }
 
     /// Flush pending publishes and release resources, within the configured close timeout.
     async fn close(&self) -> Result<()>;

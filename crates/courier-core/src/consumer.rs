@@ -183,6 +183,7 @@ pub struct Consumer {
     shutdown_timeout: Duration,
     handler_timeout: Option<Duration>,
     amo_dedup_window: usize,
+    backlog_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -208,6 +209,7 @@ impl Consumer {
             shutdown_timeout: Duration::from_secs(30),
             handler_timeout: None,
             amo_dedup_window: 100_000,
+            backlog_interval: Some(Duration::from_secs(30)),
         }
     }
 
@@ -240,6 +242,15 @@ impl Consumer {
         self
     }
 
+    /// How often the consumer asks the broker for its group's backlog and exports it as metrics
+    /// (`courier_backlog`, `courier_backlog_in_flight`, `courier_backlog_delayed`,
+    /// `courier_oldest_message_age_seconds`; see [`DeliveryClient::inspect`]); the first report
+    /// comes one interval after the start. Default 30 s; `None` turns it off.
+    pub fn backlog_interval(mut self, every: Option<Duration>) -> Self {
+        self.backlog_interval = every.filter(|d| !d.is_zero());
+        self
+    }
+
     /// Fail (and retry) a handler run that takes longer than `d`.
     pub fn handler_timeout(mut self, d: Duration) -> Self {
         self.handler_timeout = Some(d);
@@ -254,6 +265,58 @@ impl Consumer {
     pub fn at_most_once_dedup_window(mut self, ids: usize) -> Self {
         self.amo_dedup_window = ids;
         self
+    }
+
+    /// Export the group's backlog every `backlog_interval` until `token` is cancelled.
+    fn report_backlog(&self, token: &CancellationToken) {
+        let Some(every) = self.backlog_interval else {
+            return;
+        };
+        let client = self.client.clone();
+        let sub = self.subscription.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let labels = [
+                metrics::Label::new("backend", client.backend()),
+                metrics::Label::new("destination", sub.destination.clone()),
+                metrics::Label::new("group", sub.group.clone()),
+            ];
+            let backlog = metrics::gauge!("courier_backlog", labels.iter());
+            let in_flight = metrics::gauge!("courier_backlog_in_flight", labels.iter());
+            let delayed = metrics::gauge!("courier_backlog_delayed", labels.iter());
+            let oldest = metrics::gauge!("courier_oldest_message_age_seconds", labels.iter());
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let groups = [sub.group.as_str()];
+                let report = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = client.inspect(&sub.destination, &groups) => r,
+                };
+                match report {
+                    Ok(info) => {
+                        if let Some(g) = info.group(&sub.group) {
+                            backlog.set(g.backlog as f64);
+                            if let Some(n) = g.in_flight {
+                                in_flight.set(n as f64);
+                            }
+                            if let Some(n) = g.delayed {
+                                delayed.set(n as f64);
+                            }
+                            if let Some(a) = g.oldest_age {
+                                oldest.set(a.as_secs_f64());
+                            }
+                        }
+                    }
+                    Err(Error::Unsupported { .. }) => return,
+                    Err(e) => {
+                        warn!(error = %e, destination = %sub.destination, group = %sub.group, "backlog report failed; trying again next interval")
+                    }
+                }
+            }
+        });
     }
 
     fn check(&self, idempotent: bool) -> Result<()> {
@@ -294,6 +357,7 @@ impl Consumer {
             ),
             labels: Labels::new(self.client.backend(), &self.subscription),
         });
+        self.report_backlog(&token);
         let join = tokio::spawn(run_single(
             deliveries,
             Arc::new(handler),
@@ -338,6 +402,7 @@ impl Consumer {
             ),
             labels: Labels::new(self.client.backend(), &self.subscription),
         });
+        self.report_backlog(&token);
         let join = tokio::spawn(run_batch(
             deliveries,
             Arc::new(handler),
@@ -408,6 +473,8 @@ impl ConsumerHandle {
     /// For crash experiments (`courier verify`); use [`ConsumerHandle::shutdown`] otherwise.
     pub fn abort(self) {
         self.join.abort();
+        // Ends the backlog reporter; the aborted loop no longer sees it.
+        self.token.cancel();
     }
 
     /// A token that stops the consumer when cancelled (e.g. from a signal handler).
@@ -431,6 +498,7 @@ struct Labels {
     dead_lettered: metrics::Counter,
     settle_errors: metrics::Counter,
     handler_seconds: metrics::Histogram,
+    message_age: metrics::Histogram,
 }
 
 impl Labels {
@@ -453,6 +521,7 @@ impl Labels {
             retried: counter("courier_retried_total"),
             dead_lettered: counter("courier_dead_lettered_total"),
             settle_errors: counter("courier_settle_errors_total"),
+            message_age: metrics::histogram!("courier_message_age_seconds", labels.iter()),
             handler_seconds: metrics::histogram!(
                 "courier_handler_seconds",
                 "backend" => backend,
@@ -463,6 +532,13 @@ impl Labels {
 
     fn in_flight(&self, n: u64) {
         self.in_flight.set(n as f64);
+    }
+
+    /// How old a message was when it arrived, where the broker tells when it was stored.
+    fn received(&self, info: &DeliveryInfo) {
+        if let Some(age) = info.age() {
+            self.message_age.record(age.as_secs_f64());
+        }
     }
 }
 
@@ -644,6 +720,7 @@ impl Shared {
 
     async fn process<H: Handler>(&self, handler: &H, delivery: Delivery) {
         let (info, settle) = delivery.into_parts();
+        self.labels.received(&info);
         let id = info.message.id.clone();
         let span = info_span!(
             "courier.handle",
@@ -652,6 +729,14 @@ impl Shared {
             attempt = info.attempt,
             guarantee = %self.guarantee,
             trace_id = info.message.headers.get(crate::header::TRACEPARENT).and_then(|t| t.split('-').nth(1)).unwrap_or(""),
+        );
+        #[cfg(feature = "otel")]
+        crate::otel::continue_trace(
+            &span,
+            info.message
+                .headers
+                .get(crate::header::TRACEPARENT)
+                .map(String::as_str),
         );
         async {
             let started = Instant::now();
@@ -953,6 +1038,9 @@ impl Shared {
     async fn process_batch<H: BatchHandler>(&self, handler: &H, batch: Vec<Delivery>) {
         let mut parts: Vec<(DeliveryInfo, Box<dyn Settle>)> =
             batch.into_iter().map(Delivery::into_parts).collect();
+        for (info, _) in &parts {
+            self.labels.received(info);
+        }
         if self.guarantee != Guarantee::AtMostOnce {
             // Deliveries that are not due yet go back until they are; the rest is the batch.
             let mut due = Vec::with_capacity(parts.len());

@@ -223,6 +223,14 @@ impl Context {
     /// Stage a message to publish when the handler succeeds. It inherits the input's trace (a
     /// `traceparent` with the same trace id) unless it carries its own.
     pub fn publish(&mut self, destination: impl Into<String>, mut message: Message) {
+        // With OpenTelemetry (feature `otel`), an output is a child of the handler's span.
+        #[cfg(feature = "otel")]
+        if let Some(tp) = crate::otel::traceparent(&tracing::Span::current()) {
+            message
+                .headers
+                .entry(crate::header::TRACEPARENT.to_owned())
+                .or_insert(tp);
+        }
         if let Some(trace) = &self.trace_id {
             message
                 .headers

@@ -11,6 +11,7 @@
 //! | at-least-once | broker confirmed | settle **after** the handler | retried with backoff, then dead-lettered |
 //! | exactly-once | confirmed + broker dedup by id where it exists | after the handler, through the idempotent layer or a transaction | as at-least-once; duplicates absorbed |
 
+mod admin;
 pub mod batch;
 mod capabilities;
 mod client;
@@ -22,9 +23,12 @@ mod explain;
 mod guarantee;
 mod handler;
 mod message;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod request;
 mod retry;
 
+pub use admin::{DestinationInfo, GroupInfo};
 pub use capabilities::Capabilities;
 pub use client::{check_payload, Deliveries, DeliveryClient, DeliveryStream, Subscription};
 pub use codec::{

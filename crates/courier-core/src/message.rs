@@ -400,6 +400,10 @@ pub struct Delivery {
     pub source: String,
     /// When this process received it.
     pub received_at: SystemTime,
+    /// When the broker stored it, where the broker tells (Kafka's record timestamp, SQS
+    /// `SentTimestamp`, RabbitMQ's `timestamp` property as courier sets it — whole seconds —,
+    /// the memory broker). `received_at - published_at` is the message's age when it arrived.
+    pub published_at: Option<SystemTime>,
     settle: Box<dyn Settle>,
 }
 
@@ -418,8 +422,21 @@ impl Delivery {
             position,
             source: source.into(),
             received_at: SystemTime::now(),
+            published_at: None,
             settle,
         }
+    }
+
+    /// Set when the broker stored the message (used by backends).
+    pub fn with_published_at(mut self, at: Option<SystemTime>) -> Self {
+        self.published_at = at;
+        self
+    }
+
+    /// How old the message was when this process received it, where the broker tells when it
+    /// was stored; zero when the clocks disagree.
+    pub fn age(&self) -> Option<Duration> {
+        message_age(self.published_at, self.received_at)
     }
 
     /// Acknowledge the message.
@@ -441,6 +458,20 @@ impl Delivery {
         self.settle.dead_letter(&self.message, why).await
     }
 
+    /// Put a delivery back together from [`Delivery::into_parts`] (for wrappers that replace the
+    /// settle handle); everything the broker told is kept.
+    pub fn from_parts(info: DeliveryInfo, settle: Box<dyn Settle>) -> Self {
+        Delivery {
+            message: info.message,
+            attempt: info.attempt,
+            position: info.position,
+            source: info.source,
+            received_at: info.received_at,
+            published_at: info.published_at,
+            settle,
+        }
+    }
+
     /// Split into the envelope and the settle handle (used by the consume loop).
     pub fn into_parts(self) -> (DeliveryInfo, Box<dyn Settle>) {
         (
@@ -450,6 +481,7 @@ impl Delivery {
                 position: self.position,
                 source: self.source,
                 received_at: self.received_at,
+                published_at: self.published_at,
             },
             self.settle,
         )
@@ -480,4 +512,17 @@ pub struct DeliveryInfo {
     pub source: String,
     /// Receive time.
     pub received_at: SystemTime,
+    /// When the broker stored it, where the broker tells (see [`Delivery::published_at`]).
+    pub published_at: Option<SystemTime>,
+}
+
+impl DeliveryInfo {
+    /// How old the message was when this process received it (see [`Delivery::age`]).
+    pub fn age(&self) -> Option<Duration> {
+        message_age(self.published_at, self.received_at)
+    }
+}
+
+fn message_age(published_at: Option<SystemTime>, received_at: SystemTime) -> Option<Duration> {
+    published_at.map(|p| received_at.duration_since(p).unwrap_or_default())
 }

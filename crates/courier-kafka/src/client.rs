@@ -17,8 +17,8 @@ use rdkafka::util::Timeout;
 
 use courier_core::config::KafkaConfig;
 use courier_core::{
-    check_payload, header, Capabilities, Deliveries, DeliveryClient, Error, Explanation, Guarantee,
-    Message, Position, Receipt, Result, Subscription,
+    check_payload, header, Capabilities, Deliveries, DeliveryClient, DestinationInfo, Error,
+    Explanation, Guarantee, Message, Position, Receipt, Result, Subscription,
 };
 
 use crate::{settings, BACKEND};
@@ -66,6 +66,23 @@ pub(crate) fn not_found(topic: &str) -> Error {
         destination: topic.to_owned(),
         hint: "create the topic (DeliveryClient::create_destination) or set backend.auto_create = true".into(),
     }
+}
+
+/// The broker does not implement an admin request (librdkafka's MockCluster has no DeleteTopics
+/// or DeleteGroups).
+fn unsupported(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::UnsupportedFeature | RDKafkaErrorCode::UnsupportedVersion
+    )
+}
+
+fn no_admin(request: &str) -> Error {
+    Error::unsupported(
+        BACKEND,
+        format!("{request} (the broker does not implement it)"),
+        "delete with the broker's own tools (kafka-topics.sh --delete, kafka-consumer-groups.sh --delete)",
+    )
 }
 
 static TXN_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -288,30 +305,41 @@ impl Inner {
                 }
             }
         }
-        // Wait (bounded) until the topic is visible in metadata.
-        for _ in 0..50 {
+        // Wait (bounded) until every partition has a leader that serves it: metadata can name a
+        // leader a moment before that broker accepts writes for the partition, and an
+        // at-most-once producer (acks=0) would lose records sent in that moment without an
+        // error. Listing a partition's offsets asks the leader itself.
+        // Guarded by the conformance scenario `at_most_once_never_handles_twice`.
+        for _ in 0..100 {
             let producer = self.producer.clone();
             let t = topic.to_owned();
-            if let Ok(Ok(md)) = blocking(move || {
-                producer
-                    .client()
-                    .fetch_metadata(Some(&t), Duration::from_secs(5))
+            let ready = blocking(move || -> bool {
+                let client = producer.client();
+                let Ok(md) = client.fetch_metadata(Some(&t), Duration::from_secs(5)) else {
+                    return false;
+                };
+                let Some(tm) = md.topics().iter().find(|x| x.name() == t) else {
+                    return false;
+                };
+                tm.error().is_none()
+                    && !tm.partitions().is_empty()
+                    && tm.partitions().iter().all(|p| {
+                        p.error().is_none()
+                            && p.leader() >= 0
+                            && client
+                                .fetch_watermarks(&t, p.id(), Duration::from_secs(5))
+                                .is_ok()
+                    })
             })
-            .await
-            {
-                if md
-                    .topics()
-                    .iter()
-                    .any(|x| x.name() == topic && x.error().is_none() && !x.partitions().is_empty())
-                {
-                    self.topics.lock().insert(topic.to_owned());
-                    return Ok(());
-                }
+            .await;
+            if matches!(ready, Ok(true)) {
+                self.topics.lock().insert(topic.to_owned());
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(Error::Timeout {
-            operation: format!("topic {topic} to appear"),
+            operation: format!("every partition of topic {topic} to have a leader"),
             after: Duration::from_secs(10),
         })
     }
@@ -554,6 +582,84 @@ impl DeliveryClient for KafkaClient {
         self.inner.ensure_topic(&sub.destination).await?;
         let stream = crate::consume::KafkaStream::start(self.inner.clone(), sub)?;
         Ok(Deliveries::new(Box::new(stream)))
+    }
+
+    async fn inspect(&self, destination: &str, groups: &[&str]) -> Result<DestinationInfo> {
+        check_topic(destination)?;
+        let inner = self.inner.clone();
+        let topic = destination.to_owned();
+        let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+        blocking(move || crate::admin::inspect(&inner.config, &inner.producer, &topic, &groups))
+            .await?
+    }
+
+    /// Deletes the topic — the broker drops every group's committed offsets on it — and each
+    /// named group as a whole (its offsets on every topic: name only groups of this
+    /// destination). A group with running consumers is refused by the broker.
+    async fn delete_destination(&self, destination: &str, groups: &[&str]) -> Result<Vec<String>> {
+        check_topic(destination)?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let mut removed = Vec::new();
+        let topics = self
+            .inner
+            .admin
+            .delete_topics(&[destination], &opts)
+            .await
+            .map_err(|e| match e.rdkafka_error_code() {
+                Some(code) if unsupported(code) => no_admin("DeleteTopics"),
+                _ => kafka_err("delete_topics", e),
+            })?;
+        for r in topics {
+            match r {
+                Ok(t) => removed.push(format!("topic {t}")),
+                Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((_, code)) if unsupported(code) => return Err(no_admin("DeleteTopics")),
+                Err((t, code)) => {
+                    return Err(Error::broker(
+                        BACKEND,
+                        "delete_topics",
+                        true,
+                        format!("{t}: {code}"),
+                    ))
+                }
+            }
+        }
+        self.inner.topics.lock().remove(destination);
+        if !groups.is_empty() {
+            let deleted = self
+                .inner
+                .admin
+                .delete_groups(groups, &opts)
+                .await
+                .map_err(|e| match e.rdkafka_error_code() {
+                    Some(code) if unsupported(code) => no_admin("DeleteGroups"),
+                    _ => kafka_err("delete_groups", e),
+                })?;
+            for r in deleted {
+                match r {
+                    Ok(g) => removed.push(format!("group {g}")),
+                    Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+                    Err((_, code)) if unsupported(code) => return Err(no_admin("DeleteGroups")),
+                    Err((g, RDKafkaErrorCode::NonEmptyGroup)) => {
+                        return Err(Error::broker(
+                            BACKEND,
+                            "delete_groups",
+                            false,
+                            format!("group {g} has running consumers: stop them first"),
+                        ))
+                    }
+                    Err((g, code)) => {
+                        return Err(Error::broker(
+                            BACKEND,
+                            "delete_groups",
+                            true,
+                            format!("{g}: {code}"),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     async fn close(&self) -> Result<()> {

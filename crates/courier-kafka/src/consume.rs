@@ -638,6 +638,12 @@ impl Receiver {
             },
             self.sub.topic.clone(),
             Box::new(settle),
+        )
+        .with_published_at(
+            m.timestamp()
+                .to_millis()
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
         );
         let ready = Ready {
             partition: p,

@@ -13,6 +13,7 @@
 //! message can therefore be overtaken by later messages of its key). External side effects of an
 //! exactly-once handler go through the idempotent layer; transactions cover Kafka→Kafka only.
 
+mod admin;
 mod client;
 mod consume;
 mod settings;

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -12,11 +12,21 @@ use tokio::sync::Notify;
 use courier_core::config::{MemoryConfig, MemoryFaults};
 use courier_core::{
     check_payload, header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient,
-    DeliveryStream, Error, Explanation, Guarantee, Message, MessageId, Position, Receipt, Result,
-    Settle, Subscription,
+    DeliveryStream, DestinationInfo, Error, Explanation, GroupInfo, Guarantee, Message, MessageId,
+    Position, Receipt, Result, Settle, Subscription,
 };
 
 const BACKEND: &str = "memory";
+
+fn not_found(destination: &str) -> Error {
+    Error::DestinationNotFound {
+        backend: BACKEND,
+        destination: destination.to_owned(),
+        hint:
+            "create it first (DeliveryClient::create_destination) or set backend.auto_create = true"
+                .into(),
+    }
+}
 /// How often a confirmed publish is retried when its confirm is lost.
 const PUBLISH_ATTEMPTS: u32 = 20;
 
@@ -26,6 +36,7 @@ struct Entry {
     message: Message,
     attempt: u32,
     visible_at: Option<Instant>,
+    stored_at: SystemTime,
 }
 
 #[derive(Debug)]
@@ -40,6 +51,7 @@ struct Group {
     ready: BTreeMap<u64, Entry>,
     inflight: HashMap<u64, InFlight>,
     busy_keys: HashMap<String, usize>,
+    consumers: u32,
 }
 
 impl Group {
@@ -130,7 +142,7 @@ impl Group {
 
 #[derive(Debug, Default)]
 struct Topic {
-    log: Vec<(u64, Message)>,
+    log: Vec<(u64, Message, SystemTime)>,
     groups: HashMap<String, Group>,
     dedup: HashMap<MessageId, Instant>,
 }
@@ -229,7 +241,8 @@ impl MemoryBroker {
             }
             t.dedup.insert(message.id.clone(), now);
         }
-        t.log.push((seq, message.clone()));
+        let stored_at = SystemTime::now();
+        t.log.push((seq, message.clone(), stored_at));
         for g in t.groups.values_mut() {
             g.ready.insert(
                 seq,
@@ -238,6 +251,7 @@ impl MemoryBroker {
                     message: message.clone(),
                     attempt: 1,
                     visible_at: faults.delay().map(|d| now + d),
+                    stored_at,
                 },
             );
         }
@@ -251,7 +265,7 @@ impl MemoryBroker {
     fn forget(&self, topic: &str, seq: u64) {
         let mut st = self.inner.state.lock();
         if let Some(t) = st.topics.get_mut(topic) {
-            t.log.retain(|(s, _)| *s != seq);
+            t.log.retain(|(s, _, _)| *s != seq);
             for g in t.groups.values_mut() {
                 g.ready.remove(&seq);
             }
@@ -261,12 +275,12 @@ impl MemoryBroker {
     fn join_group(&self, topic: &str, group: &str) {
         let mut st = self.inner.state.lock();
         let t = st.topics.entry(topic.to_owned()).or_default();
-        if !t.groups.contains_key(group) {
+        let g = t.groups.entry(group.to_owned()).or_insert_with(|| {
             // A new group starts from the earliest message (like auto.offset.reset=earliest).
             let ready = t
                 .log
                 .iter()
-                .map(|(seq, m)| {
+                .map(|(seq, m, at)| {
                     (
                         *seq,
                         Entry {
@@ -274,18 +288,70 @@ impl MemoryBroker {
                             message: m.clone(),
                             attempt: 1,
                             visible_at: None,
+                            stored_at: *at,
                         },
                     )
                 })
                 .collect();
-            t.groups.insert(
-                group.to_owned(),
-                Group {
-                    ready,
-                    ..Group::default()
-                },
-            );
+            Group {
+                ready,
+                ..Group::default()
+            }
+        });
+        g.consumers += 1;
+    }
+
+    /// What the broker holds for `topic` and `groups`; `None` when the topic does not exist.
+    fn inspect(&self, topic: &str, groups: &[&str]) -> Option<DestinationInfo> {
+        let now = Instant::now();
+        let st = self.inner.state.lock();
+        let t = st.topics.get(topic)?;
+        let mut info = DestinationInfo::new(topic);
+        info.stored = Some(t.log.len() as u64);
+        for &name in groups {
+            let Some(g) = t.groups.get(name) else {
+                // A group that joins reads the whole log.
+                info.groups
+                    .push(GroupInfo::new(name, false, t.log.len() as u64));
+                continue;
+            };
+            let delayed = g
+                .ready
+                .values()
+                .filter(|e| e.visible_at.is_some_and(|v| v > now))
+                .count() as u64;
+            let mut gi = GroupInfo::new(name, true, g.ready.len() as u64 - delayed);
+            gi.in_flight = Some(g.inflight.len() as u64);
+            gi.delayed = Some(delayed);
+            gi.consumers = Some(g.consumers);
+            gi.oldest_age = g
+                .ready
+                .values()
+                .map(|e| e.stored_at)
+                .chain(g.inflight.values().map(|f| f.entry.stored_at))
+                .min()
+                .map(|at| SystemTime::now().duration_since(at).unwrap_or_default());
+            info.groups.push(gi);
         }
+        Some(info)
+    }
+
+    /// Remove `topic` (with every group) and the named groups; what was removed.
+    fn delete(&self, topic: &str, groups: &[&str]) -> Vec<String> {
+        let mut st = self.inner.state.lock();
+        let Some(t) = st.topics.remove(topic) else {
+            return Vec::new();
+        };
+        let mut removed = vec![format!("topic {topic}")];
+        removed.extend(
+            groups
+                .iter()
+                .filter(|g| t.groups.contains_key(**g))
+                .map(|g| format!("group {g}")),
+        );
+        drop(st);
+        self.inner.changed.notify_waiters();
+        removed
     }
 
     fn leave(&self, topic: &str, group: &str, consumer: u64) {
@@ -295,6 +361,7 @@ impl MemoryBroker {
             .get_mut(topic)
             .and_then(|t| t.groups.get_mut(group))
         {
+            g.consumers = g.consumers.saturating_sub(1);
             let mine: Vec<u64> = g
                 .inflight
                 .iter()
@@ -421,11 +488,7 @@ impl MemoryClient {
             if self.config.auto_create {
                 self.broker.create(destination);
             } else {
-                return Err(Error::DestinationNotFound {
-                    backend: BACKEND,
-                    destination: destination.to_owned(),
-                    hint: "create it first (DeliveryClient::create_destination) or set backend.auto_create = true".into(),
-                });
+                return Err(not_found(destination));
             }
         }
         Ok(())
@@ -654,6 +717,16 @@ impl DeliveryClient for MemoryClient {
         })))
     }
 
+    async fn inspect(&self, destination: &str, groups: &[&str]) -> Result<DestinationInfo> {
+        self.broker
+            .inspect(destination, groups)
+            .ok_or_else(|| not_found(destination))
+    }
+
+    async fn delete_destination(&self, destination: &str, groups: &[&str]) -> Result<Vec<String>> {
+        Ok(self.broker.delete(destination, groups))
+    }
+
     async fn close(&self) -> Result<()> {
         self.closed
             .store(true, std::sync::atomic::Ordering::Release);
@@ -700,6 +773,7 @@ impl MemoryStream {
         let seq = entry.seq;
         let message = entry.message.clone();
         let attempt = entry.attempt;
+        let stored_at = entry.stored_at;
         g.inflight.insert(
             token,
             InFlight {
@@ -720,13 +794,16 @@ impl MemoryStream {
             message_id: message.id.clone(),
         };
         (
-            Some(Delivery::new(
-                message,
-                attempt,
-                Position::Sequence(seq),
-                self.topic.clone(),
-                Box::new(settle),
-            )),
+            Some(
+                Delivery::new(
+                    message,
+                    attempt,
+                    Position::Sequence(seq),
+                    self.topic.clone(),
+                    Box::new(settle),
+                )
+                .with_published_at(Some(stored_at)),
+            ),
             None,
         )
     }

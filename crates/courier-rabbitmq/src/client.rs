@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use futures::future::join_all;
 use futures::StreamExt;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -23,8 +23,8 @@ use tracing::{debug, warn};
 
 use courier_core::config::{QueueType, RabbitMqConfig};
 use courier_core::{
-    check_payload, header, Capabilities, Deliveries, DeliveryClient, Error, Explanation, Guarantee,
-    Message, Position, Receipt, Result, Subscription,
+    check_payload, header, Capabilities, Deliveries, DeliveryClient, DestinationInfo, Error,
+    Explanation, GroupInfo, Guarantee, Message, Position, Receipt, Result, Subscription,
 };
 
 use crate::BACKEND;
@@ -614,8 +614,13 @@ pub(crate) fn properties(m: &Message, persistent: bool, attempt: Option<u32>) ->
             AMQPValue::LongString(a.to_string().into()),
         );
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     BasicProperties::default()
         .with_message_id(m.id.as_str().into())
+        // Read back as `Delivery::published_at` (whole seconds, AMQP's resolution).
+        .with_timestamp(now.as_secs())
         .with_delivery_mode(if persistent { 2 } else { 1 })
         // The AMQP property too, for consumers that are not courier (`Message::json`).
         .with_content_type(
@@ -685,6 +690,52 @@ impl RabbitMqClient {
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(broker_err("exchange.declare passive", e)),
         }
+    }
+
+    /// A queue's ready messages and consumers (a passive declare on a throw-away channel);
+    /// `None` when it does not exist.
+    async fn queue_counts(&self, name: &str) -> Result<Option<(u32, u32)>> {
+        let Watched { channel: ch, lost } = self.link.new_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let op = self.link.declare_timeout();
+        match within(
+            op,
+            &lost,
+            "queue.declare passive",
+            ch.queue_declare(name.into(), passive, FieldTable::default()),
+        )
+        .await?
+        {
+            Ok(q) => {
+                close_channel(&ch, op, "ok").await;
+                Ok(Some((q.message_count(), q.consumer_count())))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(broker_err("queue.declare passive", e)),
+        }
+    }
+
+    /// Delete a queue if it exists (RabbitMQ answers delete-ok for a missing one, so look first
+    /// and say only what was there).
+    async fn delete_queue(&self, name: &str) -> Result<bool> {
+        if self.queue_counts(name).await?.is_none() {
+            return Ok(false);
+        }
+        let Watched { channel: ch, lost } = self.link.new_channel().await?;
+        let op = self.link.declare_timeout();
+        bounded(
+            op,
+            &lost,
+            "queue.delete",
+            ch.queue_delete(name.into(), QueueDeleteOptions::default()),
+        )
+        .await?;
+        close_channel(&ch, op, "ok").await;
+        self.link.delay_queues.lock().remove(name);
+        Ok(true)
     }
 
     /// With `auto_create`, declare the exchange before its first publish by this client (not
@@ -1126,6 +1177,74 @@ impl DeliveryClient for RabbitMqClient {
             crate::consume::RabbitStream::start(self.link.clone(), self.guarantee, sub, queue, dlx)
                 .await?;
         Ok(Deliveries::new(Box::new(stream)))
+    }
+
+    /// The exchange must exist; `stored` is the queue named after the destination (a
+    /// dead-letter destination's); per group, its queue's ready messages and consumers and the
+    /// messages in its delay queues.
+    async fn inspect(&self, destination: &str, groups: &[&str]) -> Result<DestinationInfo> {
+        check_name("exchange", destination)?;
+        if !self.exchange_exists(destination).await? {
+            return Err(not_found(destination));
+        }
+        let mut info = DestinationInfo::new(destination);
+        info.stored = self.queue_counts(destination).await?.map(|(n, _)| n.into());
+        for &group in groups {
+            let sub = Subscription::new(destination, group);
+            check_subscription(&sub)?;
+            let (queue, _) = subscription_names(&sub);
+            let Some((ready, consumers)) = self.queue_counts(&queue).await? else {
+                info.groups.push(GroupInfo::new(group, false, 0));
+                continue;
+            };
+            let mut delayed = 0u64;
+            for &ms in DELAY_STEPS_MS {
+                if let Some((n, _)) = self.queue_counts(&delay_queue(&queue, ms)).await? {
+                    delayed += u64::from(n);
+                }
+            }
+            let mut g = GroupInfo::new(group, true, ready.into());
+            g.consumers = Some(consumers);
+            g.delayed = Some(delayed);
+            info.groups.push(g);
+        }
+        Ok(info)
+    }
+
+    /// Removes each group's queue and delay queues, the queue named after the destination (a
+    /// dead-letter destination's), and the exchange.
+    async fn delete_destination(&self, destination: &str, groups: &[&str]) -> Result<Vec<String>> {
+        check_name("exchange", destination)?;
+        let mut removed = Vec::new();
+        for &group in groups {
+            let sub = Subscription::new(destination, group);
+            check_subscription(&sub)?;
+            let (queue, _) = subscription_names(&sub);
+            let delays = DELAY_STEPS_MS.iter().map(|&ms| delay_queue(&queue, ms));
+            for name in std::iter::once(queue.clone()).chain(delays) {
+                if self.delete_queue(&name).await? {
+                    removed.push(format!("queue {name}"));
+                }
+            }
+        }
+        if self.delete_queue(destination).await? {
+            removed.push(format!("queue {destination}"));
+        }
+        if self.exchange_exists(destination).await? {
+            let Watched { channel: ch, lost } = self.link.new_channel().await?;
+            let op = self.link.declare_timeout();
+            bounded(
+                op,
+                &lost,
+                "exchange.delete",
+                ch.exchange_delete(destination.into(), ExchangeDeleteOptions::default()),
+            )
+            .await?;
+            close_channel(&ch, op, "ok").await;
+            removed.push(format!("exchange {destination}"));
+        }
+        self.link.declared.lock().remove(destination);
+        Ok(removed)
     }
 
     async fn close(&self) -> Result<()> {

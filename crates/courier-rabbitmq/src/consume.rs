@@ -331,6 +331,11 @@ fn convert(
         Position::DeliveryTag(d.delivery_tag),
         ctx.sub.destination.clone(),
         Box::new(settle),
+    )
+    .with_published_at(
+        d.properties
+            .timestamp()
+            .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs)),
     );
     (delivery, has_id)
 }

@@ -21,9 +21,9 @@ use tracing::{debug, warn};
 
 use courier_core::config::SqsConfig;
 use courier_core::{
-    header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream, Error,
-    Explanation, Guarantee, Headers, Message, MessageId, Position, Receipt, Result, Settle,
-    Subscription,
+    header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
+    DestinationInfo, Error, Explanation, GroupInfo, Guarantee, Headers, Message, MessageId,
+    Position, Receipt, Result, Settle, Subscription,
 };
 
 use crate::BACKEND;
@@ -400,12 +400,33 @@ impl Inner {
                 if self.config.auto_create {
                     self.create(&name).await
                 } else {
-                    Err(Error::DestinationNotFound {
-                        backend: BACKEND,
-                        destination: destination.to_owned(),
-                        hint: format!("queue {name:?} does not exist: create it (DeliveryClient::create_destination), set backend.auto_create = true, or check the region"),
-                    })
+                    Err(self.not_found(destination))
                 }
+            }
+            Err(e) => Err(sdk_err("get_queue_url", e)),
+        }
+    }
+
+    fn not_found(&self, destination: &str) -> Error {
+        let name = self.name(destination);
+        Error::DestinationNotFound {
+            backend: BACKEND,
+            destination: destination.to_owned(),
+            hint: format!("queue {name:?} does not exist: create it (DeliveryClient::create_destination), set backend.auto_create = true, or check the region"),
+        }
+    }
+
+    /// The URL of `destination`'s queue, never creating it; `None` when it does not exist.
+    async fn existing_url(&self, destination: &str) -> Result<Option<String>> {
+        let name = self.name(destination);
+        check_queue_name(&name)?;
+        match self.sdk.get_queue_url().queue_name(&name).send().await {
+            Ok(r) => Ok(r.queue_url),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_queue_does_not_exist()) =>
+            {
+                Ok(None)
             }
             Err(e) => Err(sdk_err("get_queue_url", e)),
         }
@@ -751,6 +772,88 @@ impl DeliveryClient for SqsClient {
         })))
     }
 
+    /// The queue's approximate counts; each group asked about is reported with them when it is
+    /// the group that reads the queue (the queue's `courier-group` tag) or no group claimed it
+    /// yet, and as absent otherwise.
+    async fn inspect(&self, destination: &str, groups: &[&str]) -> Result<DestinationInfo> {
+        let inner = &self.inner;
+        let url = inner
+            .existing_url(destination)
+            .await?
+            .ok_or_else(|| inner.not_found(destination))?;
+        let attrs = inner
+            .sdk
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| sdk_err("get_queue_attributes", e))?;
+        let count = |name: QueueAttributeName| -> u64 {
+            attrs
+                .attributes()
+                .and_then(|a| a.get(&name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let visible = count(QueueAttributeName::ApproximateNumberOfMessages);
+        let mut info = DestinationInfo::new(destination);
+        info.stored = Some(visible);
+        if groups.is_empty() {
+            return Ok(info);
+        }
+        let tags = inner
+            .sdk
+            .list_queue_tags()
+            .queue_url(&url)
+            .send()
+            .await
+            .map_err(|e| sdk_err("list_queue_tags", e))?;
+        let owner = tags.tags().and_then(|t| t.get(GROUP_TAG)).cloned();
+        for &group in groups {
+            if owner.as_deref().is_some_and(|o| o != group) {
+                info.groups.push(GroupInfo::new(group, false, 0));
+                continue;
+            }
+            let mut g = GroupInfo::new(group, true, visible);
+            g.in_flight = Some(count(
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            ));
+            g.delayed = Some(count(
+                QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+            ));
+            info.groups.push(g);
+        }
+        Ok(info)
+    }
+
+    /// Deletes the queue (the groups own nothing else on SQS). SQS forbids creating a queue
+    /// of the same name for 60 seconds after.
+    async fn delete_destination(&self, destination: &str, groups: &[&str]) -> Result<Vec<String>> {
+        let _ = groups;
+        let inner = &self.inner;
+        let name = inner.name(destination);
+        let Some(url) = inner.existing_url(destination).await? else {
+            return Ok(Vec::new());
+        };
+        match inner.sdk.delete_queue().queue_url(&url).send().await {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_queue_does_not_exist()) =>
+            {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(sdk_err("delete_queue", e)),
+        }
+        inner.urls.lock().remove(&name);
+        inner.limits.lock().remove(&name);
+        inner.groups.lock().remove(&url);
+        Ok(vec![format!("queue {name}")])
+    }
+
     async fn close(&self) -> Result<()> {
         Ok(())
     }
@@ -790,7 +893,8 @@ async fn poll(
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::SequenceNumber)
             .message_system_attribute_names(MessageSystemAttributeName::MessageDeduplicationId)
-            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId);
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp);
         let out = tokio::select! {
             _ = tx.closed() => return,
             r = req.send() => r,
@@ -1000,6 +1104,11 @@ fn delivery(
         .attributes()
         .and_then(|a| a.get(&MessageSystemAttributeName::SequenceNumber))
         .cloned();
+    let sent_at = m
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
     let handle = m.receipt_handle().unwrap_or_default().to_owned();
     let lease = keeper.map(|k| k.hold(&handle));
     let settle = SqsSettle {
@@ -1026,6 +1135,7 @@ fn delivery(
         source.to_owned(),
         Box::new(settle),
     )
+    .with_published_at(sent_at)
 }
 
 /// The visibility heartbeat of one subscription: every message received and not yet settled is

@@ -95,6 +95,13 @@ pub trait TestBackend: Send + Sync + 'static {
     fn layer_store(&self) -> Option<Arc<dyn IdempotencyStore>> {
         None
     }
+
+    /// Whether the broker implements deleting destinations and groups. librdkafka's
+    /// MockCluster does not (no DeleteTopics or DeleteGroups; a request waits out its timeout):
+    /// there the admin scenario checks `inspect` only, and says so.
+    fn deletes_destinations(&self) -> bool {
+        true
+    }
 }
 
 /// Any backend with every scenario's handlers wrapped in the idempotent layer over `store`:
@@ -131,6 +138,10 @@ impl<B: TestBackend> TestBackend for Layered<B> {
     fn layer_store(&self) -> Option<Arc<dyn IdempotencyStore>> {
         Some(self.store.clone())
     }
+
+    fn deletes_destinations(&self) -> bool {
+        self.inner.deletes_destinations()
+    }
 }
 
 /// Generate one `#[tokio::test]` per conformance scenario, each calling `$factory().await` for a
@@ -162,7 +173,8 @@ macro_rules! conformance_suite {
             handler_outputs_arrive_and_inputs_settle,
             typed_messages_round_trip_and_bad_payloads_dead_letter,
             delayed_delivery_waits_until_due,
-            request_reply_answers_a_repeated_request_from_the_stored_result
+            request_reply_answers_a_repeated_request_from_the_stored_result,
+            admin_inspects_and_deletes
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 
 use courier_core::{
     header, json_handler_fn, BatchHandler, BatchOptions, Consumer, ConsumerHandle, Context,
-    DeliveryClient, Error, Guarantee, Handler, HandlerError, Message, RetryPolicy, Subscription,
+    DeliveryClient, Error, GroupInfo, Guarantee, Handler, HandlerError, Message, RetryPolicy,
+    Subscription,
 };
 use courier_idempotency::Idempotent;
 
@@ -1186,6 +1187,129 @@ impl Handler for Cashier {
     }
 }
 
+/// Poll `inspect` (bounded) until `done` holds for the report of `group`; the last report.
+async fn inspect_until(
+    client: &dyn DeliveryClient,
+    dest: &str,
+    group: &str,
+    done: impl Fn(&GroupInfo) -> bool,
+) -> Result<GroupInfo, ScenarioError> {
+    let deadline = tokio::time::Instant::now() + scaled(Duration::from_secs(20));
+    loop {
+        let info = client.inspect(dest, &[group]).await?;
+        let g = info
+            .group(group)
+            .cloned()
+            .ok_or_else(|| ScenarioError(format!("inspect left out group {group}: {info}")))?;
+        if done(&g) || tokio::time::Instant::now() >= deadline {
+            return Ok(g);
+        }
+        // Broker counts are read, not pushed: look again shortly.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `inspect` reports a group's backlog before and after part of it is consumed, and the
+/// consumers attached; deliveries carry when the broker stored them; `delete_destination`
+/// removes the destination and the group, and a missing destination is a typed error.
+pub async fn admin_inspects_and_deletes(b: &dyn TestBackend) -> Outcome {
+    let client = b.client(Guarantee::AtLeastOnce).await?;
+    let dest = b.fresh_destination(&*client, "admin").await?;
+    let group = unique("g");
+    let sub = Subscription::new(&dest, &group);
+    client.declare_subscription(&sub).await?;
+    let started = std::time::SystemTime::now();
+    for m in numbered(10, "admin") {
+        client.publish(&dest, m).await?;
+    }
+    let waiting = |g: &GroupInfo| g.backlog + g.in_flight.unwrap_or(0) + g.delayed.unwrap_or(0);
+    let g = inspect_until(&*client, &dest, &group, |g| g.backlog == 10).await?;
+    ensure!(
+        g.backlog == 10,
+        "inspect: {} waiting for the group after 10 published: {g:?}",
+        g.backlog
+    );
+    if let Some(age) = g.oldest_age {
+        ensure!(
+            age <= started.elapsed().unwrap_or_default() + Duration::from_secs(1),
+            "inspect: oldest message {age:?} old, but the first was published {:?} ago",
+            started.elapsed().unwrap_or_default()
+        );
+    }
+    // Take four and settle them; the other six stay.
+    let mut deliveries = client.subscribe(sub.clone()).await?;
+    for i in 0..4 {
+        let d = deliveries
+            .next_timeout(wait())
+            .await
+            .ok_or_else(|| ScenarioError(format!("delivery {i} of 10 never arrived")))??;
+        let at = d.published_at.ok_or_else(|| {
+            ScenarioError(format!(
+                "{} delivered without when it was published",
+                b.name()
+            ))
+        })?;
+        ensure!(
+            at + Duration::from_secs(1) >= started && at <= d.received_at + Duration::from_secs(1),
+            "published_at {at:?} is not between the publish ({started:?}) and the receive ({:?})",
+            d.received_at
+        );
+        d.ack().await?;
+    }
+    let live = client.inspect(&dest, &[&group]).await?;
+    let consumers = live.group(&group).and_then(|g| g.consumers);
+    ensure!(
+        consumers.is_none_or(|c| c >= 1),
+        "inspect: {consumers:?} consumers while one is receiving: {live}"
+    );
+    deliveries.close().await?;
+    let g = inspect_until(&*client, &dest, &group, |g| g.exists && waiting(g) == 6).await?;
+    ensure!(
+        g.exists && waiting(&g) == 6,
+        "inspect: {} waiting after 4 of 10 were settled (want 6): {g:?}",
+        waiting(&g)
+    );
+    if !b.deletes_destinations() {
+        eprintln!(
+            "admin_inspects_and_deletes: deleting skipped on {}: the broker does not implement deleting topics and groups",
+            b.name()
+        );
+        return Ok(());
+    }
+    let removed = client.delete_destination(&dest, &[&group]).await?;
+    ensure!(
+        removed
+            .iter()
+            .any(|r| r.ends_with(&dest) || r.contains(&format!("{dest}."))),
+        "delete_destination({dest}) removed nothing of it: {removed:?}"
+    );
+    // Deletion can take a moment to show (Kafka deletes topics asynchronously).
+    let deadline = tokio::time::Instant::now() + scaled(Duration::from_secs(20));
+    loop {
+        match client.inspect(&dest, &[]).await {
+            Err(Error::DestinationNotFound { .. }) => break,
+            Err(e) => return Err(e.into()),
+            Ok(info) if tokio::time::Instant::now() >= deadline => {
+                return Err(ScenarioError(format!(
+                    "{dest} still there after delete_destination: {info}"
+                )))
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let again = client.delete_destination(&dest, &[&group]).await?;
+    ensure!(
+        again.is_empty(),
+        "deleting {dest} a second time removed {again:?}"
+    );
+    match client.inspect(&unique("never-created"), &[]).await {
+        Err(Error::DestinationNotFound { .. }) => Ok(()),
+        other => Err(ScenarioError(format!(
+            "inspect of a destination never created: {other:?}, want DestinationNotFound"
+        ))),
+    }
+}
+
 /// Request-reply through the idempotent layer: a request whose reply came too late (the
 /// requester timed out) is asked again, and answered with the stored result of its first run —
 /// the handler runs once; another request gets its own reply.
@@ -1648,6 +1772,7 @@ pub const ALL: &[&str] = &[
     "typed_messages_round_trip_and_bad_payloads_dead_letter",
     "delayed_delivery_waits_until_due",
     "request_reply_answers_a_repeated_request_from_the_stored_result",
+    "admin_inspects_and_deletes",
 ];
 
 /// Run one scenario by name.
@@ -1695,6 +1820,7 @@ pub async fn run(name: &str, b: &dyn TestBackend) -> Outcome {
         "request_reply_answers_a_repeated_request_from_the_stored_result" => {
             request_reply_answers_a_repeated_request_from_the_stored_result(b).await
         }
+        "admin_inspects_and_deletes" => admin_inspects_and_deletes(b).await,
         other => Err(ScenarioError(format!("no scenario named {other}"))),
     }
 }

@@ -25,8 +25,8 @@ use tracing::{info_span, Instrument};
 
 use courier_core::{
     header, AfterCommit, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient,
-    DeliveryStream, Explanation, Guarantee, Message, Outgoing, Receipt, Result, Settle,
-    Subscription,
+    DeliveryStream, DestinationInfo, Explanation, Guarantee, Message, Outgoing, Receipt, Result,
+    Settle, Subscription,
 };
 
 /// A new W3C `traceparent` value with a random trace id and span id.
@@ -45,7 +45,18 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
     (t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit())).then_some(t)
 }
 
-fn ensure_traceparent(m: &mut Message) -> String {
+/// The message's `traceparent`, set first when it has none: with OpenTelemetry (feature `otel`)
+/// from `span`'s context, so the consumer's handler span becomes its child; otherwise a fresh
+/// one.
+fn ensure_traceparent(m: &mut Message, span: &tracing::Span) -> String {
+    #[cfg(feature = "otel")]
+    if !m.headers.contains_key(header::TRACEPARENT) {
+        if let Some(tp) = courier_core::otel::traceparent(span) {
+            m.headers.insert(header::TRACEPARENT.to_owned(), tp);
+        }
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = span;
     m.headers
         .entry(header::TRACEPARENT.to_owned())
         .or_insert_with(new_traceparent)
@@ -103,11 +114,19 @@ impl DeliveryClient for Instrumented {
         self.inner.declare_subscription(subscription).await
     }
 
+    async fn inspect(&self, destination: &str, groups: &[&str]) -> Result<DestinationInfo> {
+        self.inner.inspect(destination, groups).await
+    }
+
+    async fn delete_destination(&self, destination: &str, groups: &[&str]) -> Result<Vec<String>> {
+        self.inner.delete_destination(destination, groups).await
+    }
+
     async fn publish(&self, destination: &str, mut message: Message) -> Result<Receipt> {
         let backend = self.inner.backend();
         let span = info_span!("courier.publish", backend, destination, message_id = %message.id, trace_id = tracing::field::Empty);
         if !span.is_disabled() {
-            let tp = ensure_traceparent(&mut message);
+            let tp = ensure_traceparent(&mut message, &span);
             span.record("trace_id", trace_id(&tp).unwrap_or(""));
         }
         let r = self
@@ -129,7 +148,7 @@ impl DeliveryClient for Instrumented {
         let span = info_span!("courier.publish_batch", backend, destination, size = n);
         if !span.is_disabled() {
             for m in &mut messages {
-                ensure_traceparent(m);
+                ensure_traceparent(m, &span);
             }
         }
         let r = self
@@ -219,13 +238,7 @@ impl DeliveryStream for InstrumentedStream {
             metrics: m.clone(),
             message_id: info.message.id.clone(),
         };
-        Some(Ok(Delivery::new(
-            info.message,
-            info.attempt,
-            info.position,
-            info.source,
-            Box::new(settle),
-        )))
+        Some(Ok(Delivery::from_parts(info, Box::new(settle))))
     }
 
     async fn close(self: Box<Self>) -> Result<()> {

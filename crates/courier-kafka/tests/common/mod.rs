@@ -61,6 +61,10 @@ impl TestBackend for Kafka {
         self.name.into()
     }
 
+    fn deletes_destinations(&self) -> bool {
+        !self.name.contains("MockCluster")
+    }
+
     async fn client(&self, guarantee: Guarantee) -> Result<Arc<dyn DeliveryClient>> {
         Ok(Arc::new(
             courier_kafka::connect(&config(&self.bootstrap, guarantee)).await?,

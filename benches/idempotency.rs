@@ -84,6 +84,10 @@ async fn run(client: &Arc<dyn DeliveryClient>, store: Option<Arc<dyn Idempotency
         let ahead = s.claimed_ahead.load(Ordering::Relaxed);
         println!("    ({ahead} of {MESSAGES} keys claimed ahead, in batches)");
     }
+    // Leave nothing on the broker (RabbitMQ quorum queues of earlier runs slow the node down).
+    for d in [dest.clone(), format!("{dest}-dlq")] {
+        client.delete_destination(&d, &[group]).await.unwrap();
+    }
     rate
 }
 

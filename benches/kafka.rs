@@ -368,6 +368,17 @@ async fn main() {
         "courier EO",
         rates[1],
     );
+    // Leave nothing on the broker (topics and the groups of this run).
+    for t in [&raw_t, &cour_t, &eo_t] {
+        alo.delete_destination(t, &[]).await.unwrap();
+    }
+    for out in [
+        format!("bench-ctp-raw-{tag}"),
+        format!("bench-ctp-{}-{tag}", Guarantee::AtLeastOnce),
+        format!("bench-ctp-{}-{tag}", Guarantee::ExactlyOnce),
+    ] {
+        alo.delete_destination(&out, &[]).await.unwrap();
+    }
     alo.close().await.unwrap();
     eo.close().await.unwrap();
 }

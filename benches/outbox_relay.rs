@@ -135,6 +135,15 @@ async fn bench(name: &str, url: &str) {
     let p99 = stats.latency_quantile(0.99).unwrap();
     let n = stats.published.load(Ordering::Relaxed);
     relay.shutdown().await.unwrap();
+    // Leave nothing on the broker.
+    for d in [
+        dest.clone(),
+        direct_dest.clone(),
+        format!("{dest}-dlq"),
+        format!("{direct_dest}-dlq"),
+    ] {
+        client.delete_destination(&d, &["bench"]).await.unwrap();
+    }
     client.close().await.unwrap();
     println!(
         "{name:<9} relay {relayed:>8.0} msg/s   direct publish_batch {direct:>8.0} msg/s   ratio {:.2}   commit->published p50 {:>6.1} ms  p99 {:>6.1} ms  ({n} rows at 500/s)",

@@ -261,6 +261,11 @@ async fn main() {
     let cour_rate = total as f64 / t.elapsed().as_secs_f64();
     h.shutdown().await.unwrap();
     line("consume + ack", raw_rate, cour_rate);
+    // Leave nothing on the broker: quorum queues of earlier runs slow a small node down.
+    let dlq = format!("{cour_x}-dlq");
+    for (x, groups) in [(&raw_x, &["g"][..]), (&cour_x, &["g"][..]), (&dlq, &[][..])] {
+        client.delete_destination(x, groups).await.unwrap();
+    }
     client.close().await.unwrap();
     conn.close(200, "bye".into()).await.unwrap();
 }

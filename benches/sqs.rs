@@ -201,6 +201,9 @@ async fn main() {
         n / raw_d.as_secs_f64(),
         n / cour_d.as_secs_f64(),
     );
+    // Leave nothing on the broker.
+    sqs.delete_queue().queue_url(&raw_url).send().await.unwrap();
+    client.delete_destination(&cour_q, &[]).await.unwrap();
     client.close().await.unwrap();
 }
 

@@ -99,7 +99,8 @@ fn opt<T: fmt::Display>(v: &Option<T>) -> String {
 }
 
 impl fmt::Display for DestinationInfo {
-    /// A small table: the destination line, then one line per group.
+    /// A small table: the destination line, then one line per group (`(new)` marks a group the
+    /// broker holds nothing for yet).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.destination)?;
         if let Some(p) = self.partitions {
@@ -115,10 +116,11 @@ impl fmt::Display for DestinationInfo {
             "group", "backlog", "in-flight", "delayed", "consumers", "oldest"
         )?;
         for g in &self.groups {
+            // A group that does not exist yet: what it would read when it joins.
             let backlog = if g.exists {
                 g.backlog.to_string()
             } else {
-                "(none)".to_owned()
+                format!("{} (new)", g.backlog)
             };
             let oldest = g
                 .oldest_age

@@ -161,7 +161,7 @@ pub(crate) fn record_headers(
     let nb = not_before_ms.map(|t| t.to_string());
     if let Some(t) = &nb {
         h = h.insert(Header {
-            key: crate::consume::NOT_BEFORE,
+            key: header::NOT_BEFORE,
             value: Some(t.as_str()),
         });
     }

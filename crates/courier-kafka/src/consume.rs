@@ -25,9 +25,6 @@ use courier_core::{
 use crate::client::{blocking, kafka_err, Inner};
 use crate::settings;
 
-/// Header carrying the earliest time (ms since the epoch) a retried message may be handled.
-pub(crate) const NOT_BEFORE: &str = header::NOT_BEFORE;
-
 /// Retries waiting for their not-before time, at most, before the receive task stops fetching
 /// until some are due.
 const MAX_DELAYED: usize = 10_000;
@@ -604,7 +601,7 @@ impl Receiver {
                 match h.key {
                     k if k == header::ID => id = Some(v),
                     k if k == header::ATTEMPT => attempt = v.parse().unwrap_or(1),
-                    NOT_BEFORE => not_before = v.parse::<u64>().ok(),
+                    header::NOT_BEFORE => not_before = v.parse::<u64>().ok(),
                     k => {
                         headers.insert(k.to_owned(), v);
                     }

@@ -76,7 +76,7 @@ async fn backend_matrix(name: &str, base: Config, messages: usize, faults: &[&st
             let mut config = base.clone().with_guarantee(g);
             // At-most-once gets the store too: its consumers are processes, and an id the
             // producer published twice may reach two of them; the consumer's in-memory window
-            // skips it within one process only, the store across them (finding 7).
+            // skips it within one process only, the store across them (`verify_finds_at_most_once_duplicates_across_processes_without_a_store`).
             if g != Guarantee::AtLeastOnce {
                 config.idempotency = Some(IdempotencyConfig {
                     store: SecretUrl::new(courier_testkit::endpoints::database_url()),
@@ -152,7 +152,7 @@ async fn connection_cuts_hold_on_sqs() {
 }
 
 /// The same on RabbitMQ, where publisher and consumers share one AMQP connection, and the cuts
-/// together with a consumer crash and handler errors (the cell of docs/proving.md, finding 4).
+/// together with a consumer crash and handler errors (a cell of the matrix in docs/proving.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_cuts_hold_on_rabbitmq() {
     let config = Config::from_url(&courier_testkit::endpoints::rabbitmq_url()).unwrap();

@@ -2,7 +2,6 @@
 //! tests (the chaos matrix in `integration/`) as well as from the binary.
 
 pub mod admin;
-pub mod doctor;
 pub mod proxy;
 pub mod verify;
 

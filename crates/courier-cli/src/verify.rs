@@ -40,7 +40,18 @@
 //! Exit status is non-zero when the guarantee was violated.
 
 mod cleanup;
+mod faults;
+mod ledger;
+mod report;
+mod work;
 mod workers;
+
+use faults::*;
+pub use faults::{Faults, Sabotage};
+use ledger::*;
+use report::Outcome;
+pub use report::Report;
+use work::*;
 
 pub use workers::{producer, worker};
 
@@ -72,641 +83,6 @@ use courier::{
 const SENT_AT: &str = "courier-verify-sent-at";
 /// The effects table of the PostgreSQL transactional mode (rows of a run are deleted after it).
 const EFFECTS_TABLE: &str = "courier_verify_effects";
-
-/// Faults to inject.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Faults {
-    /// Consumer crashes mid-handler.
-    pub kill: u32,
-    /// Handler error probability.
-    pub errors: f64,
-    /// Share of messages published twice with the same id.
-    pub duplicates: f64,
-    /// Idempotency store outage.
-    pub store_outage: Option<Duration>,
-    /// Broker restart mid-run.
-    pub restart: bool,
-    /// Connection cuts through the fault proxy.
-    pub cut: u32,
-}
-
-impl std::str::FromStr for Faults {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let mut f = Faults::default();
-        for part in s
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty() && *p != "none")
-        {
-            let (name, value) = part.split_once('=').unwrap_or((part, ""));
-            match name {
-                "kill" => f.kill = value.parse().map_err(|_| anyhow!("kill={value}: expected a count"))?,
-                "errors" => f.errors = prob(name, value)?,
-                "duplicates" | "dup" => f.duplicates = prob(name, value)?,
-                "store-outage" => f.store_outage = Some(crate::humantime_parse(value).map_err(|e| anyhow!(e))?),
-                "restart" => f.restart = true,
-                "cut" => f.cut = value.parse().map_err(|_| anyhow!("cut={value}: expected a count"))?,
-                other => bail!("unknown fault {other:?}: use kill=N, errors=P, duplicates=P, store-outage=DURATION, restart, cut=N"),
-            }
-        }
-        Ok(f)
-    }
-}
-
-fn prob(name: &str, v: &str) -> Result<f64> {
-    let p: f64 = v
-        .parse()
-        .map_err(|_| anyhow!("{name}={v}: expected a probability"))?;
-    if !(0.0..=1.0).contains(&p) {
-        bail!("{name}={v}: must be between 0 and 1");
-    }
-    Ok(p)
-}
-
-/// Deliberate mistakes, to show that `verify` catches them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-pub enum Sabotage {
-    /// Claim at-least-once but settle before the handler (what an auto-ack consumer does).
-    AckFirst,
-    /// Claim exactly-once but run without the idempotent layer.
-    NoDedup,
-}
-
-/// What the experiment measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// Backend.
-    pub backend: String,
-    /// Guarantee checked.
-    pub guarantee: Guarantee,
-    /// Faults injected.
-    pub faults: Faults,
-    /// Sabotage applied.
-    pub sabotage: Option<Sabotage>,
-    /// Distinct messages published successfully.
-    pub sent: u64,
-    /// Handler effects recorded.
-    pub effects: u64,
-    /// Distinct messages that had an effect.
-    pub handled: u64,
-    /// Sent but never handled.
-    pub lost: u64,
-    /// Of the lost, those no handler ever saw (never delivered, or stuck behind something that
-    /// was); the rest reached a handler whose effect never committed.
-    pub lost_undelivered: u64,
-    /// Effects beyond the first per id.
-    pub duplicate_effects: u64,
-    /// Handler invocations beyond the first per id (redeliveries and retries).
-    pub redeliveries: u64,
-    /// Messages dead-lettered.
-    pub dead_lettered: u64,
-    /// Duplicates the idempotent layer absorbed.
-    pub duplicates_absorbed: u64,
-    /// Consumer crashes injected.
-    pub crashes: u32,
-    /// Whether the consumers ran as child processes (a crash is `SIGKILL`) rather than as tasks
-    /// of the verify process.
-    pub consumer_processes: bool,
-    /// Whether the producer ran as a child process of its own (with the consumer processes)
-    /// rather than as a task of the verify process.
-    pub producer_process: bool,
-    /// Connections dropped by the fault proxy's cuts.
-    pub connections_cut: u64,
-    /// Effects per second.
-    pub throughput: f64,
-    /// End-to-end latency p50, ms.
-    pub p50_ms: f64,
-    /// End-to-end latency p99, ms.
-    pub p99_ms: f64,
-    /// Whether the guarantee held.
-    pub holds: bool,
-    /// What was violated.
-    pub violations: Vec<String>,
-    /// Wall time, seconds.
-    pub seconds: f64,
-    /// The run's destination (its dead-letter destination is `DESTINATION-dlq`).
-    pub destination: String,
-    /// What was removed from the broker after the run (empty when kept).
-    pub removed: Vec<String>,
-    /// Why removing the run's destinations failed, if it did (they are left behind).
-    pub cleanup_error: Option<String>,
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, String); 18] = [
-            ("backend", self.backend.clone()),
-            ("guarantee", self.guarantee.to_string()),
-            ("sent", self.sent.to_string()),
-            ("handled", self.handled.to_string()),
-            (
-                "lost",
-                if self.lost > 0 {
-                    format!(
-                        "{} ({} never reached a handler)",
-                        self.lost, self.lost_undelivered
-                    )
-                } else {
-                    "0".into()
-                },
-            ),
-            ("duplicate effects", self.duplicate_effects.to_string()),
-            ("redeliveries", self.redeliveries.to_string()),
-            ("dead-lettered", self.dead_lettered.to_string()),
-            ("duplicates absorbed", self.duplicates_absorbed.to_string()),
-            (
-                "consumers",
-                if self.consumer_processes {
-                    "processes (a crash is SIGKILL)".into()
-                } else {
-                    "tasks of this process".into()
-                },
-            ),
-            (
-                "producer",
-                if self.producer_process {
-                    "a process of its own".into()
-                } else {
-                    "a task of this process".into()
-                },
-            ),
-            ("consumer crashes", self.crashes.to_string()),
-            (
-                "connections cut",
-                if self.faults.cut > 0 {
-                    format!("{} in {} cuts", self.connections_cut, self.faults.cut)
-                } else {
-                    "0".into()
-                },
-            ),
-            ("throughput", format!("{:.0} msg/s", self.throughput)),
-            ("latency p50", format!("{:.1} ms", self.p50_ms)),
-            ("latency p99", format!("{:.1} ms", self.p99_ms)),
-            (
-                "destination",
-                match (&self.cleanup_error, self.removed.len()) {
-                    (Some(e), _) => format!("{} left behind: {e}", self.destination),
-                    (None, 0) => format!("{} (kept)", self.destination),
-                    (None, n) => {
-                        format!("{} (removed after the run: {n} objects)", self.destination)
-                    }
-                },
-            ),
-            (
-                "verdict",
-                if self.holds {
-                    "guarantee holds".into()
-                } else {
-                    format!("VIOLATED: {}", self.violations.join("; "))
-                },
-            ),
-        ];
-        for (k, v) in rows {
-            writeln!(f, "{k:<20} {v}")?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct Ledger {
-    sent: Mutex<HashMap<String, ()>>,
-    effects: Mutex<HashMap<String, u32>>,
-    invocations: Mutex<HashMap<String, u32>>,
-    latencies: Mutex<Vec<f64>>,
-    total_effects: AtomicU64,
-    last_effect: Mutex<Option<Instant>>,
-    /// Woken whenever effects are recorded, for [`Ledger::reached`].
-    changed: tokio::sync::Notify,
-}
-
-/// What a fault's mark counts.
-#[derive(Clone, Copy)]
-enum Progress {
-    /// Distinct ids that had an effect.
-    Effects,
-    /// Distinct ids that reached a handler: what the kills count, since a kill needs a handler
-    /// to start — under at-most-once, failed handlers and store outages hold effects back while
-    /// deliveries keep reaching handlers.
-    Invocations,
-}
-
-impl Ledger {
-    /// Message `id` was published (its first publish succeeded).
-    fn sent(&self, id: &str) {
-        self.sent.lock().insert(id.to_owned(), ());
-    }
-
-    /// Wait until `target` distinct ids had an effect, or until `deadline`.
-    async fn reached(&self, target: usize, deadline: Instant) {
-        self.reached_or_idle(target, Progress::Effects, None, deadline)
-            .await
-    }
-
-    fn progress(&self, by: Progress) -> usize {
-        match by {
-            Progress::Effects => self.effects.lock().len(),
-            Progress::Invocations => self.invocations.lock().len(),
-        }
-    }
-
-    /// Count one handler start on `id`.
-    fn invoked(&self, id: String) {
-        *self.invocations.lock().entry(id).or_default() += 1;
-        self.changed.notify_waiters();
-    }
-
-    /// Like [`Ledger::reached`] (counting `by`), but with `idle` also return once effects stopped
-    /// coming for that long after the first one: a mark the run can no longer reach (an
-    /// at-most-once run whose faults lost the rest) must not hold the fault back until the
-    /// deadline.
-    async fn reached_or_idle(
-        &self,
-        target: usize,
-        by: Progress,
-        idle: Option<Duration>,
-        deadline: Instant,
-    ) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.progress(by) >= target {
-                return;
-            }
-            let now = Instant::now();
-            if deadline <= now {
-                return;
-            }
-            let mut wake = deadline;
-            if let (Some(idle), Some(last)) = (idle, *self.last_effect.lock()) {
-                if now.saturating_duration_since(last) >= idle {
-                    return;
-                }
-                wake = wake.min(last + idle);
-            }
-            let _ = tokio::time::timeout(wake.saturating_duration_since(now), changed).await;
-        }
-    }
-
-    /// Count one effect of `id` (the in-memory effect of the non-transactional modes).
-    fn record(&self, id: String, latency_ms: Option<f64>) {
-        *self.effects.lock().entry(id).or_default() += 1;
-        self.total_effects.fetch_add(1, Ordering::Relaxed);
-        *self.last_effect.lock() = Some(Instant::now());
-        if let Some(l) = latency_ms {
-            self.latencies.lock().push(l);
-        }
-        self.changed.notify_waiters();
-    }
-}
-
-/// Milliseconds since the producer stamped `m`.
-fn latency_ms(m: &Message) -> Option<f64> {
-    let sent = m.headers.get(SENT_AT)?.parse::<u64>().ok()?;
-    Some(now_micros().saturating_sub(sent) as f64 / 1000.0)
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// The experiment's handler: a unit of "work" (a short wait during which a crash can hit), then
-/// the effect — counted in memory, or (transactional mode) a row inserted into [`EFFECTS_TABLE`]
-/// in the transaction that records the key.
-struct Work {
-    sink: Sink,
-    error_rate: f64,
-    /// Which consumer this handler belongs to.
-    consumer: u64,
-    /// The run's id in the effects table.
-    run: String,
-}
-
-/// Where a handler reports its invocations and effects, and learns of kills.
-enum Sink {
-    /// A consumer task of the verify process: the run's ledger and kill switch.
-    Local {
-        ledger: Arc<Ledger>,
-        kill: Arc<KillSwitch>,
-    },
-    /// A consumer process: lines to the parent, which keeps the ledger ([`workers`]).
-    Pipe(Arc<workers::Pipe>),
-}
-
-/// Lets the fault driver crash a consumer while one of its handlers is mid-way. Shared by all
-/// consumers: the first handler (of any consumer) to start once the switch is armed and its
-/// mark reached parks, and its consumer is the one crashed — a consumer that happens to have
-/// nothing to do is never picked. The handlers check the mark themselves, so a kill lands on the
-/// first handler past it even when the run outpaces the driver.
-struct KillSwitch {
-    /// Handler starts (distinct ids) at which the next handler parks; `DISARMED` when none,
-    /// `OFFERED` while consumer processes are offered it.
-    armed_at: AtomicU64,
-    parked: tokio::sync::Notify,
-    victim: AtomicU64,
-    /// The consumer being crashed: its other handlers do not take the next kill.
-    doomed: AtomicU64,
-    /// Woken when a kill is armed (consumer processes are offered it by a relay).
-    rearmed: tokio::sync::Notify,
-}
-
-const DISARMED: u64 = u64::MAX;
-/// `armed_at` while the kill is offered to consumer processes: the first to report a parked
-/// handler takes it.
-const OFFERED: u64 = u64::MAX - 1;
-
-impl Default for KillSwitch {
-    fn default() -> Self {
-        KillSwitch {
-            armed_at: AtomicU64::new(DISARMED),
-            parked: tokio::sync::Notify::new(),
-            victim: AtomicU64::new(0),
-            doomed: AtomicU64::new(DISARMED),
-            rearmed: tokio::sync::Notify::new(),
-        }
-    }
-}
-
-impl KillSwitch {
-    /// A handler of consumer `consumer` took the kill and is parked: it is the victim.
-    fn report_parked(&self, consumer: u64) {
-        self.victim.store(consumer, Ordering::SeqCst);
-        self.parked.notify_one();
-    }
-
-    /// Arm the next kill at `at` handler starts (distinct ids).
-    fn arm(&self, at: u64) {
-        self.armed_at.store(at, Ordering::SeqCst);
-        self.rearmed.notify_waiters();
-    }
-
-    /// Whether this handler, of consumer `consumer`, takes the kill (at most one does per
-    /// arming).
-    fn take(&self, consumer: u64, started: impl FnOnce() -> usize) -> bool {
-        let at = self.armed_at.load(Ordering::SeqCst);
-        at != DISARMED
-            && consumer != self.doomed.load(Ordering::SeqCst)
-            && started() as u64 >= at
-            && self
-                .armed_at
-                .compare_exchange(at, DISARMED, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-    }
-}
-
-impl Work {
-    /// Everything before the effect: count the invocation, work, crash or fail when told to.
-    async fn prelude(&self, m: &Message) -> Result<(), HandlerError> {
-        match &self.sink {
-            Sink::Local { ledger, kill } => {
-                ledger.invoked(m.id.to_string());
-                tokio::time::sleep(Duration::from_micros(200)).await;
-                if kill.take(self.consumer, || ledger.progress(Progress::Invocations)) {
-                    // Crash point: tell the driver which consumer is mid-handler, then never
-                    // finish.
-                    kill.report_parked(self.consumer);
-                    std::future::pending::<()>().await;
-                }
-            }
-            Sink::Pipe(pipe) => {
-                pipe.send(&format!("I {}", m.id));
-                tokio::time::sleep(Duration::from_micros(200)).await;
-                // Crash point: parked until SIGKILL (or resumed when another took the kill).
-                pipe.maybe_park().await;
-            }
-        }
-        if self.error_rate > 0.0 && fastrand::f64() < self.error_rate {
-            return Err(HandlerError::retryable("injected handler error"));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Handler for Work {
-    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
-        self.prelude(m).await?;
-        match &self.sink {
-            Sink::Local { ledger, .. } => ledger.record(m.id.to_string(), latency_ms(m)),
-            Sink::Pipe(pipe) => pipe.send(&format!(
-                "E {} {}",
-                m.id,
-                latency_ms(m).map_or_else(|| "-".to_owned(), |l| format!("{l:.3}"))
-            )),
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl TxHandler for Work {
-    async fn handle(
-        &self,
-        m: &Message,
-        tx: &mut Transaction<'static, Postgres>,
-        _cx: &mut Context,
-    ) -> Result<(), HandlerError> {
-        self.prelude(m).await?;
-        sqlx::query(&format!(
-            "INSERT INTO {EFFECTS_TABLE} (run, id, latency_ms) VALUES ($1, $2, $3)"
-        ))
-        .bind(&self.run)
-        .bind(m.id.to_string())
-        .bind(latency_ms(m))
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| {
-            HandlerError::defer(
-                Duration::from_millis(200),
-                format!("recording the effect failed: {e}"),
-            )
-        })?;
-        Ok(())
-    }
-}
-
-/// The PostgreSQL side of the transactional mode: the pool the layer uses (its connections carry
-/// an application name of their own, so the outage fault can find and kill exactly them) and an
-/// admin pool that reads the effects and injects the outage.
-struct PgLedger {
-    store: PostgresStore,
-    admin: PgPool,
-    app: String,
-    run: String,
-}
-
-impl PgLedger {
-    /// The application name of run `run`'s store connections (what the outage terminates).
-    fn app(run: &str) -> String {
-        format!("courier-verify-{run}")
-    }
-
-    /// The store's pool of run `run`, `max` connections (in the verify process, or a consumer
-    /// process with its four handlers).
-    async fn store_pool(url: &str, run: &str, max: u32) -> Result<PgPool> {
-        let opts: PgConnectOptions = url
-            .parse()
-            .map_err(|e| anyhow!("idempotency.store is not a PostgreSQL URL: {e}"))?;
-        PgPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts.application_name(&Self::app(run)))
-            .await
-            .map_err(|e| anyhow!("connecting to the idempotency database: {e}"))
-    }
-
-    async fn connect(url: &str, run: &str) -> Result<Self> {
-        let app = Self::app(run);
-        let opts: PgConnectOptions = url
-            .parse()
-            .map_err(|e| anyhow!("idempotency.store is not a PostgreSQL URL: {e}"))?;
-        let pool = Self::store_pool(url, run, 16).await?;
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts.application_name("courier-verify-admin"))
-            .await
-            .map_err(|e| anyhow!("connecting to the idempotency database: {e}"))?;
-        let store = PostgresStore::from_pool(pool);
-        store.migrate().await?;
-        sqlx::raw_sql(&format!(
-            "CREATE TABLE IF NOT EXISTS {EFFECTS_TABLE} (
-                 run TEXT NOT NULL, id TEXT NOT NULL, latency_ms DOUBLE PRECISION,
-                 at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
-             CREATE INDEX IF NOT EXISTS {EFFECTS_TABLE}_run ON {EFFECTS_TABLE} (run);"
-        ))
-        .execute(&admin)
-        .await?;
-        Ok(PgLedger {
-            store,
-            admin,
-            app,
-            run: run.to_owned(),
-        })
-    }
-
-    /// Copy the run's committed effects into the in-memory ledger (what progress and the
-    /// report read).
-    async fn sync(&self, ledger: &Ledger) -> Result<()> {
-        let rows = sqlx::query(&format!(
-            "SELECT id, count(*) AS n FROM {EFFECTS_TABLE} WHERE run = $1 GROUP BY id"
-        ))
-        .bind(&self.run)
-        .fetch_all(&self.admin)
-        .await?;
-        let mut effects = HashMap::with_capacity(rows.len());
-        let mut total = 0u64;
-        for r in rows {
-            let n: i64 = r.try_get("n")?;
-            total += n as u64;
-            effects.insert(r.try_get::<String, _>("id")?, n as u32);
-        }
-        *ledger.effects.lock() = effects;
-        if ledger.total_effects.swap(total, Ordering::Relaxed) != total {
-            *ledger.last_effect.lock() = Some(Instant::now());
-        }
-        ledger.changed.notify_waiters();
-        Ok(())
-    }
-
-    async fn latencies(&self) -> Result<Vec<f64>> {
-        let rows = sqlx::query(&format!(
-            "SELECT latency_ms FROM {EFFECTS_TABLE} WHERE run = $1 AND latency_ms IS NOT NULL"
-        ))
-        .bind(&self.run)
-        .fetch_all(&self.admin)
-        .await?;
-        Ok(rows.iter().filter_map(|r| r.try_get(0).ok()).collect())
-    }
-
-    /// The outage: terminate every connection of the run's pool, again every 20 ms (new ones
-    /// included), until `until`.
-    async fn outage(&self, until: Instant, stop: &CancellationToken) {
-        while Instant::now() < until && !stop.is_cancelled() {
-            let _ = sqlx::query(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE application_name = $1",
-            )
-            .bind(&self.app)
-            .execute(&self.admin)
-            .await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn cleanup(&self) {
-        let _ = sqlx::query(&format!("DELETE FROM {EFFECTS_TABLE} WHERE run = $1"))
-            .bind(&self.run)
-            .execute(&self.admin)
-            .await;
-    }
-}
-
-/// An idempotency store that is unreachable while `down` is set.
-struct Flaky {
-    inner: Arc<dyn IdempotencyStore>,
-    down: Arc<AtomicBool>,
-}
-
-impl Flaky {
-    fn check(&self) -> courier::Result<()> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(courier::Error::Store {
-                store: "flaky",
-                operation: "call",
-                source: "injected store outage".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl IdempotencyStore for Flaky {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn begin(&self, key: &str, fp: &str, lease: Duration) -> courier::Result<Begin> {
-        self.check()?;
-        self.inner.begin(key, fp, lease).await
-    }
-    async fn extend(&self, key: &str, t: &LeaseToken, lease: Duration) -> courier::Result<bool> {
-        self.check()?;
-        self.inner.extend(key, t, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        t: &LeaseToken,
-        fp: &str,
-        r: Option<Bytes>,
-        ttl: Duration,
-    ) -> courier::Result<bool> {
-        self.check()?;
-        self.inner.complete(key, t, fp, r, ttl).await
-    }
-    async fn release(&self, key: &str, t: &LeaseToken) -> courier::Result<()> {
-        self.check()?;
-        self.inner.release(key, t).await
-    }
-    fn claims_in_batches(&self) -> bool {
-        self.inner.claims_in_batches()
-    }
-    async fn claim_many(
-        &self,
-        keys: &[(&str, &str)],
-        lease: Duration,
-    ) -> courier::Result<Vec<Option<LeaseToken>>> {
-        self.check()?;
-        self.inner.claim_many(keys, lease).await
-    }
-}
 
 /// Options of one experiment.
 #[derive(Debug, Clone)]
@@ -1149,7 +525,6 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
 
     // Fault driver.
     let stop_faults = CancellationToken::new();
-    let mut crashes = 0u32;
     let expected = Duration::from_secs_f64((plan.messages as f64 / 2000.0).clamp(1.0, 30.0));
     // The run ends when no effect arrived for this long (longer than the broker takes to hand a
     // crashed consumer's messages to another one).
@@ -1205,12 +580,12 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // when i/(kills+cuts+1) of the messages reached a handler (half that for consumers that
     // settle first, below), then the cuts. Under at-most-once
     // a cut loses everything a consumer had buffered, so a kill placed after the cuts could wait
-    // for a mark the run never reaches (finding 6 in docs/proving.md).
+    // for a mark the run never reaches (the at-most-once `kill` and `cut` cells of the chaos matrix, `integration/tests/chaos.rs`).
     let marks = u64::from(kills) + u64::from(cuts) + 1;
     // Connection cuts, the i-th at mark kills+i.
     // The cuts wait until the kills have landed (or were given up): under at-most-once each cut
     // loses every prefetched delivery, and cuts made early on their time bound could leave too
-    // little of the run for a kill's mark to be passed with handlers still starting (finding 6).
+    // little of the run for a kill's mark to be passed with handlers still starting.
     let kills_done = CancellationToken::new();
     let kills_done_guard = kills_done.clone().drop_guard();
     let cutter = proxy.clone().map(|proxy| {
@@ -1244,99 +619,22 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             }
         })
     });
-    // Crash consumers while the run is in full swing, the i-th kill at mark i. Arm at the mark:
-    // the first handler to start once that many ids reached a handler parks mid-way, and its
-    // consumer is crashed there. The next kill is armed as soon as one has parked, before its
-    // consumer is torn down and replaced: a fast run can pass the next mark meanwhile (a
-    // replacement subscribing on a busy machine took longer than the rest of a 500-message run).
-    // Consumers that settle a delivery before its handler (at-most-once, or the ack-first
-    // sabotage) lose with each crash everything the victim held — a third of what was left, or
-    // more — so their kills are spread over the first half of the run: a later mark would be out
-    // of reach, with no handler left to take the kill (finding 6, fourth part).
     let settle_first = g == Guarantee::AtMostOnce || plan.sabotage == Some(Sabotage::AckFirst);
-    let kill_span = if settle_first { 2 * marks } else { marks };
-    let target_of = |i: u32| plan.messages as u64 * u64::from(i) / kill_span;
-    let mut parked = Box::pin(kill.parked.notified());
-    parked.as_mut().enable();
-    if kills > 0 {
-        kill.arm(target_of(1));
-    }
-    for i in 1..=kills {
-        if consumers.is_empty() {
-            break;
-        }
-        let target = target_of(i);
-        let mut hit = tokio::select! {
-            _ = parked.as_mut() => true,
-            // A mark out of reach (effects stopped) does not hold the kill until the deadline.
-            _ = ledger.reached_or_idle(
-                target as usize,
-                Progress::Invocations,
-                Some(stall / 2),
-                Instant::now() + plan.timeout,
-            ) => false,
-        };
-        if !hit {
-            // Mark reached or out of reach: the next handler to start takes it. Handlers can
-            // pause for a while — a Kafka group rebalancing after the previous kill, a client
-            // reconnecting after a cut — but resume within the stall window; with nothing in
-            // flight anywhere for that long (at least 5 s) the kill is skipped, and the report
-            // says the fault was not injected.
-            if kill
-                .armed_at
-                .compare_exchange(target, 0, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
-                kill.rearmed.notify_waiters();
-            }
-            let window = stall.max(Duration::from_secs(5));
-            hit = match tokio::time::timeout(window, parked.as_mut()).await {
-                Ok(()) => true,
-                // Still armed: nobody took it. Taken just now: its handler is about to notify.
-                Err(_) if kill.armed_at.swap(DISARMED, Ordering::SeqCst) != DISARMED => {
-                    if let Some(f) = &fleet {
-                        f.disarm();
-                    }
-                    false
-                }
-                Err(_) => tokio::time::timeout(Duration::from_secs(5), parked.as_mut())
-                    .await
-                    .is_ok(),
-            };
-        }
-        let victim = kill.victim.load(Ordering::SeqCst);
-        let parked_on = consumers.iter().position(|c| c.id() == victim);
-        if hit {
-            kill.doomed.store(victim, Ordering::SeqCst);
-        }
-        parked = Box::pin(kill.parked.notified());
-        parked.as_mut().enable();
-        if i < kills {
-            kill.arm(target_of(i + 1));
-        }
-        if let (true, Some(i)) = (hit, parked_on) {
-            let crashed = consumers.remove(i);
-            let slot = crashed.slot();
-            crashed.crash().await;
-            crashes += 1;
-            // The replacement subscribes while other faults (a connection cut) may be under
-            // way: retry a transient failure, as a restarting service would.
-            let mut backoff = Duration::from_millis(100);
-            let until = Instant::now() + Duration::from_secs(60);
-            let fresh = loop {
-                match spawn(slot).await {
-                    Ok(c) => break c,
-                    Err(e) if e.is_retryable() && Instant::now() < until => {
-                        tracing::warn!(error = %e, "verify: starting a replacement consumer failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            consumers.push(fresh);
-        }
-    }
+    let crashes = kill_consumers(
+        &mut consumers,
+        &spawn,
+        &kill,
+        &ledger,
+        fleet.as_deref(),
+        Kills {
+            count: kills,
+            span: if settle_first { 2 * marks } else { marks },
+            messages: plan.messages as u64,
+            stall,
+            timeout: plan.timeout,
+        },
+    )
+    .await?;
     drop(kills_done_guard);
     // Bounded: a producer stuck on a broker that stopped answering ends the run with an error
     // (aborting its task stops a producer process too).
@@ -1353,23 +651,14 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         }
     };
 
-    // Wait for the effects: until every sent id had one, or nothing moved for a while — longer
-    // than the broker takes to hand a crashed consumer's messages to another one.
-    let deadline = Instant::now() + plan.timeout;
-    let mut last = (u64::MAX, Instant::now());
-    loop {
-        let handled = ledger.effects.lock().len() as u64;
-        if let Some(b) = &bar {
-            b.set_position(handled);
-        }
-        if handled >= published || Instant::now() > deadline || last.1.elapsed() > stall {
-            break;
-        }
-        if handled != last.0 {
-            last = (handled, Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_effects(
+        &ledger,
+        published,
+        Instant::now() + plan.timeout,
+        stall,
+        bar.as_ref(),
+    )
+    .await;
     // Late duplicates get a moment to show.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_faults.cancel();
@@ -1407,92 +696,182 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         pg.cleanup().await;
     }
 
-    let sent = ledger.sent.lock();
-    let effects = ledger.effects.lock();
-    let invocations = ledger.invocations.lock();
-    let handled = sent.keys().filter(|id| effects.contains_key(*id)).count() as u64;
-    let lost = sent.len() as u64 - handled;
-    let lost_undelivered = sent
-        .keys()
-        .filter(|id| !effects.contains_key(*id) && !invocations.contains_key(*id))
-        .count() as u64;
-    let dup_effects: u64 = effects
-        .values()
-        .map(|n| u64::from(n.saturating_sub(1)))
-        .sum();
-    let redeliveries: u64 = invocations
-        .values()
-        .map(|n| u64::from(n.saturating_sub(1)))
-        .sum();
-    let mut lat = ledger.latencies.lock().clone();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        if lat.is_empty() {
-            0.0
-        } else {
-            lat[((lat.len() - 1) as f64 * p) as usize]
-        }
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    let busy = ledger
-        .last_effect
-        .lock()
-        .map_or(seconds, |t| t.duration_since(started).as_secs_f64())
-        .max(0.001);
-    let absorbed: u64 = absorbed
+    let absorbed_total = absorbed
         .lock()
         .iter()
         .map(|s| s.duplicates_absorbed.load(Ordering::Relaxed))
         .sum::<u64>()
         + fleet.as_ref().map_or(0, |f| f.absorbed());
-    let mut violations = Vec::new();
-    if !g.allows_loss() && lost > 0 {
-        violations.push(format!("{lost} messages lost under {g}"));
-    }
-    if !g.allows_duplicates() && dup_effects > 0 {
-        violations.push(format!("{dup_effects} duplicate effects under {g}"));
-    }
-    // A cut that dropped nothing injected nothing: the run proves nothing about cuts.
-    let connections_cut = connections_cut.load(Ordering::Relaxed);
-    if connections_cut < u64::from(cuts) {
-        violations.push(format!(
-            "cut={cuts} dropped only {connections_cut} connections: the fault was not injected"
-        ));
-    }
-    // Likewise a kill that found no handler in flight: the run proves nothing about crashes.
-    if crashes < kills {
-        violations.push(format!(
-            "kill={kills} crashed only {crashes} consumers (no handler was in flight): the fault was not injected"
-        ));
-    }
-    Ok(Report {
-        backend: backend.to_owned(),
+    Ok(Outcome {
+        backend,
         guarantee: g,
-        faults: plan.faults.clone(),
-        sabotage: plan.sabotage,
-        sent: sent.len() as u64,
-        effects: ledger.total_effects.load(Ordering::Relaxed),
-        handled,
-        lost,
-        lost_undelivered,
-        duplicate_effects: dup_effects,
-        redeliveries,
-        dead_lettered,
-        duplicates_absorbed: absorbed,
+        plan,
+        started,
+        absorbed: absorbed_total,
         crashes,
         consumer_processes: fleet.is_some(),
         producer_process,
-        connections_cut,
-        throughput: ledger.total_effects.load(Ordering::Relaxed) as f64 / busy,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        holds: violations.is_empty(),
-        violations,
-        seconds,
+        connections_cut: connections_cut.load(Ordering::Relaxed),
+        dead_lettered,
         destination: dest,
         removed,
         cleanup_error,
-    })
+    }
+    .report(&ledger))
+}
+
+/// Wait for the effects: until every sent id had one, or nothing moved for `stall` — longer
+/// than the broker takes to hand a crashed consumer's messages to another one — or `deadline`.
+async fn wait_for_effects(
+    ledger: &Ledger,
+    published: u64,
+    deadline: Instant,
+    stall: Duration,
+    bar: Option<&indicatif::ProgressBar>,
+) {
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let handled = ledger.effects.lock().len() as u64;
+        if let Some(b) = bar {
+            b.set_position(handled);
+        }
+        if handled >= published || Instant::now() > deadline || last.1.elapsed() > stall {
+            return;
+        }
+        if handled != last.0 {
+            last = (handled, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// When and how often [`kill_consumers`] crashes a consumer.
+struct Kills {
+    /// Crashes to inject.
+    count: u32,
+    /// The i-th crash lands when i/`span` of the messages reached a handler.
+    span: u64,
+    /// Messages of the run.
+    messages: u64,
+    /// How long without progress ends the run (a kill waits at most about that long).
+    stall: Duration,
+    /// The run's upper bound.
+    timeout: Duration,
+}
+
+/// Crash consumers while the run is in full swing, the i-th kill at mark i. Arm at the mark:
+/// the first handler to start once that many ids reached a handler parks mid-way, and its
+/// consumer is crashed there. The next kill is armed as soon as one has parked, before its
+/// consumer is torn down and replaced: a fast run can pass the next mark meanwhile (a
+/// replacement subscribing on a busy machine took longer than the rest of a 500-message run).
+/// Consumers that settle a delivery before its handler (at-most-once, or the ack-first
+/// sabotage) lose with each crash everything the victim held — a third of what was left, or
+/// more — so their kills are spread over the first half of the run: a later mark would be out
+/// of reach, with no handler left to take the kill (the at-most-once `kill` cells of the chaos matrix,
+/// `integration/tests/chaos.rs`).
+async fn kill_consumers<F, Fut>(
+    consumers: &mut Vec<Running>,
+    spawn: &F,
+    kill: &KillSwitch,
+    ledger: &Ledger,
+    fleet: Option<&workers::Fleet>,
+    plan: Kills,
+) -> courier::Result<u32>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = courier::Result<Running>>,
+{
+    let Kills {
+        count: kills,
+        span,
+        messages,
+        stall,
+        timeout,
+    } = plan;
+    let target_of = |i: u32| messages * u64::from(i) / span;
+    let mut crashes = 0;
+    let mut parked = Box::pin(kill.parked.notified());
+    parked.as_mut().enable();
+    if kills > 0 {
+        kill.arm(target_of(1));
+    }
+    for i in 1..=kills {
+        if consumers.is_empty() {
+            break;
+        }
+        let target = target_of(i);
+        let mut hit = tokio::select! {
+            _ = parked.as_mut() => true,
+            // A mark out of reach (effects stopped) does not hold the kill until the deadline.
+            _ = ledger.reached_or_idle(
+                target as usize,
+                Progress::Invocations,
+                Some(stall / 2),
+                Instant::now() + timeout,
+            ) => false,
+        };
+        if !hit {
+            // Mark reached or out of reach: the next handler to start takes it. Handlers can
+            // pause for a while — a Kafka group rebalancing after the previous kill, a client
+            // reconnecting after a cut — but resume within the stall window; with nothing in
+            // flight anywhere for that long (at least 5 s) the kill is skipped, and the report
+            // says the fault was not injected.
+            if kill
+                .armed_at
+                .compare_exchange(target, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                kill.rearmed.notify_waiters();
+            }
+            let window = stall.max(Duration::from_secs(5));
+            hit = match tokio::time::timeout(window, parked.as_mut()).await {
+                Ok(()) => true,
+                // Still armed: nobody took it. Taken just now: its handler is about to notify.
+                Err(_) if kill.armed_at.swap(DISARMED, Ordering::SeqCst) != DISARMED => {
+                    if let Some(f) = fleet {
+                        f.disarm();
+                    }
+                    false
+                }
+                Err(_) => tokio::time::timeout(Duration::from_secs(5), parked.as_mut())
+                    .await
+                    .is_ok(),
+            };
+        }
+        let victim = kill.victim.load(Ordering::SeqCst);
+        let parked_on = consumers.iter().position(|c| c.id() == victim);
+        if hit {
+            kill.doomed.store(victim, Ordering::SeqCst);
+        }
+        parked = Box::pin(kill.parked.notified());
+        parked.as_mut().enable();
+        if i < kills {
+            kill.arm(target_of(i + 1));
+        }
+        if let (true, Some(i)) = (hit, parked_on) {
+            let crashed = consumers.remove(i);
+            let slot = crashed.slot();
+            crashed.crash().await;
+            crashes += 1;
+            // The replacement subscribes while other faults (a connection cut) may be under
+            // way: retry a transient failure, as a restarting service would.
+            let mut backoff = Duration::from_millis(100);
+            let until = Instant::now() + Duration::from_secs(60);
+            let fresh = loop {
+                match spawn(slot).await {
+                    Ok(c) => break c,
+                    Err(e) if e.is_retryable() && Instant::now() < until => {
+                        tracing::warn!(error = %e, "verify: starting a replacement consumer failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            consumers.push(fresh);
+        }
+    }
+    Ok(crashes)
 }
 
 /// Remove from the broker of `config` what a run on `destination` created: the destination, its
@@ -1507,78 +886,6 @@ pub async fn remove_run(config: &Config, destination: &str) -> Result<Vec<String
         destination,
     )
     .await
-}
-
-/// `config` with the broker reached through a fresh fault proxy.
-async fn through_proxy(config: &Config) -> Result<(Config, crate::proxy::FaultProxy)> {
-    let mut c = config.clone();
-    let target = match &c.backend {
-        BackendConfig::Rabbitmq(r) => r.url.expose().to_owned(),
-        BackendConfig::Sqs(s) => s.endpoint.clone().ok_or_else(|| {
-            anyhow!("cut=N needs backend.endpoint (an http:// endpoint such as LocalStack's): the fault proxy cannot stand in for the AWS TLS endpoints")
-        })?,
-        other => bail!(
-            "cut=N is not available for the {} backend: the fault proxy forwards one broker address (RabbitMQ amqp://, SQS http:// endpoint); Kafka clients connect to the addresses the cluster advertises, and the memory backend has no connection",
-            other.kind()
-        ),
-    };
-    let (prefix, host_port, rest) = split_authority(&target)?;
-    let proxy = crate::proxy::FaultProxy::start(&host_port).await?;
-    let rewritten = format!("{prefix}{}{rest}", proxy.addr());
-    match &mut c.backend {
-        BackendConfig::Rabbitmq(r) => r.url = courier::config::SecretUrl::new(rewritten),
-        BackendConfig::Sqs(s) => s.endpoint = Some(rewritten),
-        _ => unreachable!("checked above"),
-    }
-    Ok((c, proxy))
-}
-
-/// Split `scheme://[user[:pass]@]host[:port]/rest` into (`scheme://user:pass@`, `host:port`,
-/// `/rest`), with the scheme's default port filled in. TLS schemes are refused: the proxy would
-/// break the certificate's host name.
-fn split_authority(url: &str) -> Result<(String, String, String)> {
-    let (scheme, after) = url.split_once("://").ok_or_else(|| {
-        anyhow!(
-            "cannot proxy {}: not a URL",
-            courier::config::redact_url(url)
-        )
-    })?;
-    let default_port = match scheme {
-        "amqp" => 5672,
-        "http" => 80,
-        "amqps" | "https" => bail!(
-            "cut=N needs a plain-text broker URL ({scheme}:// goes through TLS, whose host name check the proxy would fail)"
-        ),
-        other => bail!("cut=N cannot proxy a {other}:// URL"),
-    };
-    let end = after.find(['/', '?']).unwrap_or(after.len());
-    let (authority, rest) = after.split_at(end);
-    let (userinfo, host_port) = match authority.rfind('@') {
-        Some(i) => (&authority[..=i], &authority[i + 1..]),
-        None => ("", authority),
-    };
-    let host_port = if host_port
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:{default_port}")
-    };
-    Ok((format!("{scheme}://{userinfo}"), host_port, rest.to_owned()))
-}
-
-async fn restart_broker(backend: &str) {
-    if backend == "rabbitmq" {
-        let run = |args: &'static [&'static str]| async move {
-            let _ = tokio::process::Command::new("rabbitmqctl")
-                .args(args)
-                .output()
-                .await;
-        };
-        run(&["stop_app"]).await;
-        run(&["start_app"]).await;
-    }
 }
 
 fn uuid_suffix() -> String {

@@ -20,6 +20,7 @@ pub mod config;
 mod consumer;
 mod error;
 mod explain;
+pub mod findings;
 mod guarantee;
 mod handler;
 mod message;

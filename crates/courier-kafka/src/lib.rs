@@ -16,9 +16,11 @@
 mod admin;
 mod client;
 mod consume;
+mod doctor;
 mod settings;
 
 pub use client::KafkaClient;
+pub use doctor::doctor;
 
 use courier_core::config::KafkaConfig;
 use courier_core::{BackendConfig, Config, Error, Explanation, Result};

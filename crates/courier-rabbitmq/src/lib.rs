@@ -18,8 +18,10 @@
 
 mod client;
 mod consume;
+mod doctor;
 
 pub use client::{delay_queue, RabbitMqClient, DELAY_STEPS_MS};
+pub use doctor::doctor;
 
 use courier_core::config::{QueueType, RabbitMqConfig};
 use courier_core::{BackendConfig, Config, Error, Explanation, Guarantee, Result};

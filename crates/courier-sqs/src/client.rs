@@ -123,7 +123,7 @@ pub struct SqsClient {
 }
 
 pub(crate) struct Inner {
-    sdk: aws_sdk_sqs::Client,
+    pub(crate) sdk: aws_sdk_sqs::Client,
     config: SqsConfig,
     guarantee: Guarantee,
     has_store: bool,

@@ -21,8 +21,10 @@
 //! visibility timeout. Lower `wait_time` for faster shutdowns.
 
 mod client;
+mod doctor;
 
 pub use client::SqsClient;
+pub use doctor::doctor;
 
 use courier_core::config::SqsConfig;
 use courier_core::{BackendConfig, Config, Error, Explanation, Guarantee, Result};

@@ -1,52 +1,27 @@
-//! `courier doctor`, part one: what changes when a configuration moves to another broker.
+//! `courier doctor`: what changes when a configuration moves to another broker, and live checks
+//! of the configured one.
 //!
 //! Each finding says what the other broker does differently for the configured guarantee and
 //! how to keep the guarantee (or why it cannot be kept) after the switch.
 
-use std::fmt;
 use std::time::Duration;
-
-use serde::Serialize;
 
 use courier_core::{BackendConfig, Config, Guarantee};
 
-/// How serious a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// Worth knowing.
-    Info,
-    /// The guarantee or an assumption weakens unless the fix is applied.
-    Warning,
-    /// The configuration will be refused or break the guarantee.
-    Error,
-}
+pub use courier_core::findings::{Finding, Severity};
 
-/// One thing `doctor` found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Finding {
-    /// Severity.
-    pub severity: Severity,
-    /// The broker the finding is about (`kafka`, `rabbitmq`, `sqs`, `memory`).
-    pub backend: String,
-    /// What is different or wrong.
-    pub what: String,
-    /// How to fix it.
-    pub fix: String,
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self.severity {
-            Severity::Info => "info",
-            Severity::Warning => "warn",
-            Severity::Error => "FAIL",
-        };
-        write!(
-            f,
-            "[{s}] {}: {}\n       fix: {}",
-            self.backend, self.what, self.fix
-        )
+/// `courier doctor`, part two: live, read-only checks of `destinations` on the configured
+/// broker, by its backend crate (with the broker's own client, connected as courier connects).
+/// Nothing for the memory broker.
+pub async fn live(config: &Config, destinations: &[String]) -> Vec<Finding> {
+    match &config.backend {
+        #[cfg(feature = "kafka")]
+        BackendConfig::Kafka(_) => courier_kafka::doctor(config, destinations).await,
+        #[cfg(feature = "rabbitmq")]
+        BackendConfig::Rabbitmq(_) => courier_rabbitmq::doctor(config, destinations).await,
+        #[cfg(feature = "sqs")]
+        BackendConfig::Sqs(_) => courier_sqs::doctor(config, destinations).await,
+        _ => Vec::new(),
     }
 }
 

@@ -300,60 +300,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let ledger = Arc::new(Ledger::default());
     let store_down = Arc::new(AtomicBool::new(false));
     let section = config.idempotency.clone().unwrap_or_default();
-    // As `courier::consumer` does: exactly-once, or any guarantee with an `[idempotency]` section,
-    // runs the idempotent layer. At-most-once needs it to skip an id published twice across
-    // consumer processes (the consumer's own window covers one process; docs/proving.md).
-    let use_layer = (g == Guarantee::ExactlyOnce || config.idempotency.is_some())
-        && plan.sabotage != Some(Sabotage::NoDedup);
-    let url = section.store.expose();
-    let transactional =
-        use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://"));
-    if transactional && section.on_store_error == StoreFailurePolicy::FailOpen {
-        return Err(courier::Error::config(
-            "idempotency.on_store_error = \"fail-open\" is not honoured with a postgres:// store: verify runs the transactional mode, where the effect and its key commit in one PostgreSQL transaction, so an unreachable database can only defer; remove on_store_error (fail-closed) or use a redis:// store",
-        )
-        .into());
-    }
-    let pg = if transactional {
-        Some(Arc::new(PgLedger::connect(url, &suffix).await?))
-    } else {
-        None
-    };
-    // The store of the non-transactional layer; none without the layer (an at-least-once run
-    // does not need Redis to be up).
-    let store: Option<Arc<dyn IdempotencyStore>> = if use_layer && pg.is_none() {
-        Some(Arc::new(Flaky {
-            inner: courier::idempotency_store(&section).await?,
-            down: store_down.clone(),
-        }))
-    } else {
-        None
-    };
+    let (pg, store) = idempotency(config, plan, &suffix, &store_down).await?;
     let absorbed = Arc::new(Mutex::new(
         Vec::<Arc<courier::idempotency::IdempotencyStats>>::new(),
     ));
     let kill = Arc::new(KillSwitch::default());
 
-    // Sabotage: ack-first = an at-most-once consumer posing as the configured guarantee;
-    // no-dedup = at-least-once everywhere (no broker dedup, no idempotent layer) posing as
-    // exactly-once.
-    let (client, consumer_client): (Arc<dyn DeliveryClient>, Arc<dyn DeliveryClient>) =
-        match plan.sabotage {
-            Some(Sabotage::AckFirst) => (
-                client.clone(),
-                courier::connect(&config.clone().with_guarantee(Guarantee::AtMostOnce))
-                    .await?
-                    .into(),
-            ),
-            Some(Sabotage::NoDedup) => {
-                let alo: Arc<dyn DeliveryClient> =
-                    courier::connect(&config.clone().with_guarantee(Guarantee::AtLeastOnce))
-                        .await?
-                        .into();
-                (alo.clone(), alo)
-            }
-            None => (client.clone(), client.clone()),
-        };
+    let (client, consumer_client) = sabotaged(config, plan, client).await?;
     // Consumer processes (not for the memory broker, which lives in this process).
     let fleet = match &plan.workers {
         Workers::Processes(exe) if !matches!(config.backend, BackendConfig::Memory(_)) => {
@@ -388,98 +341,29 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // Short, so a crashed consumer's message is retried soon; longer than a store outage plus
     // the complete retries after it, so a live worker's lease does not lapse meanwhile.
     let lease = section.lease.unwrap_or(Duration::from_secs(5));
-    let spawn = {
-        let consumer_client = consumer_client.clone();
-        let ledger = ledger.clone();
-        let store = store.clone();
-        let pg = pg.clone();
-        let absorbed = absorbed.clone();
-        let dest = dest.clone();
-        let dlq = dlq.clone();
-        let group = group.clone();
-        let error_rate = plan.faults.errors;
-        let run = suffix.clone();
-        let kill = kill.clone();
-        let fleet = fleet.clone();
-        let consumer_toml = consumer_toml.clone();
-        let ids = Arc::new(AtomicU64::new(0));
-        move |slot: usize| {
-            let kill = kill.clone();
-            let id = ids.fetch_add(1, Ordering::Relaxed);
-            let consumer_client = consumer_client.clone();
-            let ledger = ledger.clone();
-            let store = store.clone();
-            let pg = pg.clone();
-            let run = run.clone();
-            let absorbed = absorbed.clone();
-            let dest = dest.clone();
-            let dlq = dlq.clone();
-            let group = group.clone();
-            let fleet = fleet.clone();
-            let consumer_toml = consumer_toml.clone();
-            async move {
-                if let Some(fleet) = fleet {
-                    let layer = match (&pg, &store) {
-                        (Some(_), _) => workers::Layer::Transactional,
-                        (None, Some(_)) => workers::Layer::Store {
-                            lease_ms: lease.as_millis() as u64,
-                        },
-                        (None, None) => workers::Layer::None,
-                    };
-                    let spec = workers::WorkerSpec {
-                        config: consumer_toml,
-                        consumer: id,
-                        slot,
-                        dest,
-                        dlq,
-                        group,
-                        run,
-                        error_rate,
-                        layer,
-                    };
-                    return fleet.spawn(&spec).await.map(Running::Proc);
-                }
-                let work = Work {
-                    sink: Sink::Local { ledger, kill },
-                    error_rate,
-                    consumer: id,
-                    run,
-                };
-                let consumer = consumer_for(consumer_client, &dest, &group, &dlq);
-                let handle = match (&pg, store) {
-                    (Some(pg), _) => {
-                        let layer =
-                            TransactionalIdempotent::new(work, &pg.store).namespace(dest.clone());
-                        absorbed.lock().push(layer.stats());
-                        consumer.spawn(layer).await?
-                    }
-                    (None, Some(store)) => {
-                        let layer = store_layer(work, store, &dest, lease);
-                        absorbed.lock().push(layer.stats());
-                        consumer.spawn(layer).await?
-                    }
-                    (None, None) => consumer.spawn(work).await?,
-                };
-                Ok::<_, courier::Error>(Running::Task { handle, id, slot })
-            }
-        }
+    let spawner = Spawner {
+        client: consumer_client.clone(),
+        ledger: ledger.clone(),
+        store: store.clone(),
+        pg: pg.clone(),
+        absorbed: absorbed.clone(),
+        dest: dest.clone(),
+        dlq: dlq.clone(),
+        group: group.clone(),
+        error_rate: plan.faults.errors,
+        run: suffix.clone(),
+        kill: kill.clone(),
+        fleet: fleet.clone(),
+        consumer_toml: consumer_toml.clone(),
+        lease,
+        ids: AtomicU64::new(0),
     };
     let mut consumers = Vec::new();
     for slot in 0..plan.consumers.max(1) {
-        consumers.push(spawn(slot).await?);
+        consumers.push(spawner.spawn(slot).await?);
     }
 
-    let bar = plan.progress.then(|| {
-        let b = indicatif::ProgressBar::new(plan.messages as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {msg:>10} [{bar:40}] {pos}/{len} effects ({per_sec})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_message(g.to_string());
-        b
-    });
+    let bar = plan.progress.then(|| progress_bar(plan.messages, g));
 
     // Producer: a process of its own next to the consumer processes, else a task here.
     let producer_process = fleet.is_some();
@@ -507,21 +391,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // Transactional mode: the effects are rows; keep the in-memory ledger (progress, kills,
     // the stall check) in step with them.
     let stop_sync = CancellationToken::new();
-    let syncer = pg.clone().map(|pg| {
-        let ledger = ledger.clone();
-        let stop = stop_sync.clone();
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                if let Err(e) = pg.sync(&ledger).await {
-                    tracing::warn!(error = %e, "reading the effects table failed");
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                }
-            }
-        })
-    });
+    let syncer = pg
+        .clone()
+        .map(|pg| tokio::spawn(sync_effects(pg, ledger.clone(), stop_sync.clone())));
 
     // Fault driver.
     let stop_faults = CancellationToken::new();
@@ -530,52 +402,25 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     // crashed consumer's messages to another one).
     let stall = (client.capabilities().redelivery_after_crash * 2).max(Duration::from_secs(5));
     let kills = plan.faults.kill;
-    let outage = plan.faults.store_outage;
-    let restart = plan.faults.restart;
     let cuts = plan.faults.cut;
     let connections_cut = Arc::new(AtomicU64::new(0));
     let backend = client.backend();
     let relay = fleet
         .clone()
         .map(|f| tokio::spawn(f.relay_kills(stop_faults.clone())));
-    let driver = {
-        let stop = stop_faults.clone();
-        let store_down = store_down.clone();
-        let fleet = fleet.clone();
-        let ledger = ledger.clone();
-        let pg = pg.clone();
-        let n = plan.messages;
-        let until = move |share: usize| {
-            let ledger = ledger.clone();
-            async move {
-                ledger
-                    .reached(n / share, Instant::now() + expected * 10)
-                    .await
-            }
-        };
-        tokio::spawn(async move {
-            if let Some(d) = outage {
-                until(3).await;
-                if let Some(pg) = &pg {
-                    pg.outage(Instant::now() + d, &stop).await;
-                } else {
-                    let switch = |down: bool| {
-                        store_down.store(down, Ordering::SeqCst);
-                        if let Some(f) = &fleet {
-                            f.store_switched(down);
-                        }
-                    };
-                    switch(true);
-                    tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(d) => {} }
-                    switch(false);
-                }
-            }
-            if restart {
-                until(2).await;
-                restart_broker(backend).await;
-            }
-        })
-    };
+    let driver = tokio::spawn(store_and_broker_faults(
+        plan.faults.clone(),
+        plan.messages,
+        expected,
+        ledger.clone(),
+        StoreSwitch {
+            down: store_down.clone(),
+            fleet: fleet.clone(),
+            pg: pg.clone(),
+        },
+        backend,
+        stop_faults.clone(),
+    ));
     // Kills and cuts share one schedule of evenly spaced marks, kills first: the i-th kill
     // when i/(kills+cuts+1) of the messages reached a handler (half that for consumers that
     // settle first, below), then the cuts. Under at-most-once
@@ -589,40 +434,25 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let kills_done = CancellationToken::new();
     let kills_done_guard = kills_done.clone().drop_guard();
     let cutter = proxy.clone().map(|proxy| {
-        let stop = stop_faults.clone();
-        let ledger = ledger.clone();
-        let connections_cut = connections_cut.clone();
-        let n = plan.messages;
-        let kills_done = kills_done.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = kills_done.cancelled() => {}
-            }
-            for i in 1..=cuts {
-                let target = (n as u64 * (u64::from(kills) + u64::from(i)) / marks) as usize;
-                // Or sooner, well before the run could end for lack of progress: under
-                // at-most-once a cut may lose more messages than are left to the next target.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ledger.reached(target, Instant::now() + (expected * 10).min(stall / 2)) => {}
-                }
-                // Effects keep coming from deliveries buffered before the previous cut while
-                // the client is still reconnecting: cut once it is connected again (bounded).
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = proxy.connected(Duration::from_secs(10)) => {}
-                }
-                let dropped = proxy.cut();
-                tracing::info!(cut = i, connections = dropped, "verify: connections cut");
-                connections_cut.fetch_add(dropped, Ordering::Relaxed);
-            }
-        })
+        tokio::spawn(cut_connections(
+            proxy,
+            CutPlan {
+                cuts,
+                kills,
+                marks,
+                messages: plan.messages as u64,
+                wait: (expected * 10).min(stall / 2),
+            },
+            ledger.clone(),
+            connections_cut.clone(),
+            kills_done.clone(),
+            stop_faults.clone(),
+        ))
     });
     let settle_first = g == Guarantee::AtMostOnce || plan.sabotage == Some(Sabotage::AckFirst);
     let crashes = kill_consumers(
         &mut consumers,
-        &spawn,
+        &spawner,
         &kill,
         &ledger,
         fleet.as_deref(),
@@ -720,6 +550,262 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     .report(&ledger))
 }
 
+/// The run's idempotency: the transactional mode's PostgreSQL ledger, or the store of the
+/// layer (wrapped so the outage fault can take it down), or neither.
+async fn idempotency(
+    config: &Config,
+    plan: &Plan,
+    suffix: &str,
+    store_down: &Arc<AtomicBool>,
+) -> Result<(Option<Arc<PgLedger>>, Option<Arc<dyn IdempotencyStore>>)> {
+    let g = config.guarantee;
+    let section = config.idempotency.clone().unwrap_or_default();
+    // As `courier::consumer` does: exactly-once, or any guarantee with an `[idempotency]` section,
+    // runs the idempotent layer. At-most-once needs it to skip an id published twice across
+    // consumer processes (the consumer's own window covers one process; docs/proving.md).
+    let use_layer = (g == Guarantee::ExactlyOnce || config.idempotency.is_some())
+        && plan.sabotage != Some(Sabotage::NoDedup);
+    let url = section.store.expose();
+    let transactional =
+        use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://"));
+    if transactional && section.on_store_error == StoreFailurePolicy::FailOpen {
+        return Err(courier::Error::config(
+            "idempotency.on_store_error = \"fail-open\" is not honoured with a postgres:// store: verify runs the transactional mode, where the effect and its key commit in one PostgreSQL transaction, so an unreachable database can only defer; remove on_store_error (fail-closed) or use a redis:// store",
+        )
+        .into());
+    }
+    let pg = if transactional {
+        Some(Arc::new(PgLedger::connect(url, suffix).await?))
+    } else {
+        None
+    };
+    // The store of the non-transactional layer; none without the layer (an at-least-once run
+    // does not need Redis to be up).
+    let store = if use_layer && pg.is_none() {
+        Some(Arc::new(Flaky {
+            inner: courier::idempotency_store(&section).await?,
+            down: store_down.clone(),
+        }) as Arc<dyn IdempotencyStore>)
+    } else {
+        None
+    };
+    Ok((pg, store))
+}
+
+/// The publishing and consuming clients. Sabotage: ack-first = an at-most-once consumer posing
+/// as the configured guarantee; no-dedup = at-least-once everywhere (no broker dedup, no
+/// idempotent layer) posing as exactly-once.
+async fn sabotaged(
+    config: &Config,
+    plan: &Plan,
+    client: Arc<dyn DeliveryClient>,
+) -> Result<(Arc<dyn DeliveryClient>, Arc<dyn DeliveryClient>)> {
+    Ok(match plan.sabotage {
+        Some(Sabotage::AckFirst) => (
+            client,
+            courier::connect(&config.clone().with_guarantee(Guarantee::AtMostOnce))
+                .await?
+                .into(),
+        ),
+        Some(Sabotage::NoDedup) => {
+            let alo: Arc<dyn DeliveryClient> =
+                courier::connect(&config.clone().with_guarantee(Guarantee::AtLeastOnce))
+                    .await?
+                    .into();
+            (alo.clone(), alo)
+        }
+        None => (client.clone(), client),
+    })
+}
+
+/// The progress bar of an interactive run.
+fn progress_bar(messages: usize, g: Guarantee) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(messages as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:>10} [{bar:40}] {pos}/{len} effects ({per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_message(g.to_string());
+    b
+}
+
+/// Transactional mode: the effects are rows; keep the in-memory ledger (progress, kills, the
+/// stall check) in step with them until `stop`.
+async fn sync_effects(pg: Arc<PgLedger>, ledger: Arc<Ledger>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        if let Err(e) = pg.sync(&ledger).await {
+            tracing::warn!(error = %e, "reading the effects table failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// What the store outage switches: the in-process flag, the consumer processes' stores, or (the
+/// transactional mode) PostgreSQL itself.
+struct StoreSwitch {
+    down: Arc<AtomicBool>,
+    fleet: Option<Arc<workers::Fleet>>,
+    pg: Option<Arc<PgLedger>>,
+}
+
+/// The store outage (once a third of the messages had their effect) and the broker restart (at
+/// half), each when `faults` asks for it.
+async fn store_and_broker_faults(
+    faults: Faults,
+    messages: usize,
+    expected: Duration,
+    ledger: Arc<Ledger>,
+    store: StoreSwitch,
+    backend: &'static str,
+    stop: CancellationToken,
+) {
+    let until = |share: usize| ledger.reached(messages / share, Instant::now() + expected * 10);
+    if let Some(d) = faults.store_outage {
+        until(3).await;
+        if let Some(pg) = &store.pg {
+            pg.outage(Instant::now() + d, &stop).await;
+        } else {
+            let switch = |down: bool| {
+                store.down.store(down, Ordering::SeqCst);
+                if let Some(f) = &store.fleet {
+                    f.store_switched(down);
+                }
+            };
+            switch(true);
+            tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep(d) => {} }
+            switch(false);
+        }
+    }
+    if faults.restart {
+        until(2).await;
+        restart_broker(backend).await;
+    }
+}
+
+/// When [`cut_connections`] cuts: the i-th cut at mark `kills + i` of `marks`.
+struct CutPlan {
+    cuts: u32,
+    kills: u32,
+    marks: u64,
+    messages: u64,
+    /// How long a cut waits for its mark at most.
+    wait: Duration,
+}
+
+/// Connection cuts, after the kills have landed (or were given up: under at-most-once each cut
+/// loses every prefetched delivery, and cuts made early on their time bound could leave too
+/// little of the run for a kill's mark to be passed with handlers still starting).
+async fn cut_connections(
+    proxy: Arc<crate::proxy::FaultProxy>,
+    plan: CutPlan,
+    ledger: Arc<Ledger>,
+    connections_cut: Arc<AtomicU64>,
+    kills_done: CancellationToken,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = kills_done.cancelled() => {}
+    }
+    for i in 1..=plan.cuts {
+        let target = (plan.messages * (u64::from(plan.kills) + u64::from(i)) / plan.marks) as usize;
+        // Or sooner, well before the run could end for lack of progress: under at-most-once a
+        // cut may lose more messages than are left to the next target.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ledger.reached(target, Instant::now() + plan.wait) => {}
+        }
+        // Effects keep coming from deliveries buffered before the previous cut while the client
+        // is still reconnecting: cut once it is connected again (bounded).
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = proxy.connected(Duration::from_secs(10)) => {}
+        }
+        let dropped = proxy.cut();
+        tracing::info!(cut = i, connections = dropped, "verify: connections cut");
+        connections_cut.fetch_add(dropped, Ordering::Relaxed);
+    }
+}
+
+/// Starts the run's consumers: a process of the fleet, or a task of this process running the
+/// run's idempotent layer (if any) over the experiment's handler.
+struct Spawner {
+    client: Arc<dyn DeliveryClient>,
+    ledger: Arc<Ledger>,
+    store: Option<Arc<dyn IdempotencyStore>>,
+    pg: Option<Arc<PgLedger>>,
+    absorbed: Arc<Mutex<Vec<Arc<courier::idempotency::IdempotencyStats>>>>,
+    dest: String,
+    dlq: String,
+    group: String,
+    error_rate: f64,
+    run: String,
+    kill: Arc<KillSwitch>,
+    fleet: Option<Arc<workers::Fleet>>,
+    /// The consumer side's configuration, for consumer processes.
+    consumer_toml: String,
+    lease: Duration,
+    ids: AtomicU64,
+}
+
+impl Spawner {
+    /// A new consumer in `slot` (a replacement takes the slot of the one it replaces).
+    async fn spawn(&self, slot: usize) -> courier::Result<Running> {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        if let Some(fleet) = &self.fleet {
+            let layer = match (&self.pg, &self.store) {
+                (Some(_), _) => workers::Layer::Transactional,
+                (None, Some(_)) => workers::Layer::Store {
+                    lease_ms: self.lease.as_millis() as u64,
+                },
+                (None, None) => workers::Layer::None,
+            };
+            let spec = workers::WorkerSpec {
+                config: self.consumer_toml.clone(),
+                consumer: id,
+                slot,
+                dest: self.dest.clone(),
+                dlq: self.dlq.clone(),
+                group: self.group.clone(),
+                run: self.run.clone(),
+                error_rate: self.error_rate,
+                layer,
+            };
+            return fleet.spawn(&spec).await.map(Running::Proc);
+        }
+        let work = Work {
+            sink: Sink::Local {
+                ledger: self.ledger.clone(),
+                kill: self.kill.clone(),
+            },
+            error_rate: self.error_rate,
+            consumer: id,
+            run: self.run.clone(),
+        };
+        let consumer = consumer_for(self.client.clone(), &self.dest, &self.group, &self.dlq);
+        let handle = match (&self.pg, &self.store) {
+            (Some(pg), _) => {
+                let layer =
+                    TransactionalIdempotent::new(work, &pg.store).namespace(self.dest.clone());
+                self.absorbed.lock().push(layer.stats());
+                consumer.spawn(layer).await?
+            }
+            (None, Some(store)) => {
+                let layer = store_layer(work, store.clone(), &self.dest, self.lease);
+                self.absorbed.lock().push(layer.stats());
+                consumer.spawn(layer).await?
+            }
+            (None, None) => consumer.spawn(work).await?,
+        };
+        Ok(Running::Task { handle, id, slot })
+    }
+}
+
 /// Wait for the effects: until every sent id had one, or nothing moved for `stall` — longer
 /// than the broker takes to hand a crashed consumer's messages to another one — or `deadline`.
 async fn wait_for_effects(
@@ -769,18 +855,14 @@ struct Kills {
 /// more — so their kills are spread over the first half of the run: a later mark would be out
 /// of reach, with no handler left to take the kill (the at-most-once `kill` cells of the chaos matrix,
 /// `integration/tests/chaos.rs`).
-async fn kill_consumers<F, Fut>(
+async fn kill_consumers(
     consumers: &mut Vec<Running>,
-    spawn: &F,
+    spawner: &Spawner,
     kill: &KillSwitch,
     ledger: &Ledger,
     fleet: Option<&workers::Fleet>,
     plan: Kills,
-) -> courier::Result<u32>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = courier::Result<Running>>,
-{
+) -> courier::Result<u32> {
     let Kills {
         count: kills,
         span,
@@ -858,7 +940,7 @@ where
             let mut backoff = Duration::from_millis(100);
             let until = Instant::now() + Duration::from_secs(60);
             let fresh = loop {
-                match spawn(slot).await {
+                match spawner.spawn(slot).await {
                     Ok(c) => break c,
                     Err(e) if e.is_retryable() && Instant::now() < until => {
                         tracing::warn!(error = %e, "verify: starting a replacement consumer failed; retrying");

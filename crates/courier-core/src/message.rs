@@ -264,6 +264,26 @@ pub struct DeadLetter {
     pub attempts: u32,
 }
 
+impl DeadLetter {
+    /// The copy of `message` that goes to the dead-letter destination: the attempts made, the
+    /// reason and where it was consumed from, as headers ([`header::DEAD_LETTER_ATTEMPTS`],
+    /// [`header::DEAD_LETTER_REASON`], [`header::DEAD_LETTER_SOURCE`]). Every backend's
+    /// `Settle::dead_letter` sends this; the conformance scenario
+    /// `handler_errors_retry_then_dead_letter` reads the headers back on each.
+    pub fn stamp(self, message: &Message, source: &str) -> Message {
+        let mut m = message.clone();
+        m.headers.insert(
+            header::DEAD_LETTER_ATTEMPTS.into(),
+            self.attempts.to_string(),
+        );
+        m.headers
+            .insert(header::DEAD_LETTER_REASON.into(), self.reason);
+        m.headers
+            .insert(header::DEAD_LETTER_SOURCE.into(), source.to_owned());
+        m
+    }
+}
+
 /// Backend half of a [`Delivery`]: the operations that settle it on the broker.
 ///
 /// Each method consumes the handle, so a delivery is settled at most once. Implementations

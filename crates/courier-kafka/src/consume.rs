@@ -1008,15 +1008,7 @@ impl Settle for KafkaSettle {
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
-        let mut m = message.clone();
-        m.headers.insert(
-            header::DEAD_LETTER_ATTEMPTS.into(),
-            why.attempts.to_string(),
-        );
-        m.headers
-            .insert(header::DEAD_LETTER_REASON.into(), why.reason);
-        m.headers
-            .insert(header::DEAD_LETTER_SOURCE.into(), self.sub.topic.clone());
+        let m = why.stamp(message, &self.sub.topic);
         let out = Out {
             topic: self.sub.dlq.clone(),
             message: m,

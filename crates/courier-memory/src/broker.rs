@@ -11,9 +11,9 @@ use tokio::sync::Notify;
 
 use courier_core::config::{MemoryConfig, MemoryFaults};
 use courier_core::{
-    check_payload, header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient,
-    DeliveryStream, DestinationInfo, Error, Explanation, GroupInfo, Guarantee, Message, MessageId,
-    Position, Receipt, Result, Settle, Subscription,
+    check_payload, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
+    DestinationInfo, Error, Explanation, GroupInfo, Guarantee, Message, MessageId, Position,
+    Receipt, Result, Settle, Subscription,
 };
 
 const BACKEND: &str = "memory";
@@ -945,15 +945,7 @@ impl Settle for MemorySettle {
         if let Some(e) = self.crashed() {
             return Err(e);
         }
-        let mut m = message.clone();
-        m.headers.insert(
-            header::DEAD_LETTER_ATTEMPTS.into(),
-            why.attempts.to_string(),
-        );
-        m.headers
-            .insert(header::DEAD_LETTER_REASON.into(), why.reason);
-        m.headers
-            .insert(header::DEAD_LETTER_SOURCE.into(), self.topic.clone());
+        let m = why.stamp(message, &self.topic);
         // Store in the dead-letter topic first, then settle: nothing is lost in between.
         self.broker.create(&self.dead_letter);
         let no_faults = Faults::new(MemoryFaults::default());

@@ -474,17 +474,7 @@ impl Settle for RabbitSettle {
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
-        let mut m = message.clone();
-        m.headers.insert(
-            header::DEAD_LETTER_ATTEMPTS.into(),
-            why.attempts.to_string(),
-        );
-        m.headers
-            .insert(header::DEAD_LETTER_REASON.into(), why.reason);
-        m.headers.insert(
-            header::DEAD_LETTER_SOURCE.into(),
-            self.ctx.sub.destination.clone(),
-        );
+        let m = why.stamp(message, &self.ctx.sub.destination);
         self.client()
             .send(&self.ctx.dlx, None, &[Outbound::plain(m)])
             .await?;

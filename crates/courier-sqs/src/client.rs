@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use courier_core::config::SqsConfig;
 use courier_core::{
-    header, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
+    Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
     DestinationInfo, Error, Explanation, GroupInfo, Guarantee, Headers, Message, MessageId,
     Position, Receipt, Result, Settle, Subscription,
 };
@@ -1390,15 +1390,7 @@ impl Settle for SqsSettle {
     }
 
     async fn dead_letter(self: Box<Self>, message: &Message, why: DeadLetter) -> Result<()> {
-        let mut m = message.clone();
-        m.headers.insert(
-            header::DEAD_LETTER_ATTEMPTS.into(),
-            why.attempts.to_string(),
-        );
-        m.headers
-            .insert(header::DEAD_LETTER_REASON.into(), why.reason);
-        m.headers
-            .insert(header::DEAD_LETTER_SOURCE.into(), self.source.clone());
+        let m = why.stamp(message, &self.source);
         let enc = encode(&m)?;
         self.inner.send(&self.dlq, &m, enc).await?;
         self.delete().await

@@ -267,6 +267,34 @@ impl Consumer {
         self
     }
 
+    /// What `spawn` and `spawn_batch` share: subscribe, the loop's shared state, the backlog
+    /// report.
+    async fn start(&self) -> Result<Started> {
+        let deliveries = self.client.subscribe(self.subscription.clone()).await?;
+        let token = CancellationToken::new();
+        let stats = Arc::new(StatsInner::default());
+        let shared = Arc::new(Shared {
+            client: self.client.clone(),
+            guarantee: self.client.guarantee(),
+            retry: self.retry.clone(),
+            handler_timeout: self.handler_timeout,
+            stats: stats.clone(),
+            seen: shared_seen(
+                self.client.backend(),
+                &self.subscription,
+                self.amo_dedup_window,
+            ),
+            labels: Labels::new(self.client.backend(), &self.subscription),
+        });
+        self.report_backlog(&token);
+        Ok(Started {
+            deliveries,
+            token,
+            stats,
+            shared,
+        })
+    }
+
     /// Export the group's backlog every `backlog_interval` until `token` is cancelled.
     fn report_backlog(&self, token: &CancellationToken) {
         let Some(every) = self.backlog_interval else {
@@ -341,23 +369,12 @@ impl Consumer {
     /// Subscribe and start handling messages one at a time (with the configured concurrency).
     pub async fn spawn<H: Handler>(self, handler: H) -> Result<ConsumerHandle> {
         self.check(handler.is_idempotent())?;
-        let deliveries = self.client.subscribe(self.subscription.clone()).await?;
-        let token = CancellationToken::new();
-        let stats = Arc::new(StatsInner::default());
-        let shared = Arc::new(Shared {
-            client: self.client.clone(),
-            guarantee: self.client.guarantee(),
-            retry: self.retry.clone(),
-            handler_timeout: self.handler_timeout,
-            stats: stats.clone(),
-            seen: shared_seen(
-                self.client.backend(),
-                &self.subscription,
-                self.amo_dedup_window,
-            ),
-            labels: Labels::new(self.client.backend(), &self.subscription),
-        });
-        self.report_backlog(&token);
+        let Started {
+            deliveries,
+            token,
+            stats,
+            shared,
+        } = self.start().await?;
         let join = tokio::spawn(run_single(
             deliveries,
             Arc::new(handler),
@@ -386,23 +403,12 @@ impl Consumer {
             ));
         }
         self.check(false)?;
-        let deliveries = self.client.subscribe(self.subscription.clone()).await?;
-        let token = CancellationToken::new();
-        let stats = Arc::new(StatsInner::default());
-        let shared = Arc::new(Shared {
-            client: self.client.clone(),
-            guarantee: self.client.guarantee(),
-            retry: self.retry.clone(),
-            handler_timeout: self.handler_timeout,
-            stats: stats.clone(),
-            seen: shared_seen(
-                self.client.backend(),
-                &self.subscription,
-                self.amo_dedup_window,
-            ),
-            labels: Labels::new(self.client.backend(), &self.subscription),
-        });
-        self.report_backlog(&token);
+        let Started {
+            deliveries,
+            token,
+            stats,
+            shared,
+        } = self.start().await?;
         let join = tokio::spawn(run_batch(
             deliveries,
             Arc::new(handler),
@@ -412,6 +418,14 @@ impl Consumer {
         ));
         Ok(ConsumerHandle { token, join, stats })
     }
+}
+
+/// A subscription with its consume loop's state, before the loop runs.
+struct Started {
+    deliveries: crate::Deliveries,
+    token: CancellationToken,
+    stats: Arc<StatsInner>,
+    shared: Arc<Shared>,
 }
 
 /// A running consumer.

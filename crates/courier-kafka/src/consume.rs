@@ -83,8 +83,11 @@ struct Batch {
 /// Per-partition state shared by the receive task, the settles and the rebalance callback.
 pub(crate) struct Tracker {
     parts: Mutex<HashMap<i32, Part>>,
-    /// At-most-once: the last committed watermark per partition (commits stay monotonic).
+    /// At-most-once: the last watermark per partition whose commit the broker confirmed.
     committed: Mutex<HashMap<i32, i64>>,
+    /// At-most-once: one commit at a time, each confirmed before the next is sent (see
+    /// `KafkaSettle::commit_sync`).
+    amo_commits: tokio::sync::Mutex<()>,
     /// At-least-once: the last stored watermark per partition (committed explicitly on close).
     stored: Mutex<HashMap<i32, i64>>,
     /// Exactly-once: settled inputs waiting for a transaction.
@@ -117,6 +120,7 @@ impl Tracker {
         Tracker {
             parts: Mutex::default(),
             committed: Mutex::default(),
+            amo_commits: tokio::sync::Mutex::new(()),
             stored: Mutex::default(),
             waiting: Default::default(),
             settled: Notify::new(),
@@ -266,16 +270,16 @@ impl Tracker {
         hooks
     }
 
-    /// At-most-once: record a commit; false if `wm` is not ahead of what is committed.
-    fn advance(&self, p: i32, wm: i64) -> bool {
+    /// At-most-once: whether a confirmed commit already covers `wm`.
+    fn covered(&self, p: i32, wm: i64) -> bool {
+        self.committed.lock().get(&p).is_some_and(|&c| c >= wm)
+    }
+
+    /// At-most-once: the broker confirmed the commit of `wm`.
+    fn confirmed(&self, p: i32, wm: i64) {
         let mut c = self.committed.lock();
         let cur = c.entry(p).or_insert(i64::MIN);
-        if wm > *cur {
-            *cur = wm;
-            true
-        } else {
-            false
-        }
+        *cur = (*cur).max(wm);
     }
 }
 
@@ -878,8 +882,17 @@ struct KafkaSettle {
 }
 
 impl KafkaSettle {
+    /// At-most-once: commit `wm` and return once the broker confirmed it (or a confirmed commit
+    /// already covers it). Commits go one at a time: two lanes committing at once could reach
+    /// the broker out of order (a later, lower commit rewinds the group), and a lane whose
+    /// offset was covered by a commit still in flight would run its handler before anything was
+    /// stored — either way a consumer killed then has its successor handle the same message
+    /// again. Guarded by `crash_suite!`'s `sigkilled_consumers_at_most_once_never_handle_twice`
+    /// (tests/conformance.rs, `broker`).
     async fn commit_sync(&self, wm: i64) -> Result<()> {
-        if !self.sub.tracker.advance(self.partition, wm) {
+        let tracker = &self.sub.tracker;
+        let _one = tracker.amo_commits.lock().await;
+        if tracker.covered(self.partition, wm) {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
@@ -888,7 +901,9 @@ impl KafkaSettle {
         let c = self.sub.consumer.clone();
         blocking(move || c.commit(&tpl, CommitMode::Sync))
             .await?
-            .map_err(|e| kafka_err("commit", e))
+            .map_err(|e| kafka_err("commit", e))?;
+        tracker.confirmed(self.partition, wm);
+        Ok(())
     }
 
     /// An at-least-once output could not be published: the input goes round again (the Kafka

@@ -12,6 +12,9 @@ mod broker {
         }
     }
     courier_testkit::conformance_suite!(backend);
+    // Consumer processes SIGKILLed mid-handler (not on the MockCluster, which lives in one
+    // process).
+    courier_testkit::crash_suite!(backend);
 }
 
 mod mock {

@@ -45,6 +45,14 @@ async fn backend() -> Rabbit {
 
 courier_testkit::conformance_suite!(backend);
 
+/// Consumer processes SIGKILLed mid-handler, over and over.
+mod crash {
+    async fn backend() -> super::Rabbit {
+        super::Rabbit
+    }
+    courier_testkit::crash_suite!(backend);
+}
+
 /// The same suite with every handler behind the idempotent layer (Redis store).
 mod through_the_layer {
     async fn backend() -> courier_testkit::Layered<super::Rabbit> {

@@ -13,10 +13,7 @@ use courier_core::{
     BackendConfig, Config, Consumer, Context, DeliveryClient, Error, Guarantee, Handler,
     HandlerError, Message, Subscription,
 };
-use courier_testkit::process::{
-    kill9, rabbitmq_queue_state, spawn_worker, wait_rabbitmq_no_consumers, worker_role,
-};
-use courier_testkit::{endpoints, unique, FileLedger, Ledger};
+use courier_testkit::{endpoints, unique, Ledger};
 
 static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -266,122 +263,6 @@ async fn auto_create_declares_again_an_exchange_deleted_since() {
     sub.close().await.unwrap();
     got.sort();
     assert_eq!(got, ["four", "one", "two"]);
-}
-
-// ---- consumer processes SIGKILLed mid-handler ------------------------------------------------
-
-struct FileRecord(FileLedger);
-
-#[courier_core::async_trait]
-impl Handler for FileRecord {
-    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
-        // Take a moment, so kills land inside handlers.
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..4))).await;
-        self.0
-            .handled(m.id.as_str())
-            .map_err(HandlerError::retryable)?;
-        Ok(())
-    }
-}
-
-#[test]
-fn consumer_worker_entry() {
-    if worker_role().is_none() {
-        return;
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let dest = std::env::var("DEST").unwrap();
-        let ledger = FileLedger::new(std::env::var("LEDGER").unwrap());
-        let g: Guarantee = std::env::var("GUARANTEE").unwrap().parse().unwrap();
-        let c = client(g).await;
-        let _h = Consumer::new(c, Subscription::new(&dest, "g"))
-            .concurrency(8)
-            .spawn(FileRecord(ledger))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_secs(120)).await;
-    });
-}
-
-/// Publish N messages, then run consumer processes, SIGKILLing each after a short while, until
-/// the queue is empty. Returns the ledger report and the number of kills.
-async fn kill_consumers(guarantee: Guarantee) -> (courier_testkit::LedgerReport, usize) {
-    const N: usize = 3_000;
-    let c = client(guarantee).await;
-    let dest = unique("kill");
-    c.create_destination(&dest).await.unwrap();
-    drop(c.subscribe(Subscription::new(&dest, "g")).await.unwrap()); // declare the queue
-    let dir = std::env::temp_dir().join(unique("courier-rmq-kill"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ledger = FileLedger::new(dir.join("ledger"));
-    // Publish while the workers come and go, so every worker gets fresh messages (an
-    // at-most-once consumer takes everything that is ready at once).
-    let publisher = {
-        let (dest, ledger) = (dest.clone(), ledger.clone());
-        tokio::spawn(async move {
-            let confirmed = client(Guarantee::AtLeastOnce).await;
-            for i in 0..N {
-                let m = Message::new(format!("m{i}"));
-                confirmed.publish(&dest, m.clone()).await.unwrap();
-                ledger.sent(m.id.as_str()).unwrap();
-                if i % 100 == 99 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        })
-    };
-    let queue = format!("{dest}.g");
-    let envs = [
-        ("DEST", dest.as_str()),
-        ("LEDGER", ledger.path().to_str().unwrap()),
-        ("GUARANTEE", guarantee.as_str()),
-    ];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    let mut kills = 0;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "queue never drained after {kills} kills"
-        );
-        let mut child = spawn_worker("consumer_worker_entry", "consumer", &envs).unwrap();
-        // Let it handle some messages, then kill it mid-flight.
-        let before = ledger.report().unwrap().handlings;
-        let t = tokio::time::Instant::now();
-        while ledger.report().unwrap().handlings < before + 300
-            && t.elapsed() < Duration::from_secs(3)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        kill9(&mut child);
-        kills += 1;
-        // Once the dead consumer is gone, what it had not acknowledged is ready again.
-        assert!(wait_rabbitmq_no_consumers(&queue, Duration::from_secs(30)).await);
-        if publisher.is_finished() && rabbitmq_queue_state(&queue).await.0 == 0 {
-            break;
-        }
-    }
-    let report = ledger.report().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    (report, kills)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkilled_consumers_at_least_once_lose_nothing() {
-    let _lock = BROKER.lock().await;
-    let (r, kills) = kill_consumers(Guarantee::AtLeastOnce).await;
-    println!("at-least-once, {kills} SIGKILLs: {r}");
-    assert!(kills >= 3, "too few kills ({kills})");
-    assert_eq!(r.lost, 0, "at-least-once lost messages: {r}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkilled_consumers_at_most_once_never_handle_twice() {
-    let _lock = BROKER.lock().await;
-    let (r, kills) = kill_consumers(Guarantee::AtMostOnce).await;
-    println!("at-most-once, {kills} SIGKILLs: {r}");
-    assert!(kills >= 3, "too few kills ({kills})");
-    assert_eq!(r.duplicates, 0, "at-most-once handled a message twice: {r}");
 }
 
 /// Names and messages AMQP cannot carry — a name, message id or header name over 255 bytes, an

@@ -72,6 +72,14 @@ mod standard {
     courier_testkit::conformance_suite!(backend);
 }
 
+/// Consumer processes SIGKILLed mid-handler, over and over (standard queue).
+mod crash {
+    async fn backend() -> super::Sqs {
+        super::Sqs { fifo: false }
+    }
+    courier_testkit::crash_suite!(backend);
+}
+
 mod fifo {
     use super::*;
     async fn backend() -> Sqs {

@@ -12,8 +12,7 @@ use courier_core::{
     BackendConfig, Config, Consumer, Context, DeliveryClient, Error, Guarantee, Handler,
     HandlerError, Message, Subscription,
 };
-use courier_testkit::process::{kill9, spawn_worker, worker_role};
-use courier_testkit::{endpoints, unique, FileLedger, Ledger};
+use courier_testkit::{endpoints, unique, Ledger};
 use parking_lot::Mutex;
 
 fn config(fifo: bool, visibility: Duration) -> Config {
@@ -210,86 +209,6 @@ async fn fifo_drops_a_resent_id_and_keeps_group_order_across_consumers() {
             "{group} out of order: {order:?}"
         );
     }
-}
-
-// ---- consumer processes SIGKILLed mid-handler ------------------------------------------------
-
-struct FileRecord(FileLedger);
-
-#[courier_core::async_trait]
-impl Handler for FileRecord {
-    async fn handle(&self, m: &Message, _cx: &mut Context) -> Result<(), HandlerError> {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
-        self.0
-            .handled(m.id.as_str())
-            .map_err(HandlerError::retryable)?;
-        Ok(())
-    }
-}
-
-#[test]
-fn sqs_worker_entry() {
-    if worker_role().is_none() {
-        return;
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let q = std::env::var("QUEUE").unwrap();
-        let ledger = FileLedger::new(std::env::var("LEDGER").unwrap());
-        let c = client(false, Duration::from_secs(2)).await;
-        let _h = Consumer::new(c, Subscription::new(&q, "g"))
-            .concurrency(8)
-            .spawn(FileRecord(ledger))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_secs(120)).await;
-    });
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkilled_consumers_at_least_once_lose_nothing() {
-    const N: usize = 600;
-    let c = client(false, Duration::from_secs(2)).await;
-    let q = fresh(&*c, unique("kill")).await;
-    let dir = std::env::temp_dir().join(unique("courier-sqs-kill"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ledger = FileLedger::new(dir.join("ledger"));
-    let msgs: Vec<Message> = (0..N).map(|i| Message::new(format!("m{i}"))).collect();
-    for chunk in msgs.chunks(10) {
-        c.publish_batch(&q, chunk.to_vec()).await.unwrap();
-        for m in chunk {
-            ledger.sent(m.id.as_str()).unwrap();
-        }
-    }
-    let envs = [
-        ("QUEUE", q.as_str()),
-        ("LEDGER", ledger.path().to_str().unwrap()),
-    ];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    let mut kills = 0;
-    while ledger.report().unwrap().lost > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "messages never redelivered after {kills} kills: {}",
-            ledger.report().unwrap()
-        );
-        let mut child = spawn_worker("sqs_worker_entry", "consumer", &envs).unwrap();
-        let before = ledger.report().unwrap().handlings;
-        let t = tokio::time::Instant::now();
-        while ledger.report().unwrap().handlings < before + 100
-            && ledger.report().unwrap().lost > 0
-            && t.elapsed() < Duration::from_secs(20)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        kill9(&mut child);
-        kills += 1;
-    }
-    let r = ledger.report().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    println!("sqs at-least-once, {kills} SIGKILLs: {r}");
-    assert!(kills >= 3, "too few kills ({kills})");
-    assert_eq!(r.lost, 0, "{r}");
 }
 
 // ---- boto3 -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 //! courier_testkit::conformance_suite!(backend);
 //! ```
 
+pub mod crash;
 pub mod endpoints;
 pub mod kafka_log;
 pub mod kafka_mock;

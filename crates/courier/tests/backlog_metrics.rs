@@ -118,6 +118,12 @@ async fn backlog_gauges_follow_the_group() {
     let age = held[2].expect("oldest message age reported");
     assert!((0.0..10.0).contains(&age), "oldest age {age}");
     gate.add_permits(5);
+    // The recorder zeroes a gauge when it is read, so a read between two reports shows 0:
+    // wait for the handlers first, then for the report of the drained group.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while consumer.stats().handled < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(READ_EVERY).await;
+    }
     let drained = probe
         .until(&names[..2], |v| v[0] == Some(0.0) && v[1] == Some(0.0))
         .await;

@@ -129,12 +129,13 @@ pub async fn sigkill_consumers(
             report()
         );
         let mut child = spawn_worker(worker_test, "consumer", &envs).expect("a worker process");
-        // Let it handle some messages (a Kafka group first waits out the killed member's
-        // session), then kill it mid-flight.
-        let before = report().handlings;
+        // Let it handle messages no one handled before (a Kafka group first waits out the killed
+        // member's session, then replays what its predecessor handled but did not commit), then
+        // kill it mid-flight. Counting new ids, not handlings, guarantees progress between kills.
+        let before = report().handled;
         let t = tokio::time::Instant::now();
-        while report().handlings < before + 50 && t.elapsed() < Duration::from_secs(20) {
-            if report().handlings > before && drained().await {
+        while report().handled < before + 50 && t.elapsed() < Duration::from_secs(20) {
+            if report().handled > before && drained().await {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

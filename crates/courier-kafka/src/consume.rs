@@ -821,6 +821,16 @@ impl DeliveryStream for KafkaStream {
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
+        if self.sub.inner.guarantee == Guarantee::AtLeastOnce {
+            // While the receive task still polls (a group rebalance completes only through polls):
+            // inputs whose outputs are still being confirmed are done once they are, then what was
+            // processed is committed explicitly (not only what auto-commit saw).
+            self.sub
+                .confirming
+                .drained(self.sub.inner.config.delivery_timeout)
+                .await;
+            self.commit_stored().await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -828,47 +838,61 @@ impl DeliveryStream for KafkaStream {
             // Exactly-once: the task commits what was settled before it ends.
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
-        if self.sub.inner.guarantee == Guarantee::AtLeastOnce {
-            // Inputs whose outputs are still being confirmed are done once they are.
-            self.sub
-                .confirming
-                .drained(self.sub.inner.config.delivery_timeout)
-                .await;
-            // Commit exactly what was processed, explicitly (not only what auto-commit saw).
-            let stored: Vec<(i32, i64)> = self
-                .sub
-                .tracker
-                .stored
-                .lock()
-                .iter()
-                .map(|(p, o)| (*p, *o))
-                .collect();
-            let mut tpl = TopicPartitionList::new();
-            for (p, o) in stored {
-                let _ = tpl.add_partition_offset(&self.sub.topic, p, Offset::Offset(o));
-            }
+        let c = self.sub.consumer.clone();
+        let _ = blocking(move || c.unsubscribe()).await;
+        Ok(())
+    }
+}
+
+impl KafkaStream {
+    /// Commit the stored offsets of at-least-once inputs on close. A commit refused while the
+    /// group rebalances (another member joining or leaving) is tried again until the rebalance
+    /// is over, bounded by the session timeout: a refused commit would hand every processed
+    /// input since the last auto-commit to the next consumer. Guarded by the conformance scenario
+    /// `handler_outputs_arrive_and_inputs_settle` (MockCluster runs it beside other groups).
+    async fn commit_stored(&mut self) {
+        let stored: Vec<(i32, i64)> = self
+            .sub
+            .tracker
+            .stored
+            .lock()
+            .iter()
+            .map(|(p, o)| (*p, *o))
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in stored {
+            let _ = tpl.add_partition_offset(&self.sub.topic, p, Offset::Offset(o));
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.sub.inner.config.session_timeout;
+        loop {
             let c = self.sub.consumer.clone();
-            match blocking(move || {
-                if tpl.count() > 0 {
-                    c.commit(&tpl, CommitMode::Sync)
-                } else {
-                    Ok(())
+            let attempt = tpl.clone();
+            let r = blocking(move || c.commit(&attempt, CommitMode::Sync)).await;
+            match r {
+                Ok(Err(e))
+                    if e.rdkafka_error_code()
+                        == Some(rdkafka::error::RDKafkaErrorCode::RebalanceInProgress)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    // The receive task's polls finish the rebalance meanwhile; it polls only with
+                    // room to hand records over, so what it received since is let go (unsettled:
+                    // delivered again).
+                    while self.rx.try_recv().is_ok() {}
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-            })
-            .await
-            {
                 Ok(Err(e))
                     if e.rdkafka_error_code()
                         != Some(rdkafka::error::RDKafkaErrorCode::NoOffset) =>
                 {
-                    warn!(error = %e, "committing offsets on close failed");
+                    warn!(error = %e, "committing offsets on close failed; processed inputs since the last commit are delivered again");
+                    return;
                 }
-                _ => {}
+                _ => return,
             }
         }
-        let c = self.sub.consumer.clone();
-        let _ = blocking(move || c.unsubscribe()).await;
-        Ok(())
     }
 }
 

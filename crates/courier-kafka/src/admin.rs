@@ -22,9 +22,7 @@ const PEEK: Duration = Duration::from_secs(3);
 /// A consumer that reads `group`'s committed offsets and can be assigned partitions; it never
 /// joins the group (no subscribe) and never commits.
 fn group_reader(config: &KafkaConfig, group: &str) -> Result<BaseConsumer> {
-    let mut ours = settings::producer(config, courier_core::Guarantee::AtLeastOnce, None);
-    ours.truncate(2); // bootstrap.servers, client.id
-    let mut c = settings::client_config(config, &ours);
+    let mut c = settings::connection(config);
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -197,12 +197,9 @@ impl KafkaClient {
         let producer: FutureProducer = settings::client_config(&config, &ours)
             .create()
             .map_err(|e| Error::config(format!("invalid Kafka producer settings: {e}")))?;
-        let admin: AdminClient<DefaultClientContext> = settings::client_config(
-            &config,
-            &settings::producer(&config, Guarantee::AtLeastOnce, None)[..2],
-        )
-        .create()
-        .map_err(|e| Error::config(format!("invalid Kafka settings: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = settings::connection(&config)
+            .create()
+            .map_err(|e| Error::config(format!("invalid Kafka settings: {e}")))?;
         if transactional_id.is_some() {
             let p = producer.clone();
             let t = config.delivery_timeout.min(Duration::from_secs(60));

@@ -25,9 +25,7 @@ pub async fn doctor(config: &Config, topics: &[String]) -> Vec<Finding> {
             return out.into_vec();
         }
     };
-    let mut ours = settings::producer(k, Guarantee::AtLeastOnce, None);
-    ours.truncate(2); // bootstrap.servers, client.id
-    let cc = settings::client_config(k, &ours);
+    let cc = settings::connection(k);
     let (admin, consumer): (AdminClient<DefaultClientContext>, BaseConsumer) =
         match (cc.create(), cc.create()) {
             (Ok(a), Ok(c)) => (a, c),

@@ -3,6 +3,18 @@
 use courier_core::config::{is_secret_setting, KafkaConfig};
 use courier_core::{Explanation, Guarantee};
 
+/// The client settings of courier's own helper clients (admin, `inspect`, `doctor`): the
+/// `[backend] settings` passthrough (TLS, SASL …) with the bootstrap servers and client id.
+pub(crate) fn connection(k: &KafkaConfig) -> rdkafka::ClientConfig {
+    client_config(
+        k,
+        &[
+            ("bootstrap.servers".into(), k.bootstrap.clone(), ""),
+            ("client.id".into(), k.client_id.clone(), ""),
+        ],
+    )
+}
+
 /// (name, value, why) of the producer settings courier sets.
 pub(crate) fn producer(
     k: &KafkaConfig,

@@ -386,24 +386,13 @@ impl Inner {
         if let Some(u) = self.urls.lock().get(&name) {
             return Ok(u.clone());
         }
-        check_queue_name(&name)?;
-        match self.sdk.get_queue_url().queue_name(&name).send().await {
-            Ok(r) => {
-                let u = r.queue_url.unwrap_or_default();
+        match self.existing_url(destination).await? {
+            Some(u) => {
                 self.urls.lock().insert(name, u.clone());
                 Ok(u)
             }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_queue_does_not_exist()) =>
-            {
-                if self.config.auto_create {
-                    self.create(&name).await
-                } else {
-                    Err(self.not_found(destination))
-                }
-            }
-            Err(e) => Err(sdk_err("get_queue_url", e)),
+            None if self.config.auto_create => self.create(&name).await,
+            None => Err(self.not_found(destination)),
         }
     }
 

@@ -99,7 +99,7 @@ pub trait TestBackend: Send + Sync + 'static {
 
     /// Whether the broker implements deleting destinations and groups. librdkafka's
     /// MockCluster does not (no DeleteTopics or DeleteGroups; a request waits out its timeout):
-    /// there the admin scenario checks `inspect` only, and says so.
+    /// there the admin scenario checks that `delete_destination` fails instead of deleting.
     fn deletes_destinations(&self) -> bool {
         true
     }

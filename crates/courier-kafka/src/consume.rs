@@ -288,6 +288,9 @@ pub(crate) struct Ctx {
     guarantee: Guarantee,
     /// Which of this process's subscriptions (for logs).
     subscription: u64,
+    /// Set once the stream's `close` has committed what was processed: a revoke served after
+    /// that (the one `unsubscribe` causes) has nothing left to commit.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Partitions of a rebalance event, for logs.
@@ -315,7 +318,10 @@ impl ConsumerContext for Ctx {
             }
         }
         if let Rebalance::Revoke(tpl) = rebalance {
-            if self.guarantee == Guarantee::AtLeastOnce {
+            if self.guarantee == Guarantee::AtLeastOnce
+                && tpl.count() > 0
+                && !self.closing.load(std::sync::atomic::Ordering::SeqCst)
+            {
                 // Commit what was processed before the partitions move.
                 if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                     if e.rdkafka_error_code() != Some(rdkafka::error::RDKafkaErrorCode::NoOffset) {
@@ -348,7 +354,11 @@ fn consumer_error(subscription: u64, operation: &'static str, e: impl std::fmt::
 /// running the revoke callback (a synchronous commit under at-least-once). That can take a
 /// broker round trip or a session timeout, and must not occupy a tokio worker: a stream
 /// dropped without `close` (its task aborted, a consumer torn down mid-handler) would stall the
-/// tasks queued behind it on that worker.
+/// tasks queued behind it on that worker. It runs on a thread of its own rather than
+/// `spawn_blocking`: rdkafka polls until librdkafka reports the consumer closed, without a bound,
+/// and a close that never finishes must not hold up the shutdown of the application's runtime.
+/// The stream's `close` has left the group already (`KafkaStream::leave`), so what remains here
+/// is quick.
 struct OwnedConsumer(Option<StreamConsumer<Ctx>>);
 
 impl std::ops::Deref for OwnedConsumer {
@@ -364,11 +374,11 @@ impl std::ops::Deref for OwnedConsumer {
 impl Drop for OwnedConsumer {
     fn drop(&mut self) {
         if let Some(consumer) = self.0.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn_blocking(move || drop(consumer));
-                }
-                Err(_) => drop(consumer),
+            let closing = std::thread::Builder::new()
+                .name("courier-kafka-drop".into())
+                .spawn(move || drop(consumer));
+            if let Err(e) = closing {
+                warn!(error = %e, "no thread to close a Kafka consumer on: closed on the dropping thread");
             }
         }
     }
@@ -382,6 +392,8 @@ struct Sub {
     dlq: String,
     /// At-least-once inputs whose outputs are being confirmed.
     confirming: Arc<Confirming>,
+    /// Shared with the consumer's context: see `Ctx::closing`.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A count of background confirmations, awaited on close.
@@ -433,6 +445,7 @@ pub(crate) struct KafkaStream {
 impl KafkaStream {
     pub(crate) fn start(inner: Arc<Inner>, s: Subscription) -> Result<Self> {
         let tracker = Arc::new(Tracker::new(inner.config.commit_max_inputs));
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ours = settings::consumer(&inner.config, inner.guarantee, &s.group);
         let consumer: StreamConsumer<Ctx> = settings::client_config(&inner.config, &ours)
             .create_with_context(Ctx {
@@ -443,6 +456,7 @@ impl KafkaStream {
                         std::sync::atomic::AtomicU64::new(1);
                     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 },
+                closing: closing.clone(),
             })
             .map_err(|e| Error::config(format!("invalid Kafka consumer settings: {e}")))?;
         consumer
@@ -455,6 +469,7 @@ impl KafkaStream {
             topic: s.destination.clone(),
             dlq: s.dead_letter_destination(),
             confirming: Arc::default(),
+            closing,
         });
         let (tx, rx) = mpsc::channel(1);
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -831,6 +846,9 @@ impl DeliveryStream for KafkaStream {
                 .await;
             self.commit_stored().await;
         }
+        self.sub
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -838,10 +856,29 @@ impl DeliveryStream for KafkaStream {
             // Exactly-once: the task commits what was settled before it ends.
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
-        let c = self.sub.consumer.clone();
-        let _ = blocking(move || c.unsubscribe()).await;
+        self.leave().await;
         Ok(())
     }
+}
+
+/// Run a librdkafka call that may block without bound (a synchronous commit waits for the group
+/// coordinator) on a thread of its own, and wait for it at most `limit`. Unlike
+/// `spawn_blocking`, a call that never returns does not hold up the shutdown of the caller's
+/// runtime. `None` when it did not return in time.
+async fn bounded<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("courier-kafka-close".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if spawned.is_err() {
+        return None;
+    }
+    tokio::time::timeout(limit, rx).await.ok()?.ok()
 }
 
 impl KafkaStream {
@@ -866,13 +903,21 @@ impl KafkaStream {
         if tpl.count() == 0 {
             return;
         }
-        let deadline = tokio::time::Instant::now() + self.sub.inner.config.session_timeout;
+        let limit = self.sub.inner.config.session_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let c = self.sub.consumer.clone();
             let attempt = tpl.clone();
-            let r = blocking(move || c.commit(&attempt, CommitMode::Sync)).await;
+            let r = bounded(limit, move || c.commit(&attempt, CommitMode::Sync)).await;
             match r {
-                Ok(Err(e))
+                None => {
+                    warn!(
+                        ?limit,
+                        "committing offsets on close did not finish in time; processed inputs since the last commit may be delivered again"
+                    );
+                    return;
+                }
+                Some(Err(e))
                     if e.rdkafka_error_code()
                         == Some(rdkafka::error::RDKafkaErrorCode::RebalanceInProgress)
                         && tokio::time::Instant::now() < deadline =>
@@ -883,16 +928,54 @@ impl KafkaStream {
                     while self.rx.try_recv().is_ok() {}
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Ok(Err(e))
+                Some(Err(e))
                     if e.rdkafka_error_code()
                         != Some(rdkafka::error::RDKafkaErrorCode::NoOffset) =>
                 {
                     warn!(error = %e, "committing offsets on close failed; processed inputs since the last commit are delivered again");
                     return;
                 }
-                _ => return,
+                Some(_) => return,
             }
         }
+    }
+
+    /// Leave the group before the stream is gone: unsubscribe, then serve the revoke that
+    /// follows here until the consumer holds no partition (bounded by the session timeout).
+    /// Partitions move to the other members now, even while a delivery handle keeps the
+    /// consumer alive, and the consumer's final close (when the last reference goes) finds no
+    /// rebalance event left over from the unsubscribe: librdkafka aborts the process when a
+    /// commit from such a late revoke callback races its terminate
+    /// (`rd_kafka_cgrp_terminated: assert: !rd_kafka_assignment_in_progress`). Guarded by the
+    /// MockCluster conformance suite, whose scenarios close dozens of consumers beside each
+    /// other (`competing_consumers_no_loss` closes ten of one group).
+    async fn leave(&mut self) {
+        let limit = self.sub.inner.config.session_timeout;
+        let c = self.sub.consumer.clone();
+        if bounded(limit, move || c.unsubscribe()).await.is_none() {
+            warn!(?limit, "unsubscribing on close did not finish in time");
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            let assigned = self
+                .sub
+                .consumer
+                .assignment()
+                .map(|a| a.count())
+                .unwrap_or(0);
+            if assigned == 0 {
+                return;
+            }
+            // Polling serves the revoke callback. A record it returns is let go: nothing of it
+            // was committed, so the partition's next owner receives it.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), self.sub.consumer.recv()).await;
+        }
+        warn!(
+            ?limit,
+            "the consumer still held partitions when closing gave up waiting for the revoke"
+        );
     }
 }
 

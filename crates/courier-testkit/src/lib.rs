@@ -145,8 +145,56 @@ impl<B: TestBackend> TestBackend for Layered<B> {
     }
 }
 
-/// Generate one `#[tokio::test]` per conformance scenario, each calling `$factory().await` for a
-/// backend. Use it in a backend crate's `tests/conformance.rs`.
+/// How long one conformance scenario may run before it fails as hung:
+/// `COURIER_SCENARIO_LIMIT_SECS` seconds, 300 by default (the slowest scenario takes about a
+/// minute on a loaded 2-core machine).
+pub fn scenario_limit() -> std::time::Duration {
+    let secs = std::env::var("COURIER_SCENARIO_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Run one conformance scenario on a runtime of its own, bounded by [`scenario_limit`], and
+/// panic with the scenario's error. The runtime is shut down with a bound too: a blocking call
+/// a backend left behind cannot keep the test from ending. Called by [`conformance_suite!`].
+#[doc(hidden)]
+pub fn run_scenario<B, F, S>(scenario: &str, factory: F, run: S)
+where
+    B: TestBackend,
+    F: std::future::Future<Output = B>,
+    S: for<'a> FnOnce(
+        &'a B,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = scenarios::Outcome> + 'a>,
+    >,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the scenario");
+    let limit = scenario_limit();
+    let (backend, outcome) = rt.block_on(async {
+        let backend = factory.await;
+        let outcome = tokio::time::timeout(limit, run(&backend)).await;
+        (backend.name(), outcome)
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("conformance scenario `{scenario}` failed on {backend}: {e}"),
+        Err(_) => panic!(
+            "conformance scenario `{scenario}` on {backend} did not finish within {limit:?} \
+             (COURIER_SCENARIO_LIMIT_SECS)"
+        ),
+    }
+}
+
+/// Generate one test per conformance scenario, each calling `$factory().await` for a backend
+/// and failing when the scenario fails or runs longer than [`scenario_limit`]. Use it in a
+/// backend crate's `tests/conformance.rs`.
 #[macro_export]
 macro_rules! conformance_suite {
     ($factory:path) => {
@@ -180,16 +228,11 @@ macro_rules! conformance_suite {
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() {
-                let backend = $factory().await;
-                if let Err(e) = $crate::scenarios::$name(&backend).await {
-                    panic!(
-                        "conformance scenario `{}` failed on {}: {e}",
-                        stringify!($name),
-                        $crate::TestBackend::name(&backend)
-                    );
-                }
+            #[test]
+            fn $name() {
+                $crate::run_scenario(stringify!($name), $factory(), |backend| {
+                    Box::pin($crate::scenarios::$name(backend))
+                });
             }
         )*
     };

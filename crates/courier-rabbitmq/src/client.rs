@@ -21,13 +21,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use courier_core::config::{QueueType, RabbitMqConfig};
+use courier_core::config::RabbitMqConfig;
 use courier_core::{
     check_payload, header, Capabilities, Deliveries, DeliveryClient, DestinationInfo, Error,
     Explanation, GroupInfo, Guarantee, Message, Position, Receipt, Result, Subscription,
 };
 
-use crate::BACKEND;
+use crate::{settings, BACKEND};
 
 /// Publish attempts before a confirmed publish gives up.
 const PUBLISH_ATTEMPTS: u32 = 8;
@@ -561,16 +561,6 @@ pub(crate) fn check_message(destination: &str, m: &Message, frame_max: u32) -> R
     Ok(())
 }
 
-pub(crate) fn queue_args(queue_type: QueueType) -> FieldTable {
-    let mut args = FieldTable::default();
-    let t = match queue_type {
-        QueueType::Quorum => "quorum",
-        QueueType::Classic => "classic",
-    };
-    args.insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
-    args
-}
-
 fn durable() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
         durable: true,
@@ -594,7 +584,7 @@ impl Outbound {
     }
 }
 
-pub(crate) fn properties(m: &Message, persistent: bool, attempt: Option<u32>) -> BasicProperties {
+pub(crate) fn properties(m: &Message, delivery_mode: u8, attempt: Option<u32>) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (k, v) in &m.headers {
         headers.insert(
@@ -621,7 +611,7 @@ pub(crate) fn properties(m: &Message, persistent: bool, attempt: Option<u32>) ->
         .with_message_id(m.id.as_str().into())
         // Read back as `Delivery::published_at` (whole seconds, AMQP's resolution).
         .with_timestamp(now.as_secs())
-        .with_delivery_mode(if persistent { 2 } else { 1 })
+        .with_delivery_mode(delivery_mode)
         // The AMQP property too, for consumers that are not courier (`Message::json`).
         .with_content_type(
             m.content_type()
@@ -636,10 +626,6 @@ impl RabbitMqClient {
         let link = Arc::new(Link::new(config));
         link.channel().await?;
         Ok(RabbitMqClient { link, guarantee })
-    }
-
-    fn confirmed(&self) -> bool {
-        self.guarantee != Guarantee::AtMostOnce
     }
 
     /// Declare the exchange of a destination (idempotent).
@@ -798,19 +784,7 @@ impl RabbitMqClient {
             return Ok(name);
         }
         let Watched { channel: ch, lost } = self.link.new_channel().await?;
-        let mut args = queue_args(QueueType::Classic);
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(queue.into()),
-        );
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(step_ms).unwrap_or(i64::MAX)),
-        );
+        let args = settings::table(&settings::delay_queue(queue, step_ms));
         let opts = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -837,22 +811,11 @@ impl RabbitMqClient {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        let qt = self.link.config.queue_type;
         let op = self.link.declare_timeout();
         // The work queue dead-letters what the broker itself gives up on (a quorum queue's
         // delivery limit) to the subscription's dead-letter exchange, so nothing is dropped.
         // Guarded by `tests/faults.rs::the_broker_dead_letters_a_message_past_the_delivery_limit`.
-        let mut args = queue_args(qt);
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(dlx.as_str().into()),
-        );
-        if qt == QueueType::Quorum {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(self.link.config.delivery_limit)),
-            );
-        }
+        let args = settings::table(&settings::work_queue(&self.link.config, &dlx));
         let declared = within(
             op,
             &lost,
@@ -921,7 +884,11 @@ impl RabbitMqClient {
             op,
             &lost,
             "queue.declare dead-letter",
-            ch.queue_declare(dlx.as_str().into(), q_opts, queue_args(qt)),
+            ch.queue_declare(
+                dlx.as_str().into(),
+                q_opts,
+                settings::table(&settings::dead_letter_queue(&self.link.config)),
+            ),
         )
         .await?;
         bounded(
@@ -948,7 +915,7 @@ impl RabbitMqClient {
         routing: Option<&str>,
         messages: &[Outbound],
     ) -> Result<Vec<Receipt>> {
-        let persistent = self.confirmed();
+        let publishing = settings::publishing(self.guarantee);
         let mut pending: Vec<usize> = (0..messages.len()).collect();
         let mut receipts: Vec<Option<Receipt>> = vec![None; messages.len()];
         let mut last_err = None;
@@ -983,10 +950,10 @@ impl RabbitMqClient {
                 let m = &out.message;
                 let rk = routing.or(m.key.as_deref()).unwrap_or("");
                 let opts = BasicPublishOptions {
-                    mandatory: persistent,
+                    mandatory: publishing.mandatory,
                     ..BasicPublishOptions::default()
                 };
-                let props = properties(m, persistent, out.attempt);
+                let props = properties(m, publishing.delivery_mode, out.attempt);
                 deadline.as_mut().reset(tokio::time::Instant::now() + op);
                 let written = tokio::select! {
                     biased;
@@ -1017,7 +984,7 @@ impl RabbitMqClient {
                     }
                 }
             }
-            if !persistent {
+            if !publishing.await_confirm {
                 for (i, _) in &confirms {
                     receipts[*i] = Some(receipt(&messages[*i].message, exchange));
                 }
@@ -1139,7 +1106,7 @@ impl DeliveryClient for RabbitMqClient {
     }
 
     fn explain(&self) -> Explanation {
-        crate::explain_settings(&self.link.config, self.guarantee)
+        crate::settings::explain(&self.link.config, self.guarantee)
     }
 
     async fn create_destination(&self, destination: &str) -> Result<()> {

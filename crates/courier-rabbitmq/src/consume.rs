@@ -96,7 +96,7 @@ async fn subscribe_on(ctx: &Ctx, w: &Watched) -> Result<lapin::Consumer> {
     )
     .await?;
     let opts = BasicConsumeOptions {
-        no_ack: ctx.guarantee == Guarantee::AtMostOnce,
+        no_ack: crate::settings::no_ack(ctx.guarantee),
         ..BasicConsumeOptions::default()
     };
     let tag = format!("courier-{:x}", fastrand_u64());

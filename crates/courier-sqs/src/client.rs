@@ -26,7 +26,7 @@ use courier_core::{
     Position, Receipt, Result, Settle, Subscription,
 };
 
-use crate::BACKEND;
+use crate::{settings, BACKEND};
 
 /// The queue tag naming the consumer group that reads a queue.
 const GROUP_TAG: &str = "courier-group";
@@ -290,11 +290,7 @@ impl SqsClient {
                 "courier-config",
             ));
         }
-        loader = loader.retry_config(if guarantee == Guarantee::AtMostOnce {
-            aws_config::retry::RetryConfig::disabled()
-        } else {
-            aws_config::retry::RetryConfig::standard().with_max_attempts(5)
-        });
+        loader = loader.retry_config(settings::retry_config(guarantee));
         let shared = loader.load().await;
         if shared.region().is_none() {
             return Err(Error::config(
@@ -339,13 +335,7 @@ impl Inner {
 
     async fn create(&self, name: &str) -> Result<String> {
         check_queue_name(name)?;
-        let mut req = self.sdk.create_queue().queue_name(name).attributes(
-            QueueAttributeName::VisibilityTimeout,
-            self.config.visibility_timeout.as_secs().to_string(),
-        );
-        if name.ends_with(".fifo") {
-            req = req.attributes(QueueAttributeName::FifoQueue, "true");
-        }
+        let mut dead_letter_arn = None;
         if self.config.create_dead_letter_queue && !name.contains("-dlq") {
             let dlq = match name.strip_suffix(".fifo") {
                 Some(stem) => format!("{stem}-dlq.fifo"),
@@ -363,13 +353,15 @@ impl Inner {
                 .attributes
                 .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
                 .unwrap_or_default();
-            req = req.attributes(
-                QueueAttributeName::RedrivePolicy,
-                format!(
-                    r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{}"}}"#,
-                    self.config.max_receive_count
-                ),
-            );
+            dead_letter_arn = Some(arn);
+        }
+        let mut req = self.sdk.create_queue().queue_name(name);
+        for (attribute, value, _) in settings::queue_attributes(
+            &self.config,
+            name.ends_with(".fifo"),
+            dead_letter_arn.as_deref(),
+        ) {
+            req = req.attributes(attribute, value);
         }
         let url = req
             .send()
@@ -590,7 +582,7 @@ impl DeliveryClient for SqsClient {
     }
 
     fn explain(&self) -> Explanation {
-        crate::explain_settings(&self.inner.config, self.inner.guarantee)
+        crate::settings::explain(&self.inner.config, self.inner.guarantee)
     }
 
     async fn create_destination(&self, destination: &str) -> Result<()> {
@@ -642,11 +634,7 @@ impl DeliveryClient for SqsClient {
             size += e.size;
             chunks.last_mut().expect("chunk").push(i);
         }
-        let attempts = if self.inner.guarantee == Guarantee::AtMostOnce {
-            1
-        } else {
-            5
-        };
+        let attempts = settings::send_attempts(self.inner.guarantee);
         for chunk in chunks {
             let mut pending = chunk;
             for attempt in 0..attempts {
@@ -757,7 +745,7 @@ impl DeliveryClient for SqsClient {
             rx,
             task,
             stop,
-            wait: self.inner.config.wait_time.min(Duration::from_secs(20)),
+            wait: settings::long_poll(&self.inner.config),
         })))
     }
 
@@ -864,10 +852,11 @@ async fn poll(
     handoff: Handoff,
 ) {
     let Handoff { tx, stop } = handoff;
-    let wait = inner.config.wait_time.as_secs().min(20) as i32;
+    let wait = settings::long_poll(&inner.config).as_secs() as i32;
     let mut backoff = Duration::from_millis(100);
     // At-most-once deletes before the handler: nothing to keep invisible.
-    let keeper = (inner.guarantee != Guarantee::AtMostOnce).then(|| Keeper::start(&inner, &url));
+    let keeper = settings::heartbeat(&inner.config, inner.guarantee)
+        .map(|every| Keeper::start(&inner, &url, every));
     loop {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -1150,7 +1139,7 @@ impl Drop for Lease {
 }
 
 impl Keeper {
-    fn start(inner: &Arc<Inner>, url: &str) -> Arc<Keeper> {
+    fn start(inner: &Arc<Inner>, url: &str, every: Duration) -> Arc<Keeper> {
         let keeper = Arc::new(Keeper {
             live: Mutex::new(HashMap::new()),
             next: std::sync::atomic::AtomicU64::new(0),
@@ -1158,9 +1147,9 @@ impl Keeper {
         let weak = Arc::downgrade(&keeper);
         let inner = inner.clone();
         let url = url.to_owned();
-        let vis = inner.config.visibility_timeout.max(Duration::from_secs(1));
+        let vis = settings::visibility(&inner.config);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(vis / 3);
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {

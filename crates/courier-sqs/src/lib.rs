@@ -22,6 +22,7 @@
 
 mod client;
 mod doctor;
+mod settings;
 
 pub use client::SqsClient;
 pub use doctor::doctor;
@@ -57,126 +58,5 @@ pub async fn connect(config: &Config) -> Result<SqsClient> {
 
 /// The effective settings for `config`'s guarantee, without connecting.
 pub fn explain(config: &Config) -> Result<Explanation> {
-    Ok(explain_settings(section(config)?, config.guarantee))
-}
-
-pub(crate) fn explain_settings(s: &SqsConfig, g: Guarantee) -> Explanation {
-    let amo = g == Guarantee::AtMostOnce;
-    let mut e = Explanation::new(BACKEND, g)
-        .set(
-            "client",
-            "region",
-            s.region.as_deref().unwrap_or("(AWS chain)"),
-            "from config or the standard AWS chain",
-        )
-        .set(
-            "client",
-            "endpoint",
-            s.endpoint.as_deref().unwrap_or("(AWS)"),
-            "override for LocalStack",
-        )
-        .set(
-            "producer",
-            "SDK retries",
-            if amo {
-                "off (1 attempt)"
-            } else {
-                "standard, 5 attempts"
-            },
-            if amo {
-                "at-most-once never re-sends"
-            } else {
-                "a failed send is retried with the same id"
-            },
-        )
-        .set(
-            "producer",
-            "queue type",
-            if s.fifo { "FIFO (.fifo)" } else { "standard" },
-            "FIFO gives per-key order and 5-minute dedup by id",
-        )
-        .set(
-            "producer",
-            "MessageGroupId",
-            if s.fifo {
-                "key, else default_group_id"
-            } else {
-                "-"
-            },
-            "per-key order on FIFO queues",
-        )
-        .set(
-            "producer",
-            "MessageDeduplicationId",
-            if s.fifo { "courier id" } else { "-" },
-            "a re-sent id within 5 minutes is dropped by SQS",
-        )
-        .set(
-            "producer",
-            "attributes",
-            "courier-id, courier-key, courier-headers (JSON)",
-            "at most 4 of the 10 allowed",
-        )
-        .set(
-            "consumer",
-            "delete",
-            if amo {
-                "before the handler"
-            } else {
-                "after the handler"
-            },
-            "the guarantee's settle order",
-        )
-        .set(
-            "consumer",
-            "visibility timeout",
-            format!("{:?}", s.visibility_timeout),
-            "redelivery window; the lease of the idempotent layer",
-        )
-        .set(
-            "consumer",
-            "heartbeat",
-            if amo {
-                "-".to_owned()
-            } else {
-                format!("every {:?}", s.visibility_timeout / 3)
-            },
-            "extends visibility while the handler runs",
-        )
-        .set(
-            "consumer",
-            "long poll",
-            format!("{:?}", s.wait_time),
-            "WaitTimeSeconds of ReceiveMessage",
-        )
-        .set("consumer", "attempt", "ApproximateReceiveCount", "")
-        .set(
-            "consumer",
-            "nack",
-            "ChangeMessageVisibility(delay)",
-            "backoff without blocking other messages",
-        )
-        .set(
-            "topology",
-            "dead letter",
-            if s.create_dead_letter_queue {
-                format!(
-                    "<queue>-dlq, RedrivePolicy maxReceiveCount={}",
-                    s.max_receive_count
-                )
-            } else {
-                "<queue>-dlq (courier sends failed messages there)".into()
-            },
-            "after the retry policy's last attempt",
-        )
-        .set(
-            "topology",
-            "auto_create",
-            s.auto_create,
-            "create missing queues instead of failing",
-        );
-    if g == Guarantee::ExactlyOnce {
-        e = e.note("exactly-once = FIFO dedup (5 minutes) + the idempotent layer: visibility expiry can still redeliver");
-    }
-    e
+    Ok(settings::explain(section(config)?, config.guarantee))
 }

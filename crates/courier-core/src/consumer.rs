@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
-    AfterCommit, BatchHandler, Context, Delivery, DeliveryClient, DeliveryInfo, Error, Guarantee,
-    Handler, HandlerError, Message, MessageId, Outgoing, Result, RetryPolicy, Settle, Subscription,
+    AfterCommit, BatchHandler, Context, Delivery, DeliveryClient, DeliveryInfo, Error, Failure,
+    Guarantee, Handler, HandlerError, Message, MessageId, Outgoing, Result, RetryDecision,
+    RetryPolicy, RetryStrategy, Settle, Subscription,
 };
 
 /// Counters of a running consumer. Cheap to read while it runs.
@@ -179,7 +180,7 @@ pub struct Consumer {
     client: Arc<dyn DeliveryClient>,
     subscription: Subscription,
     concurrency: usize,
-    retry: RetryPolicy,
+    retry: Arc<dyn RetryStrategy>,
     shutdown_timeout: Duration,
     handler_timeout: Option<Duration>,
     amo_dedup_window: usize,
@@ -205,7 +206,7 @@ impl Consumer {
             client,
             subscription,
             concurrency: 1,
-            retry: RetryPolicy::default(),
+            retry: Arc::new(RetryPolicy::default()),
             shutdown_timeout: Duration::from_secs(30),
             handler_timeout: None,
             amo_dedup_window: 100_000,
@@ -230,9 +231,16 @@ impl Consumer {
         self
     }
 
-    /// The retry policy for failed handlers.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
+    /// The retry policy for failed handlers (default: [`RetryPolicy::default`]).
+    pub fn retry(self, policy: RetryPolicy) -> Self {
+        self.retry_strategy(policy)
+    }
+
+    /// Decide retries with your own [`RetryStrategy`] instead of a [`RetryPolicy`]: e.g.
+    /// dead-letter validation errors at once and give timeouts more attempts. Guarded by
+    /// `crates/courier/tests/retry_strategy.rs`.
+    pub fn retry_strategy(mut self, strategy: impl RetryStrategy) -> Self {
+        self.retry = Arc::new(strategy);
         self
     }
 
@@ -348,7 +356,7 @@ impl Consumer {
     }
 
     fn check(&self, idempotent: bool) -> Result<()> {
-        self.retry.validate()?;
+        RetryStrategy::validate(&*self.retry)?;
         let g = self.client.guarantee();
         let caps = self.client.capabilities();
         if g == Guarantee::ExactlyOnce && !idempotent && !caps.transactions {
@@ -559,7 +567,7 @@ impl Labels {
 struct Shared {
     client: Arc<dyn DeliveryClient>,
     guarantee: Guarantee,
-    retry: RetryPolicy,
+    retry: Arc<dyn RetryStrategy>,
     handler_timeout: Option<Duration>,
     stats: Arc<StatsInner>,
     seen: Arc<Mutex<SeenIds>>,
@@ -651,7 +659,7 @@ impl Shared {
         for out in outputs {
             if let Err(e) = self.client.publish(&out.destination, out.message).await {
                 warn!(message_id = %id, error = %e, "publishing a handler output failed; retrying the input");
-                let delay = self.retry.delay(1);
+                let delay = self.retry.output_retry_delay();
                 if let Err(e) = settle.nack(delay).await {
                     self.settle_failed("nack", id, &e);
                 }
@@ -682,30 +690,33 @@ impl Shared {
                 debug!(message_id = %id, %reason, "deferred");
                 settle.defer(after).await
             }
-            HandlerError::Retryable(e) if self.retry.should_retry(info.attempt) => {
-                bump(&self.stats.retried);
-                self.labels.retried.increment(1);
-                let delay = self.retry.delay(info.attempt);
-                let span = info_span!("courier.retry", message_id = %id, attempt = info.attempt, delay_ms = delay.as_millis() as u64);
-                debug!(parent: &span, error = %e, "handler failed; retrying");
-                settle.nack(delay).instrument(span).await
-            }
-            HandlerError::Retryable(e) | HandlerError::Permanent(e) => {
-                bump(&self.stats.dead_lettered);
-                self.labels.dead_lettered.increment(1);
-                let reason = e.to_string();
-                let span = info_span!("courier.dead_letter", message_id = %id, attempt = info.attempt, reason = %reason);
-                settle
-                    .dead_letter(
-                        &info.message,
-                        crate::DeadLetter {
-                            reason,
-                            attempts: info.attempt,
-                        },
-                    )
-                    .instrument(span)
-                    .await
-            }
+            err => match self
+                .retry
+                .decide(&Failure::new(&info.message, info.attempt, &err))
+            {
+                RetryDecision::Retry(delay) => {
+                    bump(&self.stats.retried);
+                    self.labels.retried.increment(1);
+                    let span = info_span!("courier.retry", message_id = %id, attempt = info.attempt, delay_ms = delay.as_millis() as u64);
+                    debug!(parent: &span, error = %Failure::new(&info.message, info.attempt, &err).reason(), "handler failed; retrying");
+                    settle.nack(delay).instrument(span).await
+                }
+                RetryDecision::DeadLetter(reason) => {
+                    bump(&self.stats.dead_lettered);
+                    self.labels.dead_lettered.increment(1);
+                    let span = info_span!("courier.dead_letter", message_id = %id, attempt = info.attempt, reason = %reason);
+                    settle
+                        .dead_letter(
+                            &info.message,
+                            crate::DeadLetter {
+                                reason,
+                                attempts: info.attempt,
+                            },
+                        )
+                        .instrument(span)
+                        .await
+                }
+            },
         };
         if let Err(e) = result {
             self.settle_failed("settling a failed message", id, &e);

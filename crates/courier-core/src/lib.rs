@@ -49,7 +49,7 @@ pub use message::{
     MessageId, Position, Receipt, Settle,
 };
 pub use request::Requester;
-pub use retry::RetryPolicy;
+pub use retry::{Failure, RetryDecision, RetryPolicy, RetryStrategy};
 
 /// Re-exported so backends and users implement the traits without naming the crate.
 pub use async_trait::async_trait;

@@ -1,8 +1,99 @@
-//! Retry policy: exponential backoff with jitter and a maximum number of attempts.
+//! What happens to a message whose handler failed: the [`RetryStrategy`] trait the consume loop
+//! asks, and [`RetryPolicy`], the configurable strategy every consumer uses unless given another
+//! (exponential backoff with jitter and a maximum number of attempts).
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::{HandlerError, Message};
+
+/// What the consume loop does with a message whose handler failed.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RetryDecision {
+    /// Have the broker deliver it again after this delay (its attempt number grows).
+    Retry(Duration),
+    /// Send it to the subscription's dead-letter destination, with this reason.
+    DeadLetter(String),
+}
+
+/// A failed handler run, as a [`RetryStrategy`] sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Failure<'a> {
+    /// The message the handler failed on.
+    pub message: &'a Message,
+    /// The attempt that just failed, 1 for the first delivery.
+    pub attempt: u32,
+    /// How it failed: [`HandlerError::Retryable`] or [`HandlerError::Permanent`] (a deferral is
+    /// not a failure and never reaches the strategy: it is redelivered after its delay, never
+    /// dead-lettered).
+    pub error: &'a HandlerError,
+}
+
+impl<'a> Failure<'a> {
+    /// A failure of `message` at `attempt` (for testing a strategy).
+    pub fn new(message: &'a Message, attempt: u32, error: &'a HandlerError) -> Self {
+        Failure {
+            message,
+            attempt,
+            error,
+        }
+    }
+
+    /// The handler's error message.
+    pub fn reason(&self) -> String {
+        match self.error {
+            HandlerError::Retryable(e) | HandlerError::Permanent(e) => e.to_string(),
+            HandlerError::Defer { reason, .. } => reason.clone(),
+        }
+    }
+}
+
+/// Decides, for each failed handler run, whether the message is tried again (and when) or
+/// dead-lettered. [`RetryPolicy`] is the configurable default; implement this trait for rules it
+/// cannot express, e.g. dead-letter validation errors at once and retry timeouts for longer, and
+/// pass it to [`Consumer::retry_strategy`](crate::Consumer::retry_strategy).
+///
+/// Whatever the strategy decides, nothing is lost: a retry is a broker redelivery and a dead
+/// letter is confirmed before the message is acknowledged.
+pub trait RetryStrategy: Send + Sync + std::fmt::Debug + 'static {
+    /// What to do with `failure`'s message.
+    fn decide(&self, failure: &Failure<'_>) -> RetryDecision;
+
+    /// The redelivery delay of an input whose handler succeeded but whose outputs could not be
+    /// published (the input is always tried again: the outputs are not lost).
+    fn output_retry_delay(&self) -> Duration {
+        Duration::from_millis(200)
+    }
+
+    /// Check the strategy when the consumer starts; an error stops it from starting.
+    fn validate(&self) -> crate::Result<()> {
+        Ok(())
+    }
+}
+
+impl RetryStrategy for RetryPolicy {
+    /// A retryable error is tried again after [`RetryPolicy::delay`] until `max_attempts`
+    /// attempts failed; a permanent error, or the last attempt, is dead-lettered.
+    fn decide(&self, failure: &Failure<'_>) -> RetryDecision {
+        match failure.error {
+            HandlerError::Retryable(_) if self.should_retry(failure.attempt) => {
+                RetryDecision::Retry(self.delay(failure.attempt))
+            }
+            _ => RetryDecision::DeadLetter(failure.reason()),
+        }
+    }
+
+    fn output_retry_delay(&self) -> Duration {
+        self.delay(1)
+    }
+
+    fn validate(&self) -> crate::Result<()> {
+        RetryPolicy::validate(self)
+    }
+}
 
 /// How failed messages are retried before they are dead-lettered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +205,29 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_policy_retries_retryable_errors_until_the_last_attempt() {
+        let p = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::attempts(3)
+        };
+        let m = Message::new("x");
+        let retryable = HandlerError::retryable("flaky");
+        let permanent = HandlerError::permanent("bad data");
+        assert_eq!(
+            p.decide(&Failure::new(&m, 1, &retryable)),
+            RetryDecision::Retry(p.initial_backoff)
+        );
+        assert_eq!(
+            p.decide(&Failure::new(&m, 3, &retryable)),
+            RetryDecision::DeadLetter("flaky".into())
+        );
+        assert_eq!(
+            p.decide(&Failure::new(&m, 1, &permanent)),
+            RetryDecision::DeadLetter("bad data".into())
+        );
     }
 
     #[test]

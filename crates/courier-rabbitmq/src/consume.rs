@@ -21,9 +21,8 @@ use courier_core::{
     Position, Result, Settle, Subscription,
 };
 
-use crate::client::{
-    bounded, close_channel, header_str, within, Link, Outbound, RabbitMqClient, Watched,
-};
+use crate::client::{header_str, Outbound, RabbitMqClient};
+use crate::connection::{bounded, close_channel, within, Link, Watched};
 
 pub(crate) struct RabbitStream {
     rx: mpsc::Receiver<Result<Delivery>>,
@@ -417,7 +416,7 @@ impl RabbitSettle {
     async fn park(self: Box<Self>, delay: Duration, attempt: u32) -> Result<()> {
         let client = self.client();
         let queue = client
-            .declare_delay_queue(&self.ctx.queue, crate::client::delay_step(delay))
+            .declare_delay_queue(&self.ctx.queue, crate::names::delay_step(delay))
             .await?;
         let out = Outbound {
             message: self.message.clone(),
@@ -469,7 +468,7 @@ impl Settle for RabbitSettle {
         let attempt = self.attempt;
         // The longest delay step that does not overshoot: a message deferred until its
         // not-before time comes back at most that early and is deferred for the rest.
-        let step = crate::client::delay_step_at_most(delay);
+        let step = crate::names::delay_step_at_most(delay);
         self.park(Duration::from_millis(step), attempt).await
     }
 

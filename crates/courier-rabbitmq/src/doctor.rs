@@ -8,7 +8,7 @@ use courier_core::config::QueueType;
 use courier_core::findings::{Finding, Findings, Severity};
 use courier_core::{Config, Guarantee};
 
-use crate::client::{close_channel, Link, Watched};
+use crate::connection::{close_channel, Link, Watched};
 use crate::BACKEND;
 
 /// Connect as courier does (URL, TLS) and check `queues`: each exists, and under at-least-once

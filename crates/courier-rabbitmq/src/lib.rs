@@ -17,12 +17,15 @@
 //! queue of the same name.
 
 mod client;
+mod connection;
 mod consume;
 mod doctor;
+mod names;
 mod settings;
 
-pub use client::{delay_queue, RabbitMqClient, DELAY_STEPS_MS};
+pub use client::RabbitMqClient;
 pub use doctor::doctor;
+pub use names::{delay_queue, DELAY_STEPS_MS};
 
 use courier_core::config::RabbitMqConfig;
 use courier_core::{BackendConfig, Config, Error, Explanation, Guarantee, Result};

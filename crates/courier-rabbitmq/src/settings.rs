@@ -253,11 +253,8 @@ pub(crate) fn explain(r: &RabbitMqConfig, g: Guarantee) -> Explanation {
 mod tests {
     use super::*;
 
-    fn value(e: &Explanation, name: &str) -> String {
-        e.settings
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.value.clone())
+    fn value<'a>(e: &'a Explanation, name: &str) -> &'a str {
+        e.value(name)
             .unwrap_or_else(|| panic!("{name} not in the explanation"))
     }
 

@@ -1,5 +1,6 @@
 //! courier vs raw rdkafka on the same Kafka-protocol broker, in one run: at-least-once publish
-//! (acks=all, idempotent producer), at-least-once consume with commit-after-handler,
+//! (acks=all, idempotent producer), at-least-once consume with commit-after-handler, at-most-once
+//! consume with commit-before-handler,
 //! exactly-once transactional batches vs at-least-once batches, and consume-transform-produce
 //! (one output per input): courier exactly-once and at-least-once vs raw rdkafka at-least-once.
 //!
@@ -24,6 +25,8 @@ use rdkafka::ClientConfig;
 
 const N: usize = 20_000;
 const BATCH: usize = 500;
+/// Records the at-most-once consume reads (each costs a commit round trip before its handler).
+const N_AMO: usize = 4_000;
 
 fn payload(i: usize) -> Vec<u8> {
     let mut p = format!("payment-{i:08}-").into_bytes();
@@ -52,25 +55,37 @@ fn config(bootstrap: &str, g: Guarantee) -> Config {
 }
 
 /// Counts up to a target and wakes the waiter when it is reached.
-#[derive(Default)]
 struct Tally {
     n: AtomicU64,
+    target: u64,
     reached: tokio::sync::Notify,
 }
 
 impl Tally {
+    fn new(target: usize) -> Arc<Self> {
+        Arc::new(Tally {
+            n: AtomicU64::new(0),
+            target: target as u64,
+            reached: tokio::sync::Notify::new(),
+        })
+    }
+
     fn add(&self) {
-        if self.n.fetch_add(1, Ordering::Relaxed) + 1 == N as u64 {
+        if self.n.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
             self.reached.notify_one();
         }
     }
 
-    /// Wait until `N` were counted (bounded: a stalled run fails the bench).
+    /// Wait until the target was counted (bounded: a stalled run fails the bench).
     async fn reached(&self) {
         tokio::time::timeout(Duration::from_secs(300), self.reached.notified())
             .await
             .unwrap_or_else(|_| {
-                panic!("only {} of {N} after 300 s", self.n.load(Ordering::Relaxed))
+                panic!(
+                    "only {} of {} after 300 s",
+                    self.n.load(Ordering::Relaxed),
+                    self.target
+                )
             });
     }
 }
@@ -257,7 +272,7 @@ async fn main() {
     consumer.commit_consumer_state(CommitMode::Sync).unwrap();
     let raw_rate = N as f64 / t.elapsed().as_secs_f64();
 
-    let count = Arc::new(Tally::default());
+    let count = Tally::new(N);
     let t = Instant::now();
     let h = Consumer::new(alo.clone(), Subscription::new(&cour_t, "bench"))
         .spawn(Count(count.clone()))
@@ -274,6 +289,53 @@ async fn main() {
         cour_rate,
     );
     println!("(consume times include joining the group on both sides)");
+
+    // Consume at-most-once: every offset committed before its handler runs. Raw: commit each
+    // record synchronously, then handle it. courier: concurrency 8; its commits go one at a time
+    // per subscription, each covering what every lane has taken by then.
+    let raw_amo = {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &boot)
+            .set("group.id", format!("bench-raw-amo-{tag}"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&raw_t]).unwrap();
+        let t = Instant::now();
+        {
+            let mut stream = consumer.stream();
+            for _ in 0..N_AMO {
+                let m = stream.next().await.unwrap().unwrap();
+                consumer.commit_message(&m, CommitMode::Sync).unwrap();
+            }
+        }
+        N_AMO as f64 / t.elapsed().as_secs_f64()
+    };
+    let amo: Arc<dyn DeliveryClient> = Arc::from(
+        courier::connect(&config(&boot, Guarantee::AtMostOnce))
+            .await
+            .unwrap(),
+    );
+    let count = Tally::new(N_AMO);
+    let t = Instant::now();
+    let h = Consumer::new(amo.clone(), Subscription::new(&cour_t, "bench-amo"))
+        .concurrency(8)
+        .spawn(Count(count.clone()))
+        .await
+        .unwrap();
+    count.reached().await;
+    let cour_amo = N_AMO as f64 / t.elapsed().as_secs_f64();
+    h.shutdown().await.unwrap();
+    amo.close().await.unwrap();
+    line(
+        "consume at-most-once (commit before)",
+        "raw rdkafka",
+        raw_amo,
+        "courier",
+        cour_amo,
+    );
 
     // Consume-transform-produce: one output per input. The reference is raw rdkafka
     // at-least-once consume-and-publish: produce each output without waiting, store the input's
@@ -330,7 +392,7 @@ async fn main() {
     ] {
         let out = format!("bench-ctp-{g}-{tag}");
         client.create_destination(&out).await.unwrap();
-        let done = Arc::new(Tally::default());
+        let done = Tally::new(N);
         let t = Instant::now();
         let h = Consumer::new(
             client.clone(),

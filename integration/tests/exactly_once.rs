@@ -332,10 +332,11 @@ async fn payments(pool: &sqlx::PgPool, run: &str) -> (usize, usize) {
 async fn postgres_transactional_mode_survives_sigkill_between_commit_and_ack() {
     let store = pg_store().await;
     let pool = store.pool().clone();
-    sqlx::query(
+    courier::idempotency::create_serialized(
+        &pool,
+        "courier_test_payments",
         "CREATE TABLE IF NOT EXISTS courier_test_payments (run TEXT NOT NULL, message_id TEXT NOT NULL)",
     )
-    .execute(&pool)
     .await
     .unwrap();
     let run = unique("run");

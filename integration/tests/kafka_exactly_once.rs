@@ -55,10 +55,11 @@ async fn pool() -> sqlx::PgPool {
         .connect(&url)
         .await
         .unwrap_or_else(|e| unreachable("PostgreSQL", &url, e));
-    sqlx::query(
+    courier::idempotency::create_serialized(
+        &pool,
+        "courier_test_effects",
         "CREATE TABLE IF NOT EXISTS courier_test_effects (run TEXT NOT NULL, input TEXT NOT NULL)",
     )
-    .execute(&pool)
     .await
     .unwrap();
     pool

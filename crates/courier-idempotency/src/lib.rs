@@ -30,7 +30,7 @@ mod transactional;
 
 pub use layer::{fingerprint, IdempotencyStats, Idempotent};
 pub use memory::MemoryStore;
-pub use postgres::{PostgresStore, DEFAULT_TABLE};
+pub use postgres::{create_serialized, PostgresStore, DEFAULT_TABLE};
 pub use redis::RedisStore;
 pub use store::{Begin, IdempotencyStore, LeaseToken};
 pub use transactional::{TransactionalIdempotent, TxHandler};

@@ -39,6 +39,25 @@ pub(crate) fn schema(table: &str) -> String {
     )
 }
 
+/// Run `ddl` (`CREATE … IF NOT EXISTS` statements) in a transaction that first takes a
+/// PostgreSQL advisory lock named `name`. Two sessions creating the same table at the same time
+/// can both pass `IF NOT EXISTS`, and one then fails with a unique violation on the catalog
+/// (`pg_type_typname_nsp_index`) — what happens when several instances start at once on a fresh
+/// database. Guarded by `tests/stores.rs::concurrent_migrations_of_a_fresh_table_all_succeed`.
+pub async fn create_serialized(pool: &PgPool, name: &str, ddl: &str) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(|e| pg_err("migrate", e))?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| pg_err("migrate", e))?;
+    sqlx::raw_sql(ddl)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| pg_err("migrate", e))?;
+    tx.commit().await.map_err(|e| pg_err("migrate", e))
+}
+
 fn valid_table(table: &str) -> Result<()> {
     let ok = !table.is_empty()
         && table.len() <= 63
@@ -129,13 +148,10 @@ impl PostgresStore {
         &self.table
     }
 
-    /// Create the table and its index if they do not exist (idempotent).
+    /// Create the table and its index if they do not exist (idempotent; safe when several
+    /// processes start at once, see [`create_serialized`]).
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::raw_sql(&schema(&self.table))
-            .execute(&self.pool)
-            .await
-            .map_err(|e| pg_err("migrate", e))?;
-        Ok(())
+        create_serialized(&self.pool, &self.table, &schema(&self.table)).await
     }
 
     /// Delete expired rows, at most `limit` per call; returns how many were deleted.

@@ -442,3 +442,43 @@ async fn redis_foreign_value_is_a_store_error() {
     let e = s.begin("k", "fp", LEASE).await.unwrap_err();
     assert_eq!(e.kind(), "store", "{e}");
 }
+
+/// Several instances starting at once on a database without the table: every `migrate`
+/// succeeds (unserialised, concurrent `CREATE TABLE IF NOT EXISTS` of one table fails some of
+/// them with a unique violation on PostgreSQL's catalog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_of_a_fresh_table_all_succeed() {
+    let url = database_url();
+    for round in 0..3 {
+        let table = unique("courier_idem_race").replace('-', "_");
+        let mut stores = Vec::new();
+        for _ in 0..8 {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .unwrap_or_else(|e| unreachable("PostgreSQL", &url, e));
+            stores.push(
+                PostgresStore::from_pool(pool)
+                    .with_table(table.clone())
+                    .unwrap(),
+            );
+        }
+        let results =
+            futures::future::join_all(stores.iter().map(|s| async move { s.migrate().await }))
+                .await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table}"))
+            .execute(stores[0].pool())
+            .await
+            .unwrap();
+        assert!(
+            failed.is_empty(),
+            "round {round}: {} of 8 migrations failed: {failed:?}",
+            failed.len()
+        );
+    }
+}

@@ -153,13 +153,16 @@ impl PgLedger {
             .map_err(|e| anyhow!("connecting to the idempotency database: {e}"))?;
         let store = PostgresStore::from_pool(pool);
         store.migrate().await?;
-        sqlx::raw_sql(&format!(
-            "CREATE TABLE IF NOT EXISTS {EFFECTS_TABLE} (
-                 run TEXT NOT NULL, id TEXT NOT NULL, latency_ms DOUBLE PRECISION,
-                 at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
-             CREATE INDEX IF NOT EXISTS {EFFECTS_TABLE}_run ON {EFFECTS_TABLE} (run);"
-        ))
-        .execute(&admin)
+        courier::idempotency::create_serialized(
+            &admin,
+            EFFECTS_TABLE,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {EFFECTS_TABLE} (
+                     run TEXT NOT NULL, id TEXT NOT NULL, latency_ms DOUBLE PRECISION,
+                     at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
+                 CREATE INDEX IF NOT EXISTS {EFFECTS_TABLE}_run ON {EFFECTS_TABLE} (run);"
+            ),
+        )
         .await?;
         Ok(PgLedger {
             store,

@@ -127,6 +127,33 @@ impl Handler for Transform {
     }
 }
 
+/// How a raw consumer commits.
+enum Commit {
+    /// Auto-commit what the loop stored (at-least-once: stored after processing).
+    Stored,
+    /// Only what the loop commits itself (at-most-once: before processing).
+    Explicit,
+}
+
+/// A raw rdkafka consumer of `topic` in `group`, reading from the start.
+fn raw_consumer(boot: &str, group: &str, topic: &str, commit: Commit) -> StreamConsumer {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", boot)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("max.poll.interval.ms", "10000");
+    match commit {
+        Commit::Stored => c
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false"),
+        Commit::Explicit => c.set("enable.auto.commit", "false"),
+    };
+    let consumer: StreamConsumer = c.create().unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
 fn line(what: &str, a: &str, ra: f64, b: &str, rb: f64) {
     println!(
         "{what:<34} {a} {ra:>8.0} msg/s   {b} {rb:>8.0} msg/s   ratio {:.2}",
@@ -248,17 +275,7 @@ async fn main() {
     );
 
     // Consume at-least-once: raw = store the offset after processing, auto-commit the stored.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &boot)
-        .set("group.id", format!("bench-raw-{tag}"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("session.timeout.ms", "6000")
-        .set("max.poll.interval.ms", "10000")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&raw_t]).unwrap();
+    let consumer = raw_consumer(&boot, &format!("bench-raw-{tag}"), &raw_t, Commit::Stored);
     let t = Instant::now();
     {
         let mut stream = consumer.stream();
@@ -294,15 +311,12 @@ async fn main() {
     // record synchronously, then handle it. courier: concurrency 8; its commits go one at a time
     // per subscription, each covering what every lane has taken by then.
     let raw_amo = {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &boot)
-            .set("group.id", format!("bench-raw-amo-{tag}"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&raw_t]).unwrap();
+        let consumer = raw_consumer(
+            &boot,
+            &format!("bench-raw-amo-{tag}"),
+            &raw_t,
+            Commit::Explicit,
+        );
         let t = Instant::now();
         {
             let mut stream = consumer.stream();
@@ -343,16 +357,12 @@ async fn main() {
     let raw_ctp = {
         let out = format!("bench-ctp-raw-{tag}");
         alo.create_destination(&out).await.unwrap();
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &boot)
-            .set("group.id", format!("bench-raw-ctp-{tag}"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("session.timeout.ms", "6000")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&cour_t]).unwrap();
+        let consumer = raw_consumer(
+            &boot,
+            &format!("bench-raw-ctp-{tag}"),
+            &cour_t,
+            Commit::Stored,
+        );
         let t = Instant::now();
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut stream = consumer.stream();

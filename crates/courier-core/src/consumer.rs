@@ -690,33 +690,33 @@ impl Shared {
                 debug!(message_id = %id, %reason, "deferred");
                 settle.defer(after).await
             }
-            err => match self
-                .retry
-                .decide(&Failure::new(&info.message, info.attempt, &err))
-            {
-                RetryDecision::Retry(delay) => {
-                    bump(&self.stats.retried);
-                    self.labels.retried.increment(1);
-                    let span = info_span!("courier.retry", message_id = %id, attempt = info.attempt, delay_ms = delay.as_millis() as u64);
-                    debug!(parent: &span, error = %Failure::new(&info.message, info.attempt, &err).reason(), "handler failed; retrying");
-                    settle.nack(delay).instrument(span).await
+            err => {
+                let failure = Failure::new(&info.message, info.attempt, &err);
+                match self.retry.decide(&failure) {
+                    RetryDecision::Retry(delay) => {
+                        bump(&self.stats.retried);
+                        self.labels.retried.increment(1);
+                        let span = info_span!("courier.retry", message_id = %id, attempt = info.attempt, delay_ms = delay.as_millis() as u64);
+                        debug!(parent: &span, error = %failure.reason(), "handler failed; retrying");
+                        settle.nack(delay).instrument(span).await
+                    }
+                    RetryDecision::DeadLetter(reason) => {
+                        bump(&self.stats.dead_lettered);
+                        self.labels.dead_lettered.increment(1);
+                        let span = info_span!("courier.dead_letter", message_id = %id, attempt = info.attempt, reason = %reason);
+                        settle
+                            .dead_letter(
+                                &info.message,
+                                crate::DeadLetter {
+                                    reason,
+                                    attempts: info.attempt,
+                                },
+                            )
+                            .instrument(span)
+                            .await
+                    }
                 }
-                RetryDecision::DeadLetter(reason) => {
-                    bump(&self.stats.dead_lettered);
-                    self.labels.dead_lettered.increment(1);
-                    let span = info_span!("courier.dead_letter", message_id = %id, attempt = info.attempt, reason = %reason);
-                    settle
-                        .dead_letter(
-                            &info.message,
-                            crate::DeadLetter {
-                                reason,
-                                attempts: info.attempt,
-                            },
-                        )
-                        .instrument(span)
-                        .await
-                }
-            },
+            }
         };
         if let Err(e) = result {
             self.settle_failed("settling a failed message", id, &e);

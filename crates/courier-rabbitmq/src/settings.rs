@@ -261,11 +261,7 @@ mod tests {
     #[test]
     fn explain_shows_what_is_applied() {
         let r = RabbitMqConfig::default();
-        for g in [
-            Guarantee::AtMostOnce,
-            Guarantee::AtLeastOnce,
-            Guarantee::ExactlyOnce,
-        ] {
+        for g in Guarantee::ALL {
             let e = explain(&r, g);
             let p = publishing(g);
             assert_eq!(value(&e, "mandatory"), p.mandatory.to_string());

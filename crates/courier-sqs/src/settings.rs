@@ -204,11 +204,7 @@ mod tests {
             wait_time: Duration::from_secs(60),
             ..SqsConfig::default()
         };
-        for g in [
-            Guarantee::AtMostOnce,
-            Guarantee::AtLeastOnce,
-            Guarantee::ExactlyOnce,
-        ] {
+        for g in Guarantee::ALL {
             let e = explain(&s, g);
             assert_eq!(value(&e, "send attempts"), send_attempts(g).to_string());
             assert_eq!(

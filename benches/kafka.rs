@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use courier::config::KafkaConfig;
 use courier::{
-    async_trait, BackendConfig, Config, Consumer, Context, DeliveryClient, Guarantee, Handler,
-    HandlerError, Message, Subscription,
+    async_trait, Config, Consumer, Context, DeliveryClient, Guarantee, Handler, HandlerError,
+    Message, Subscription,
 };
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
@@ -40,15 +40,19 @@ fn msg(i: usize) -> Message {
         .with_header("tenant", "acme")
 }
 
+fn kafka_section(bootstrap: &str) -> KafkaConfig {
+    KafkaConfig {
+        bootstrap: bootstrap.to_owned(),
+        session_timeout: Duration::from_secs(6),
+        max_poll_interval: Duration::from_secs(10),
+        ..KafkaConfig::default()
+    }
+}
+
 fn config(bootstrap: &str, g: Guarantee) -> Config {
     Config {
         guarantee: g,
-        backend: BackendConfig::Kafka(KafkaConfig {
-            bootstrap: bootstrap.to_owned(),
-            session_timeout: Duration::from_secs(6),
-            max_poll_interval: Duration::from_secs(10),
-            ..KafkaConfig::default()
-        }),
+        backend: kafka_section(bootstrap).into(),
         consumer: Default::default(),
         idempotency: (g == Guarantee::ExactlyOnce).then(Default::default),
     }
@@ -213,7 +217,10 @@ async fn main() {
     // The reference producer gets exactly the settings courier's at-least-once producer uses
     // (acks, idempotence, delivery timeout, message size; linger and batch size are librdkafka's
     // defaults for both), so the ratio measures the adapter, not two configurations.
-    let shared = courier::kafka::producer_settings(&config(&boot, Guarantee::AtLeastOnce)).unwrap();
+    let shared = courier::kafka::producer_settings(
+        &config(&boot, Guarantee::AtLeastOnce).with_backend(kafka_section(&boot)),
+    )
+    .unwrap();
     let mut raw_config = ClientConfig::new();
     for (name, value) in &shared {
         raw_config.set(name, value);

@@ -17,7 +17,7 @@ use courier::{handler_fn, Config, Consumer, DeliveryClient, Message, Subscriptio
 async fn main() -> anyhow::Result<()> {
     let config = match std::env::var("COURIER_URL") {
         Ok(url) => Config::from_url(&url)?,
-        Err(_) => Config::memory(),
+        Err(_) => Config::default(),
     };
     let client: Arc<dyn DeliveryClient> = courier::connect(&config).await?.into();
     let orders = format!("orders-{}", uuid::Uuid::now_v7().simple());

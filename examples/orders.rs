@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/courier".into());
     let mut config = match std::env::var("COURIER_URL") {
         Ok(url) => Config::from_url(&url)?,
-        Err(_) => Config::memory(),
+        Err(_) => Config::default(),
     };
     config.guarantee = Guarantee::ExactlyOnce;
     if config.idempotency.is_none() {

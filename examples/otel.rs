@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("shop"))),
     )?;
 
-    let client: Arc<dyn DeliveryClient> = courier::connect(&Config::memory()).await?.into();
+    let client: Arc<dyn DeliveryClient> = courier::connect(&Config::default()).await?.into();
     for d in ["orders", "receipts"] {
         client.create_destination(d).await?;
     }

@@ -43,7 +43,7 @@ impl Handler for ChargeCard {
 async fn main() -> anyhow::Result<()> {
     let mut config = match std::env::var("COURIER_URL") {
         Ok(url) => Config::from_url(&url)?,
-        Err(_) => Config::memory().with_idempotency(IdempotencyConfig::default()),
+        Err(_) => Config::default().with_idempotency(IdempotencyConfig::default()),
     };
     config.guarantee = Guarantee::ExactlyOnce;
     if let BackendConfig::Memory(m) = &mut config.backend {

@@ -32,7 +32,7 @@ struct Receipt {
 async fn main() -> anyhow::Result<()> {
     let mut config = match std::env::var("COURIER_URL") {
         Ok(url) => Config::from_url(&url)?,
-        Err(_) => Config::memory(),
+        Err(_) => Config::default(),
     };
     if let BackendConfig::Memory(m) = &mut config.backend {
         m.broker = "typed".into();

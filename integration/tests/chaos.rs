@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use courier::{Config, Guarantee};
-use courier_cli::verify::{self, Faults, Plan, Sabotage};
-use courier_core::config::{
+use courier::config::{
     BackendConfig, IdempotencyConfig, KafkaConfig, Secret, SecretUrl, SqsConfig,
 };
+use courier::{Config, Guarantee};
+use courier_cli::verify::{self, Faults, Plan, Sabotage};
 
 const MESSAGES: usize = 1_000;
 

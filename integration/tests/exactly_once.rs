@@ -83,7 +83,7 @@ fn memory_with_duplicates() -> Config {
             },
             ..MemoryConfig::default()
         }),
-        ..Config::memory()
+        ..Config::default()
     }
 }
 

@@ -43,7 +43,7 @@ async fn handler_span_continues_the_publishers_trace() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let client: Arc<dyn DeliveryClient> =
-        courier::connect(&Config::memory().with_guarantee(Guarantee::AtLeastOnce))
+        courier::connect(&Config::default().with_guarantee(Guarantee::AtLeastOnce))
             .await
             .unwrap()
             .into();

@@ -47,7 +47,7 @@ impl Target {
         let mut c = match (&self.config, &self.url) {
             (Some(p), _) => Config::from_file(p)?,
             (None, Some(u)) => Config::from_url(u)?,
-            (None, None) => Config::memory(),
+            (None, None) => Config::default(),
         };
         if let Some(g) = self.guarantee {
             c.guarantee = g;

@@ -12,6 +12,7 @@
 //! | exactly-once | confirmed + broker dedup by id where it exists | after the handler, through the idempotent layer or a transaction | as at-least-once; duplicates absorbed |
 
 mod admin;
+mod backend;
 pub mod batch;
 mod capabilities;
 mod client;
@@ -30,12 +31,13 @@ mod request;
 mod retry;
 
 pub use admin::{DestinationInfo, GroupInfo};
+pub use backend::{Backend, BrokerTraits};
 pub use capabilities::Capabilities;
 pub use client::{check_payload, Deliveries, DeliveryClient, DeliveryStream, Subscription};
 pub use codec::{
     handler_fn_with_context, json_handler_fn, ContextHandlerFn, HandlerFuture, JsonHandlerFn, JSON,
 };
-pub use config::{BackendConfig, Config};
+pub use config::{BackendSection, BackendUrl, Config};
 pub use consumer::{BatchOptions, Consumer, ConsumerHandle, ConsumerStats};
 pub use error::{BoxError, Error, Result};
 pub use explain::{Explanation, Setting};

@@ -9,7 +9,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 
-use courier_core::config::KafkaConfig;
+use crate::KafkaConfig;
 use courier_core::{DestinationInfo, Error, GroupInfo, Result};
 
 use crate::client::{kafka_err, not_found};

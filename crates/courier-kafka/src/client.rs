@@ -15,7 +15,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
-use courier_core::config::KafkaConfig;
+use crate::KafkaConfig;
 use courier_core::{
     check_payload, header, Capabilities, Deliveries, DeliveryClient, DestinationInfo, Error,
     Explanation, Guarantee, Message, Position, Receipt, Result, Subscription,

@@ -7,9 +7,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
 use courier_core::findings::{Finding, Findings, Severity};
-use courier_core::{Config, Guarantee};
+use courier_core::Guarantee;
 
-use crate::{settings, BACKEND};
+use crate::{settings, Config, BACKEND};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -18,13 +18,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// `min.insync.replicas` let `acks=all` survive a broker loss.
 pub async fn doctor(config: &Config, topics: &[String]) -> Vec<Finding> {
     let mut out = Findings::new(BACKEND);
-    let k = match crate::section(config) {
-        Ok(k) => k,
-        Err(e) => {
-            out.add(Severity::Error, e.to_string(), "use a kafka [backend]");
-            return out.into_vec();
-        }
-    };
+    let k = &config.backend;
     let cc = settings::connection(k);
     let (admin, consumer): (AdminClient<DefaultClientContext>, BaseConsumer) =
         match (cc.create(), cc.create()) {

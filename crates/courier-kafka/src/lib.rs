@@ -15,37 +15,71 @@
 
 mod admin;
 mod client;
+mod config;
 mod consume;
 mod doctor;
 mod settings;
 
 pub use client::KafkaClient;
+pub use config::KafkaConfig;
 pub use doctor::doctor;
 
-use courier_core::config::KafkaConfig;
-use courier_core::{BackendConfig, Config, Error, Explanation, Result};
+use courier_core::config::BackendUrl;
+use courier_core::findings::Finding;
+use courier_core::{Backend, BrokerTraits, DeliveryClient, Explanation, Result};
 
 pub(crate) const BACKEND: &str = "kafka";
 
-fn section(config: &Config) -> Result<&KafkaConfig> {
-    match &config.backend {
-        BackendConfig::Kafka(k) => Ok(k),
-        other => Err(Error::config(format!(
-            "courier_kafka needs [backend] kind = \"kafka\", got {:?}",
-            other.kind()
-        ))),
-    }
-}
+/// A configuration of the Kafka backend alone.
+pub type Config = courier_core::Config<KafkaConfig>;
 
 /// Connect with the guarantee and settings of `config`.
 pub async fn connect(config: &Config) -> Result<KafkaClient> {
     config.validate()?;
-    KafkaClient::connect(section(config)?.clone(), config.guarantee).await
+    KafkaClient::connect(config.backend.clone(), config.guarantee).await
 }
 
 /// The effective settings for `config`'s guarantee, without connecting.
 pub fn explain(config: &Config) -> Result<Explanation> {
-    Ok(settings::explain(section(config)?, config.guarantee, None))
+    Ok(settings::explain(&config.backend, config.guarantee, None))
+}
+
+#[courier_core::async_trait]
+impl Backend for KafkaConfig {
+    const KIND: &'static str = BACKEND;
+    const SCHEMES: &'static [&'static str] = &["kafka"];
+    const TRAITS: BrokerTraits = BrokerTraits {
+        ordering: "per partition (the key picks the partition)",
+        consumer_groups: true,
+        native_dedup: None,
+        transactions: true,
+        max_payload: 1024 * 1024,
+        delayed_redelivery: false,
+    };
+
+    fn check(&self) -> Result<()> {
+        self.validate_section()
+    }
+
+    fn parse_url(url: &BackendUrl<'_>) -> Result<Self> {
+        KafkaConfig::from_url(url)
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    async fn connect(config: &Config) -> Result<Box<dyn DeliveryClient>> {
+        Ok(Box::new(connect(config).await?))
+    }
+
+    fn explain(config: &Config) -> Result<Explanation> {
+        explain(config)
+    }
+
+    async fn doctor(config: &Config, destinations: &[String]) -> Vec<Finding> {
+        doctor(config, destinations).await
+    }
 }
 
 /// The librdkafka producer settings (name, value; sorted by name) a client connected with
@@ -58,7 +92,7 @@ pub fn explain(config: &Config) -> Result<Explanation> {
 /// `benches/kafka.rs` builds its reference producer this way so that the ratio it prints
 /// compares the adapter, not two configurations.
 pub fn producer_settings(config: &Config) -> Result<Vec<(String, String)>> {
-    let k = section(config)?;
+    let k = &config.backend;
     let applied = settings::client_config(k, &settings::producer(k, config.guarantee, None));
     let mut out: Vec<(String, String)> = applied
         .config_map()

@@ -1,6 +1,8 @@
 //! The guarantee → librdkafka settings table (one place, used by the clients and `explain`).
 
-use courier_core::config::{is_secret_setting, KafkaConfig};
+use courier_core::config::is_secret_setting;
+
+use crate::KafkaConfig;
 use courier_core::{Explanation, Guarantee};
 
 /// The client settings of courier's own helper clients (admin, `inspect`, `doctor`): the

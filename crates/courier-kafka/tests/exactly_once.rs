@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_core::{
-    BackendConfig, Consumer, ConsumerHandle, Context, DeliveryClient, Guarantee, Handler,
-    HandlerError, Message, Subscription,
+    Consumer, ConsumerHandle, Context, DeliveryClient, Guarantee, Handler, HandlerError, Message,
+    Subscription,
 };
 use courier_testkit::kafka_log::{committed_payload_counts, wait_group_caught_up};
 use courier_testkit::{unique, Ledger};
@@ -86,9 +86,10 @@ async fn spawn(client: Arc<dyn DeliveryClient>, topic: &str, t: Transform) -> Co
         .unwrap()
 }
 
-fn exactly_once_config(boot: &str, transactional_id: &str) -> courier_core::Config {
+fn exactly_once_config(boot: &str, transactional_id: &str) -> courier_kafka::Config {
     let mut config = common::config(boot, Guarantee::ExactlyOnce);
-    if let BackendConfig::Kafka(k) = &mut config.backend {
+    {
+        let k = &mut config.backend;
         k.transactional_id = Some(transactional_id.to_owned());
     }
     config

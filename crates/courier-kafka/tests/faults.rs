@@ -283,7 +283,8 @@ fn kafka_worker_entry() {
         };
         let boot = courier_testkit::endpoints::kafka_bootstrap();
         let mut config = common::config(&boot, g);
-        if let courier_core::BackendConfig::Kafka(k) = &mut config.backend {
+        {
+            let k = &mut config.backend;
             // One transactional id per worker slot, stable across restarts: the new worker's
             // init_transactions fences the killed one and aborts its open transaction (which
             // would otherwise hold back read_committed readers until the broker times it out).

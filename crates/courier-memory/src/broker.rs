@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use courier_core::config::{MemoryConfig, MemoryFaults};
+use crate::config::{MemoryConfig, MemoryFaults};
 use courier_core::{
     check_payload, Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
     DestinationInfo, Error, Explanation, GroupInfo, Guarantee, Message, MessageId, Position,

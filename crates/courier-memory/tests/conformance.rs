@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use courier_core::config::{MemoryConfig, MemoryFaults};
 use courier_core::{DeliveryClient, Guarantee, Result};
 use courier_memory::{MemoryBroker, MemoryClient};
+use courier_memory::{MemoryConfig, MemoryFaults};
 use courier_testkit::{scenarios, unique, TestBackend};
 
 struct Memory {

@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Confirmation, ExchangeKind};
 use tracing::{debug, warn};
 
-use courier_core::config::RabbitMqConfig;
+use crate::RabbitMqConfig;
 use courier_core::{
     check_payload, header, Capabilities, Deliveries, DeliveryClient, DestinationInfo, Error,
     Explanation, GroupInfo, Guarantee, Message, Position, Receipt, Result, Subscription,

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use courier_core::config::RabbitMqConfig;
+use crate::RabbitMqConfig;
 use courier_core::{Error, Result};
 
 use crate::BACKEND;

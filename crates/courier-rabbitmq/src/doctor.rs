@@ -4,24 +4,17 @@
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 
-use courier_core::config::QueueType;
 use courier_core::findings::{Finding, Findings, Severity};
-use courier_core::{Config, Guarantee};
+use courier_core::Guarantee;
 
 use crate::connection::{close_channel, Link, Watched};
-use crate::BACKEND;
+use crate::{Config, QueueType, BACKEND};
 
 /// Connect as courier does (URL, TLS) and check `queues`: each exists, and under at-least-once
 /// and exactly-once is a durable quorum queue.
 pub async fn doctor(config: &Config, queues: &[String]) -> Vec<Finding> {
     let mut out = Findings::new(BACKEND);
-    let r = match crate::section(config) {
-        Ok(r) => r,
-        Err(e) => {
-            out.add(Severity::Error, e.to_string(), "use a rabbitmq [backend]");
-            return out.into_vec();
-        }
-    };
+    let r = &config.backend;
     let link = Link::new(r.clone());
     if let Err(e) = link.channel().await {
         out.add(

@@ -17,6 +17,7 @@
 //! queue of the same name.
 
 mod client;
+mod config;
 mod connection;
 mod consume;
 mod doctor;
@@ -24,30 +25,25 @@ mod names;
 mod settings;
 
 pub use client::RabbitMqClient;
+pub use config::{QueueType, RabbitMqConfig};
 pub use doctor::doctor;
 pub use names::{delay_queue, DELAY_STEPS_MS};
 
-use courier_core::config::RabbitMqConfig;
-use courier_core::{BackendConfig, Config, Error, Explanation, Guarantee, Result};
+use courier_core::config::BackendUrl;
+use courier_core::findings::Finding;
+use courier_core::{Backend, BrokerTraits, DeliveryClient, Error, Explanation, Guarantee, Result};
 
 pub(crate) const BACKEND: &str = "rabbitmq";
 
-fn section(config: &Config) -> Result<&RabbitMqConfig> {
-    match &config.backend {
-        BackendConfig::Rabbitmq(r) => Ok(r),
-        other => Err(Error::config(format!(
-            "courier_rabbitmq needs [backend] kind = \"rabbitmq\", got {:?}",
-            other.kind()
-        ))),
-    }
-}
+/// A configuration of the RabbitMQ backend alone.
+pub type Config = courier_core::Config<RabbitMqConfig>;
 
 /// Connect with the guarantee and settings of `config`.
 ///
 /// Exactly-once without an `[idempotency]` section is refused: RabbitMQ cannot deduplicate.
 pub async fn connect(config: &Config) -> Result<RabbitMqClient> {
     config.validate()?;
-    let r = section(config)?;
+    let r = &config.backend;
     if config.guarantee == Guarantee::ExactlyOnce && config.idempotency.is_none() {
         return Err(Error::unsupported(
             BACKEND,
@@ -60,6 +56,43 @@ pub async fn connect(config: &Config) -> Result<RabbitMqClient> {
 
 /// The effective settings for `config`'s guarantee, without connecting.
 pub fn explain(config: &Config) -> Result<Explanation> {
-    let r = section(config)?;
-    Ok(settings::explain(r, config.guarantee))
+    Ok(settings::explain(&config.backend, config.guarantee))
+}
+
+#[courier_core::async_trait]
+impl Backend for RabbitMqConfig {
+    const KIND: &'static str = BACKEND;
+    const SCHEMES: &'static [&'static str] = &["amqp", "amqps"];
+    const TRAITS: BrokerTraits = BrokerTraits {
+        ordering: "none across competing consumers (only with a single active consumer)",
+        consumer_groups: true,
+        native_dedup: None,
+        transactions: false,
+        max_payload: 16 * 1024 * 1024,
+        delayed_redelivery: true,
+    };
+
+    fn check(&self) -> Result<()> {
+        self.validate_section()
+    }
+
+    fn parse_url(url: &BackendUrl<'_>) -> Result<Self> {
+        RabbitMqConfig::from_url(url)
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    async fn connect(config: &Config) -> Result<Box<dyn DeliveryClient>> {
+        Ok(Box::new(connect(config).await?))
+    }
+
+    fn explain(config: &Config) -> Result<Explanation> {
+        explain(config)
+    }
+
+    async fn doctor(config: &Config, destinations: &[String]) -> Vec<Finding> {
+        doctor(config, destinations).await
+    }
 }

@@ -2,7 +2,7 @@
 //! queues and consumes, each with why. `explain` prints these same values, so what it shows is
 //! what is sent (the unit tests below read the applied values back from the explanation).
 
-use courier_core::config::{QueueType, RabbitMqConfig};
+use crate::{QueueType, RabbitMqConfig};
 use courier_core::{Explanation, Guarantee};
 use lapin::types::{AMQPValue, FieldTable};
 

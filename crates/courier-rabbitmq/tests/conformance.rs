@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
-use courier_core::config::{IdempotencyConfig, RabbitMqConfig, SecretUrl};
-use courier_core::{BackendConfig, Config, DeliveryClient, Guarantee, Result};
+use courier_core::config::{IdempotencyConfig, SecretUrl};
+use courier_core::{DeliveryClient, Guarantee, Result};
+use courier_rabbitmq::Config;
+use courier_rabbitmq::RabbitMqConfig;
 use courier_testkit::{endpoints, TestBackend};
 
 /// Test helper: Rabbit;.
@@ -13,10 +15,10 @@ pub struct Rabbit;
 pub fn config(guarantee: Guarantee) -> Config {
     Config {
         guarantee,
-        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+        backend: RabbitMqConfig {
             url: SecretUrl::new(endpoints::rabbitmq_url()),
             ..RabbitMqConfig::default()
-        }),
+        },
         consumer: Default::default(),
         idempotency: (guarantee == Guarantee::ExactlyOnce).then(IdempotencyConfig::default),
     }

@@ -8,11 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_core::config::{RabbitMqConfig, SecretUrl};
+use courier_core::config::SecretUrl;
 use courier_core::{
-    BackendConfig, Config, Consumer, Context, DeliveryClient, Error, Guarantee, Handler,
-    HandlerError, Message, Subscription,
+    Consumer, Context, DeliveryClient, Error, Guarantee, Handler, HandlerError, Message,
+    Subscription,
 };
+use courier_rabbitmq::Config;
+use courier_rabbitmq::RabbitMqConfig;
 use courier_testkit::{endpoints, unique, Ledger};
 
 static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -20,10 +22,10 @@ static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn config(guarantee: Guarantee) -> Config {
     Config {
         guarantee,
-        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+        backend: RabbitMqConfig {
             url: SecretUrl::new(endpoints::rabbitmq_url()),
             ..RabbitMqConfig::default()
-        }),
+        },
         consumer: Default::default(),
         idempotency: None,
     }
@@ -223,7 +225,8 @@ async fn publishing_where_nothing_is_bound_is_a_typed_unroutable_error() {
 async fn auto_create_declares_again_an_exchange_deleted_since() {
     let _lock = BROKER.lock().await;
     let mut cfg = config(Guarantee::AtLeastOnce);
-    if let BackendConfig::Rabbitmq(r) = &mut cfg.backend {
+    {
+        let r = &mut cfg.backend;
         r.auto_create = true;
     }
     let c = client_with(&cfg).await;
@@ -390,7 +393,8 @@ async fn a_short_retry_is_not_held_behind_a_long_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
     let mut cfg = config(Guarantee::AtLeastOnce);
-    if let BackendConfig::Rabbitmq(r) = &mut cfg.backend {
+    {
+        let r = &mut cfg.backend;
         r.delivery_limit = 1;
     }
     let c = client_with(&cfg).await;
@@ -492,13 +496,13 @@ async fn a_queue_declared_without_the_delivery_limit_is_used_as_it_is() {
 async fn tls_settings_are_applied() {
     use courier_core::config::Secret;
     let tls = |ca: bool, identity: Option<&str>| Config {
-        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+        backend: RabbitMqConfig {
             url: SecretUrl::new(endpoints::rabbitmq_tls_url()),
             tls_ca_file: ca.then(endpoints::rabbitmq_tls_ca),
             tls_client_identity: identity.map(|_| endpoints::rabbitmq_tls_client()),
             tls_client_identity_password: identity.map(Secret::new),
             ..RabbitMqConfig::default()
-        }),
+        },
         ..config(Guarantee::AtLeastOnce)
     };
     let c = match courier_rabbitmq::connect(&tls(true, None)).await {
@@ -524,7 +528,8 @@ async fn tls_settings_are_applied() {
         .expect("the client identity with its password");
 
     let mut plain = tls(true, None);
-    if let BackendConfig::Rabbitmq(r) = &mut plain.backend {
+    {
+        let r = &mut plain.backend;
         r.url = SecretUrl::new(endpoints::rabbitmq_url());
     }
     let e = courier_rabbitmq::connect(&plain).await.unwrap_err();

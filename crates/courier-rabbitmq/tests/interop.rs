@@ -6,8 +6,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use courier_core::config::{RabbitMqConfig, SecretUrl};
-use courier_core::{BackendConfig, Config, DeliveryClient, Guarantee, Message, Subscription};
+use courier_core::config::SecretUrl;
+use courier_core::{DeliveryClient, Guarantee, Message, Subscription};
+use courier_rabbitmq::Config;
+use courier_rabbitmq::RabbitMqConfig;
 use courier_testkit::{endpoints, unique};
 
 fn pika(script: &str, args: &[&str]) -> String {
@@ -28,10 +30,10 @@ fn pika(script: &str, args: &[&str]) -> String {
 async fn client() -> courier_rabbitmq::RabbitMqClient {
     let config = Config {
         guarantee: Guarantee::AtLeastOnce,
-        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+        backend: RabbitMqConfig {
             url: SecretUrl::new(endpoints::rabbitmq_url()),
             ..RabbitMqConfig::default()
-        }),
+        },
         consumer: Default::default(),
         idempotency: None,
     };
@@ -156,10 +158,10 @@ async fn pika_messages_without_an_id() {
         .unwrap();
     let mut eo_config = Config {
         guarantee: Guarantee::ExactlyOnce,
-        backend: BackendConfig::Rabbitmq(RabbitMqConfig {
+        backend: RabbitMqConfig {
             url: SecretUrl::new(endpoints::rabbitmq_url()),
             ..RabbitMqConfig::default()
-        }),
+        },
         consumer: Default::default(),
         idempotency: Some(Default::default()),
     };

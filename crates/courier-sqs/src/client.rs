@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use courier_core::config::SqsConfig;
+use crate::SqsConfig;
 use courier_core::{
     Capabilities, DeadLetter, Deliveries, Delivery, DeliveryClient, DeliveryStream,
     DestinationInfo, Error, Explanation, GroupInfo, Guarantee, Headers, Message, MessageId,

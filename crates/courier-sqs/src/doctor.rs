@@ -6,10 +6,10 @@ use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::QueueAttributeName;
 
 use courier_core::findings::{Finding, Findings, Severity};
-use courier_core::{Config, Guarantee};
+use courier_core::Guarantee;
 
 use crate::client::SqsClient;
-use crate::BACKEND;
+use crate::{Config, BACKEND};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -19,10 +19,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// store.
 pub async fn doctor(config: &Config, queues: &[String]) -> Vec<Finding> {
     let mut out = Findings::new(BACKEND);
-    let client = match crate::section(config) {
-        Ok(s) => SqsClient::connect(s.clone(), Guarantee::AtLeastOnce, false).await,
-        Err(e) => Err(e),
-    };
+    let client = SqsClient::connect(config.backend.clone(), Guarantee::AtLeastOnce, false).await;
     let client = match client {
         Ok(c) => c,
         Err(e) => {

@@ -21,31 +21,27 @@
 //! visibility timeout. Lower `wait_time` for faster shutdowns.
 
 mod client;
+mod config;
 mod doctor;
 mod settings;
 
 pub use client::SqsClient;
+pub use config::SqsConfig;
 pub use doctor::doctor;
 
-use courier_core::config::SqsConfig;
-use courier_core::{BackendConfig, Config, Error, Explanation, Guarantee, Result};
+use courier_core::config::BackendUrl;
+use courier_core::findings::Finding;
+use courier_core::{Backend, BrokerTraits, DeliveryClient, Error, Explanation, Guarantee, Result};
 
 pub(crate) const BACKEND: &str = "sqs";
 
-fn section(config: &Config) -> Result<&SqsConfig> {
-    match &config.backend {
-        BackendConfig::Sqs(s) => Ok(s),
-        other => Err(Error::config(format!(
-            "courier_sqs needs [backend] kind = \"sqs\", got {:?}",
-            other.kind()
-        ))),
-    }
-}
+/// A configuration of the SQS backend alone.
+pub type Config = courier_core::Config<SqsConfig>;
 
 /// Connect with the guarantee and settings of `config`.
 pub async fn connect(config: &Config) -> Result<SqsClient> {
     config.validate()?;
-    let s = section(config)?;
+    let s = &config.backend;
     if config.guarantee == Guarantee::ExactlyOnce && !s.fifo && config.idempotency.is_none() {
         return Err(Error::unsupported(
             BACKEND,
@@ -58,5 +54,43 @@ pub async fn connect(config: &Config) -> Result<SqsClient> {
 
 /// The effective settings for `config`'s guarantee, without connecting.
 pub fn explain(config: &Config) -> Result<Explanation> {
-    Ok(settings::explain(section(config)?, config.guarantee))
+    Ok(settings::explain(&config.backend, config.guarantee))
+}
+
+#[courier_core::async_trait]
+impl Backend for SqsConfig {
+    const KIND: &'static str = BACKEND;
+    const SCHEMES: &'static [&'static str] = &["sqs"];
+    const TRAITS: BrokerTraits = BrokerTraits {
+        ordering: "only on FIFO queues (per MessageGroupId = key)",
+        consumer_groups: false,
+        native_dedup: Some(std::time::Duration::from_secs(300)),
+        transactions: false,
+        max_payload: 1024 * 1024,
+        delayed_redelivery: true,
+    };
+
+    fn check(&self) -> Result<()> {
+        self.validate_section()
+    }
+
+    fn parse_url(url: &BackendUrl<'_>) -> Result<Self> {
+        SqsConfig::from_url(url)
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    async fn connect(config: &Config) -> Result<Box<dyn DeliveryClient>> {
+        Ok(Box::new(connect(config).await?))
+    }
+
+    fn explain(config: &Config) -> Result<Explanation> {
+        explain(config)
+    }
+
+    async fn doctor(config: &Config, destinations: &[String]) -> Vec<Finding> {
+        doctor(config, destinations).await
+    }
 }

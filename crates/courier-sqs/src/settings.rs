@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::SqsConfig;
 use aws_sdk_sqs::types::QueueAttributeName;
-use courier_core::config::SqsConfig;
 use courier_core::{Explanation, Guarantee};
 
 use crate::BACKEND;

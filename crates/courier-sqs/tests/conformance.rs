@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_core::config::{IdempotencyConfig, SqsConfig};
-use courier_core::{BackendConfig, Config, DeliveryClient, Guarantee, Result};
+use courier_core::config::IdempotencyConfig;
+use courier_core::{DeliveryClient, Guarantee, Result};
+use courier_sqs::Config;
+use courier_sqs::SqsConfig;
 use courier_testkit::{endpoints, TestBackend};
 
 /// Test helper: Sqs.
@@ -17,7 +19,7 @@ pub struct Sqs {
 pub fn config(guarantee: Guarantee, fifo: bool) -> Config {
     Config {
         guarantee,
-        backend: BackendConfig::Sqs(SqsConfig {
+        backend: SqsConfig {
             region: Some(endpoints::aws_region()),
             endpoint: Some(endpoints::sqs_endpoint()),
             access_key_id: Some(
@@ -30,7 +32,7 @@ pub fn config(guarantee: Guarantee, fifo: bool) -> Config {
             wait_time: Duration::from_secs(1),
             fifo,
             ..SqsConfig::default()
-        }),
+        },
         consumer: Default::default(),
         idempotency: (guarantee == Guarantee::ExactlyOnce).then(IdempotencyConfig::default),
     }

@@ -7,18 +7,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_core::config::{Secret, SqsConfig};
+use courier_core::config::Secret;
 use courier_core::{
-    BackendConfig, Config, Consumer, Context, DeliveryClient, Error, Guarantee, Handler,
-    HandlerError, Message, Subscription,
+    Consumer, Context, DeliveryClient, Error, Guarantee, Handler, HandlerError, Message,
+    Subscription,
 };
+use courier_sqs::Config;
+use courier_sqs::SqsConfig;
 use courier_testkit::{endpoints, unique, Ledger};
 use parking_lot::Mutex;
 
 fn config(fifo: bool, visibility: Duration) -> Config {
     Config {
         guarantee: Guarantee::AtLeastOnce,
-        backend: BackendConfig::Sqs(SqsConfig {
+        backend: SqsConfig {
             region: Some(endpoints::aws_region()),
             endpoint: Some(endpoints::sqs_endpoint()),
             access_key_id: Some(
@@ -31,7 +33,7 @@ fn config(fifo: bool, visibility: Duration) -> Config {
             wait_time: Duration::from_secs(1),
             fifo,
             ..SqsConfig::default()
-        }),
+        },
         consumer: Default::default(),
         idempotency: None,
     }

@@ -4,9 +4,9 @@
 //! Each finding says what the other broker does differently for the configured guarantee and
 //! how to keep the guarantee (or why it cannot be kept) after the switch.
 
-use std::time::Duration;
+use courier_core::Guarantee;
 
-use courier_core::{BackendConfig, Config, Guarantee};
+use crate::{BackendConfig, Config};
 
 pub use courier_core::findings::{Finding, Severity};
 
@@ -14,78 +14,7 @@ pub use courier_core::findings::{Finding, Severity};
 /// broker, by its backend crate (with the broker's own client, connected as courier connects).
 /// Nothing for the memory broker.
 pub async fn live(config: &Config, destinations: &[String]) -> Vec<Finding> {
-    match &config.backend {
-        #[cfg(feature = "kafka")]
-        BackendConfig::Kafka(_) => courier_kafka::doctor(config, destinations).await,
-        #[cfg(feature = "rabbitmq")]
-        BackendConfig::Rabbitmq(_) => courier_rabbitmq::doctor(config, destinations).await,
-        #[cfg(feature = "sqs")]
-        BackendConfig::Sqs(_) => courier_sqs::doctor(config, destinations).await,
-        _ => Vec::new(),
-    }
-}
-
-/// The facts about a broker that decide whether a guarantee carries over.
-#[derive(Debug, Clone, Copy)]
-struct Traits {
-    name: &'static str,
-    ordering: &'static str,
-    consumer_groups: bool,
-    native_dedup: Option<Duration>,
-    transactions: bool,
-    max_payload: usize,
-    delayed_redelivery: bool,
-}
-
-const fn traits(name: &'static str) -> Traits {
-    match name.as_bytes() {
-        b"kafka" => Traits {
-            name: "kafka",
-            ordering: "per partition (the key picks the partition)",
-            consumer_groups: true,
-            native_dedup: None,
-            transactions: true,
-            max_payload: 1024 * 1024,
-            delayed_redelivery: false,
-        },
-        b"rabbitmq" => Traits {
-            name: "rabbitmq",
-            ordering: "none across competing consumers (only with a single active consumer)",
-            consumer_groups: true,
-            native_dedup: None,
-            transactions: false,
-            max_payload: 16 * 1024 * 1024,
-            delayed_redelivery: true,
-        },
-        b"sqs" => Traits {
-            name: "sqs",
-            ordering: "only on FIFO queues (per MessageGroupId = key)",
-            consumer_groups: false,
-            native_dedup: Some(Duration::from_secs(300)),
-            transactions: false,
-            max_payload: 1024 * 1024,
-            delayed_redelivery: true,
-        },
-        _ => Traits {
-            name: "memory",
-            ordering: "per key across consumers",
-            consumer_groups: true,
-            native_dedup: Some(Duration::from_secs(300)),
-            transactions: false,
-            max_payload: 1024 * 1024,
-            delayed_redelivery: true,
-        },
-    }
-}
-
-fn payload_limit(config: &Config) -> usize {
-    match &config.backend {
-        BackendConfig::Memory(m) => m.max_payload,
-        BackendConfig::Kafka(k) => k.max_message_bytes,
-        BackendConfig::Rabbitmq(r) => r.max_message_bytes,
-        BackendConfig::Sqs(s) => s.max_message_bytes,
-        _ => 1024 * 1024,
-    }
+    BackendConfig::doctor(config, destinations).await
 }
 
 /// Whether `config` keeps its idempotency keys in the process's memory.
@@ -98,27 +27,28 @@ pub(crate) fn memory_store(config: &Config) -> bool {
 
 /// What changes for `config` on each of the other brokers.
 pub fn portability(config: &Config) -> Vec<Finding> {
-    let from = traits(config.backend.kind());
+    let from = config.backend.traits();
+    let from_kind = config.backend.kind();
     let g = config.guarantee;
     let ttl = config.idempotency.as_ref().map(|i| i.ttl);
     let mut out = Vec::new();
-    for to in ["memory", "kafka", "rabbitmq", "sqs"].map(traits) {
-        if to.name == from.name {
+    for (name, _, to) in BackendConfig::compiled() {
+        if name == from_kind {
             continue;
         }
         let mut add = |severity, what: String, fix: &str| {
             out.push(Finding {
                 severity,
-                backend: to.name.into(),
+                backend: name.into(),
                 what,
                 fix: fix.into(),
             })
         };
         if from.ordering != to.ordering {
             add(
-                if to.name == "rabbitmq" { Severity::Warning } else { Severity::Info },
+                if name == "rabbitmq" { Severity::Warning } else { Severity::Info },
                 format!("ordering by key: {} here, {} there", from.ordering, to.ordering),
-                match to.name {
+                match name {
                     "sqs" => "use a queue name ending in .fifo; keys become MessageGroupIds",
                     "rabbitmq" => "do not rely on per-key order, or run one consumer per queue (single active consumer)",
                     _ => "keys keep their meaning; check the partition count for parallelism",
@@ -139,7 +69,7 @@ pub fn portability(config: &Config) -> Vec<Finding> {
                     format!("broker dedup window {window:?} is longer than the idempotency TTL {ttl:?}"),
                     "raise [idempotency] ttl to at least the broker's window",
                 ),
-                (Some(window), _) if to.name == "sqs" => add(
+                (Some(window), _) if name == "sqs" => add(
                     Severity::Info,
                     format!("SQS FIFO drops re-sent ids for {window:?} only; later duplicates reach the idempotent layer"),
                     "keep [idempotency] configured; use a .fifo queue (a standard queue without a store is refused)",
@@ -151,7 +81,7 @@ pub fn portability(config: &Config) -> Vec<Finding> {
                 ),
                 _ => {}
             }
-            if to.name != "memory" && memory_store(config) {
+            if name != "memory" && memory_store(config) {
                 add(
                     Severity::Warning,
                     "[idempotency] store = memory absorbs duplicates within one process only: a duplicate handled by another consumer process, or after a restart, runs again".into(),
@@ -166,7 +96,7 @@ pub fn portability(config: &Config) -> Vec<Finding> {
                 );
             }
         }
-        let limit = payload_limit(config);
+        let limit = config.backend.max_message_bytes();
         if to.max_payload < limit {
             add(
                 Severity::Warning,
@@ -188,6 +118,7 @@ pub fn portability(config: &Config) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_memory_idempotency_store_is_flagged_as_one_process_only() {
@@ -205,7 +136,7 @@ mod tests {
 
     #[test]
     fn moving_exactly_once_off_memory_without_a_store_is_flagged() {
-        let c = Config::memory().with_guarantee(Guarantee::ExactlyOnce);
+        let c = Config::default().with_guarantee(Guarantee::ExactlyOnce);
         let f = portability(&c);
         assert!(
             f.iter()

@@ -23,15 +23,39 @@
 //! ```
 //!
 //! Backends are cargo features (`kafka`, `rabbitmq`, `sqs`; `memory` is always there), and
-//! `outbox` adds the transactional outbox.
+//! `outbox` adds the transactional outbox. Each backend crate owns its `[backend]` section and
+//! implements [`Backend`]; [`BackendConfig`] lists the compiled-in ones.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+mod backends;
 pub mod doctor;
 pub mod instrument;
 
+pub use backends::BackendConfig;
 pub use courier_core::*;
+
+/// A courier configuration: guarantee, `[backend]` (any compiled-in backend, by `kind`),
+/// `[consumer]` and `[idempotency]`. `Config::default()` is the embedded memory broker with
+/// at-least-once.
+pub type Config = courier_core::Config<BackendConfig>;
+
+/// Configuration types: the common sections, and each compiled-in backend's section.
+pub mod config {
+    pub use crate::{BackendConfig, Config};
+    pub use courier_core::config::{
+        is_secret_setting, redact_url, BackendSection, BackendUrl, ConsumerConfig,
+        IdempotencyConfig, Secret, SecretUrl, StoreFailurePolicy,
+    };
+    #[cfg(feature = "kafka")]
+    pub use courier_kafka::KafkaConfig;
+    pub use courier_memory::{MemoryConfig, MemoryFaults};
+    #[cfg(feature = "rabbitmq")]
+    pub use courier_rabbitmq::{QueueType, RabbitMqConfig};
+    #[cfg(feature = "sqs")]
+    pub use courier_sqs::SqsConfig;
+}
 pub use courier_idempotency as idempotency;
 pub use courier_memory as memory;
 
@@ -46,12 +70,6 @@ pub use courier_sqs as sqs;
 
 use courier_idempotency::{IdempotencyStore, Idempotent};
 
-fn not_compiled(kind: &str) -> Error {
-    Error::config(format!(
-        "backend {kind:?} is not compiled in: enable the cargo feature `{kind}` of the courier crate"
-    ))
-}
-
 /// Connect to the broker `config` selects, with its guarantee. The client is wrapped in
 /// [`instrument::Instrumented`]: tracing spans, metrics and `traceparent` propagation.
 pub async fn connect(config: &Config) -> Result<Box<dyn DeliveryClient>> {
@@ -62,34 +80,13 @@ pub async fn connect(config: &Config) -> Result<Box<dyn DeliveryClient>> {
 
 /// Connect without the instrumentation wrapper.
 pub async fn connect_raw(config: &Config) -> Result<Box<dyn DeliveryClient>> {
-    config.validate()?;
-    match &config.backend {
-        BackendConfig::Memory(_) => Ok(Box::new(courier_memory::connect(config).await?)),
-        #[cfg(feature = "kafka")]
-        BackendConfig::Kafka(_) => Ok(Box::new(courier_kafka::connect(config).await?)),
-        #[cfg(feature = "rabbitmq")]
-        BackendConfig::Rabbitmq(_) => Ok(Box::new(courier_rabbitmq::connect(config).await?)),
-        #[cfg(feature = "sqs")]
-        BackendConfig::Sqs(_) => Ok(Box::new(courier_sqs::connect(config).await?)),
-        #[allow(unreachable_patterns)]
-        other => Err(not_compiled(other.kind())),
-    }
+    BackendConfig::connect(config).await
 }
 
 /// The effective broker settings `config` compiles into, without connecting.
 pub fn explain(config: &Config) -> Result<Explanation> {
     config.validate()?;
-    let mut e = match &config.backend {
-        BackendConfig::Memory(_) => courier_memory::explain(config)?,
-        #[cfg(feature = "kafka")]
-        BackendConfig::Kafka(_) => courier_kafka::explain(config)?,
-        #[cfg(feature = "rabbitmq")]
-        BackendConfig::Rabbitmq(_) => courier_rabbitmq::explain(config)?,
-        #[cfg(feature = "sqs")]
-        BackendConfig::Sqs(_) => courier_sqs::explain(config)?,
-        #[allow(unreachable_patterns)]
-        other => return Err(not_compiled(other.kind())),
-    };
+    let mut e = BackendConfig::explain(config)?;
     let c = &config.consumer;
     e = e
         .set(

@@ -82,7 +82,7 @@ async fn backlog_gauges_follow_the_group() {
     metrics::set_global_recorder(recorder).unwrap();
 
     let client: Arc<dyn DeliveryClient> =
-        courier::connect(&courier::Config::memory().with_guarantee(Guarantee::AtLeastOnce))
+        courier::connect(&courier::Config::default().with_guarantee(Guarantee::AtLeastOnce))
             .await
             .unwrap()
             .into();

@@ -54,7 +54,7 @@ impl Handler for ByPayload {
 #[tokio::test]
 async fn the_consumer_follows_a_custom_retry_strategy() {
     let client: Arc<dyn DeliveryClient> =
-        courier::connect(&courier::Config::memory().with_guarantee(Guarantee::AtLeastOnce))
+        courier::connect(&courier::Config::default().with_guarantee(Guarantee::AtLeastOnce))
             .await
             .expect("memory backend")
             .into();
@@ -136,7 +136,7 @@ async fn a_strategy_that_fails_validation_keeps_the_consumer_from_starting() {
             Err(courier::Error::config("no retries configured"))
         }
     }
-    let client: Arc<dyn DeliveryClient> = courier::connect(&courier::Config::memory())
+    let client: Arc<dyn DeliveryClient> = courier::connect(&courier::Config::default())
         .await
         .expect("memory backend")
         .into();

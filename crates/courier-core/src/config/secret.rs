@@ -53,7 +53,7 @@ pub(crate) fn with_secrets_exposed<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether secrets serialize in clear right now (see [`with_secrets_exposed`]).
-pub(crate) fn secrets_exposed() -> bool {
+pub fn secrets_exposed() -> bool {
     EXPOSE.with(Cell::get)
 }
 

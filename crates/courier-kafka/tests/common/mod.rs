@@ -6,22 +6,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_core::config::{IdempotencyConfig, KafkaConfig};
-use courier_core::{BackendConfig, Config, DeliveryClient, Guarantee, Result};
+use courier_core::config::IdempotencyConfig;
+use courier_core::{DeliveryClient, Guarantee, Result};
+use courier_kafka::Config;
+use courier_kafka::KafkaConfig;
 use courier_testkit::{endpoints, TestBackend};
 
 /// Test helper: config.
 pub fn config(bootstrap: &str, guarantee: Guarantee) -> Config {
     Config {
         guarantee,
-        backend: BackendConfig::Kafka(KafkaConfig {
+        backend: KafkaConfig {
             bootstrap: bootstrap.to_owned(),
             session_timeout: Duration::from_secs(6),
             max_poll_interval: Duration::from_secs(10),
             delivery_timeout: Duration::from_secs(30),
             partitions: 3,
             ..KafkaConfig::default()
-        }),
+        },
         consumer: Default::default(),
         idempotency: (guarantee == Guarantee::ExactlyOnce).then(IdempotencyConfig::default),
     }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use courier_core::config::BackendUrl;
+use courier_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// Configuration of the in-process memory broker.
@@ -23,6 +25,31 @@ pub struct MemoryConfig {
     pub dedup_window: Duration,
     /// Fault injection.
     pub faults: MemoryFaults,
+}
+
+impl MemoryConfig {
+    /// `memory://[name]`: the in-process broker of that name (default `default`); no path, no
+    /// parameters beyond the common ones.
+    pub(crate) fn from_url(url: &BackendUrl<'_>) -> Result<Self> {
+        url.refuse_path()?;
+        url.refuse_host_list()?;
+        if let Some((name, _)) = url.params().next() {
+            return Err(url.unknown_param(name, &[]));
+        }
+        Ok(MemoryConfig {
+            broker: url.host().unwrap_or("default").to_owned(),
+            auto_create: url.auto_create()?,
+            ..MemoryConfig::default()
+        })
+    }
+
+    pub(crate) fn validate_section(&self) -> Result<()> {
+        self.faults.validate()?;
+        if self.max_payload == 0 {
+            return Err(Error::config("backend.max_payload must be > 0"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for MemoryConfig {
@@ -76,7 +103,7 @@ impl MemoryFaults {
             || self.redeliver_settled > 0.0
     }
 
-    pub(crate) fn validate(&self) -> crate::Result<()> {
+    fn validate(&self) -> Result<()> {
         for (name, p) in [
             ("drop_on_publish", self.drop_on_publish),
             ("duplicate_on_publish", self.duplicate_on_publish),
@@ -86,7 +113,7 @@ impl MemoryFaults {
             ("redeliver_settled", self.redeliver_settled),
         ] {
             if !(0.0..=1.0).contains(&p) {
-                return Err(crate::Error::config(format!(
+                return Err(Error::config(format!(
                     "backend.faults.{name} = {p} is not a probability: use a value from 0.0 to 1.0"
                 )));
             }

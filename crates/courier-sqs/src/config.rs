@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Secret;
+use courier_core::config::{BackendUrl, Secret};
+use courier_core::{Error, Result};
 
 /// Configuration of the SQS backend. Credentials come from the standard AWS chain (environment,
 /// profile, instance role) unless given here.
@@ -42,6 +43,42 @@ pub struct SqsConfig {
     /// Destinations are FIFO queues: a name without `.fifo` gets it appended, keys become
     /// `MessageGroupId`s and the capabilities report per-key order and the 5-minute dedup.
     pub fifo: bool,
+}
+
+impl SqsConfig {
+    /// `sqs://[region]`: the region (default: the AWS chain's), no path; parameters `endpoint`
+    /// (e.g. LocalStack's `http://127.0.0.1:4566`) and `fifo`.
+    pub(crate) fn from_url(url: &BackendUrl<'_>) -> Result<Self> {
+        url.refuse_path()?;
+        url.refuse_host_list()?;
+        let mut q = SqsConfig {
+            region: url.host().map(str::to_owned),
+            auto_create: url.auto_create()?,
+            ..SqsConfig::default()
+        };
+        for (name, v) in url.params() {
+            match name {
+                "endpoint" => q.endpoint = Some(v.to_owned()),
+                "fifo" => q.fifo = BackendUrl::bool_param("fifo", v)?,
+                _ => return Err(url.unknown_param(name, &["endpoint", "fifo"])),
+            }
+        }
+        Ok(q)
+    }
+
+    pub(crate) fn validate_section(&self) -> Result<()> {
+        if self.wait_time > Duration::from_secs(20) {
+            return Err(Error::config(
+                "backend.wait_time must be at most 20s (SQS long-poll limit)",
+            ));
+        }
+        if self.max_message_bytes > 1024 * 1024 {
+            return Err(Error::config(
+                "backend.max_message_bytes cannot exceed SQS's 1 MiB limit",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SqsConfig {

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::secret::SecretUrl;
+use courier_core::config::{BackendUrl, Secret, SecretUrl};
+use courier_core::{Error, Result};
 
 /// Queue type of queues courier declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -55,7 +56,69 @@ pub struct RabbitMqConfig {
     /// PKCS#12 client identity for amqps client-certificate auth.
     pub tls_client_identity: Option<String>,
     /// Password of the PKCS#12 identity.
-    pub tls_client_identity_password: Option<super::Secret>,
+    pub tls_client_identity_password: Option<Secret>,
+}
+
+/// RabbitMQ's URL parameters beside the common ones.
+const URL_PARAMS: &[&str] = &[
+    "tls_ca_file",
+    "tls_client_identity",
+    "tls_client_identity_password",
+];
+
+impl RabbitMqConfig {
+    /// `amqp[s]://user:pass@host[:port]/vhost`: the AMQP URL itself; parameters
+    /// `tls_ca_file`, `tls_client_identity` and `tls_client_identity_password`.
+    pub(crate) fn from_url(url: &BackendUrl<'_>) -> Result<Self> {
+        url.refuse_host_list()?;
+        let mut r = RabbitMqConfig {
+            url: SecretUrl::new(url.without_query()),
+            auto_create: url.auto_create()?,
+            ..RabbitMqConfig::default()
+        };
+        for (name, v) in url.params() {
+            match name {
+                "tls_ca_file" => r.tls_ca_file = Some(v.to_owned()),
+                "tls_client_identity" => r.tls_client_identity = Some(v.to_owned()),
+                "tls_client_identity_password" => {
+                    r.tls_client_identity_password = Some(Secret::new(v))
+                }
+                _ => return Err(url.unknown_param(name, URL_PARAMS)),
+            }
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn validate_section(&self) -> Result<()> {
+        let url = self.url.expose();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(Error::config(format!(
+                "backend.url {:?} must start with amqp:// or amqps://",
+                self.url.redacted()
+            )));
+        }
+        if self.prefetch == 0 {
+            return Err(Error::config("backend.prefetch must be at least 1"));
+        }
+        if (self.tls_ca_file.is_some() || self.tls_client_identity.is_some())
+            && !url.starts_with("amqps://")
+        {
+            return Err(Error::config(
+                "backend.tls_ca_file and backend.tls_client_identity apply to TLS connections: use an amqps:// URL",
+            ));
+        }
+        if self.delivery_limit == 0 {
+            return Err(Error::config(
+                "backend.delivery_limit must be at least 1 (20 is RabbitMQ 4's default)",
+            ));
+        }
+        if self.confirm_timeout.is_zero() || self.operation_timeout.is_zero() {
+            return Err(Error::config(
+                "backend.confirm_timeout and backend.operation_timeout must be above zero (e.g. \"30s\", \"10s\")",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RabbitMqConfig {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::secret::{is_secret_setting, secrets_exposed};
+use courier_core::config::{is_secret_setting, secrets_exposed, BackendUrl};
+use courier_core::{Error, Result};
 
 /// Configuration of the Kafka backend.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +49,65 @@ pub struct KafkaConfig {
     /// containing password/secret/token are never printed (nor serialized back out).
     #[serde(serialize_with = "serialize_redacted")]
     pub settings: BTreeMap<String, String>,
+}
+
+/// Kafka's URL parameters (`kafka://host:port?…`) and the librdkafka settings they set.
+const URL_PARAMS: &[(&str, &str)] = &[
+    ("security_protocol", "security.protocol"),
+    ("sasl_mechanism", "sasl.mechanism"),
+    ("sasl_username", "sasl.username"),
+    ("sasl_password", "sasl.password"),
+    ("ssl_ca_location", "ssl.ca.location"),
+];
+
+impl KafkaConfig {
+    /// `kafka://host:port[,host:port]`: the bootstrap servers, no path; parameters
+    /// `security_protocol`, `sasl_mechanism`, `sasl_username`, `sasl_password` and
+    /// `ssl_ca_location` set those librdkafka settings.
+    pub(crate) fn from_url(url: &BackendUrl<'_>) -> Result<Self> {
+        url.refuse_path()?;
+        if url.authority().is_empty() {
+            return Err(
+                url.invalid("kafka:// needs the bootstrap servers, e.g. kafka://127.0.0.1:9092")
+            );
+        }
+        let mut k = KafkaConfig {
+            bootstrap: url.authority().to_owned(),
+            auto_create: url.auto_create()?,
+            ..KafkaConfig::default()
+        };
+        for (name, v) in url.params() {
+            let Some((_, setting)) = URL_PARAMS.iter().find(|(p, _)| *p == name) else {
+                let own: Vec<&str> = URL_PARAMS.iter().map(|(p, _)| *p).collect();
+                return Err(url.unknown_param(name, &own));
+            };
+            k.settings.insert((*setting).to_owned(), v.to_owned());
+        }
+        Ok(k)
+    }
+
+    pub(crate) fn validate_section(&self) -> Result<()> {
+        if self.bootstrap.trim().is_empty() {
+            return Err(Error::config(
+                "backend.bootstrap is empty: set it to host:port of a Kafka broker (e.g. 127.0.0.1:9092)",
+            ));
+        }
+        if self.partitions < 1 {
+            return Err(Error::config("backend.partitions must be at least 1"));
+        }
+        if self.commit_interval.is_zero() || self.commit_interval > self.delivery_timeout {
+            return Err(Error::config(format!(
+                "backend.commit_interval = {:?} must be above zero and at most backend.delivery_timeout ({:?}); 100ms is the default",
+                self.commit_interval, self.delivery_timeout
+            )));
+        }
+        if self.commit_max_inputs == 0 {
+            return Err(Error::config(
+                "backend.commit_max_inputs must be at least 1 (1000 is the default)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for KafkaConfig {

@@ -73,7 +73,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use courier::config::{BackendConfig, StoreFailurePolicy};
+use courier::config::StoreFailurePolicy;
 use courier::idempotency::{
     Begin, IdempotencyStore, LeaseToken, PostgresStore, TransactionalIdempotent, TxHandler,
 };
@@ -231,14 +231,12 @@ async fn start_worker(
     Arc<dyn DeliveryClient>,
 )> {
     let mut config = Config::from_toml_str(&spec.config)?;
-    if let BackendConfig::Kafka(k) = &mut config.backend {
-        // One transactional id per fleet slot, kept by the slot's replacement: a restarted
-        // worker fences its SIGKILLed predecessor and aborts its open transaction at once, as a
-        // pod with a stable name does (instead of read_committed readers waiting for the
-        // transaction timeout). Guarded by `integration/tests/chaos.rs::kafka_matrix_holds`.
-        let base = k.transactional_id.as_deref().unwrap_or(&k.client_id);
-        k.transactional_id = Some(format!("{base}-verify-{}-{}", spec.run, spec.slot));
-    }
+    // One identity per fleet slot, kept by the slot's replacement: on Kafka a restarted worker
+    // fences its SIGKILLed predecessor and aborts its open transaction at once, as a pod with a
+    // stable name does (instead of read_committed readers waiting for the transaction timeout).
+    config
+        .backend
+        .set_instance(&format!("verify-{}-{}", spec.run, spec.slot));
     let client: Arc<dyn DeliveryClient> = courier::connect(&config).await?.into();
     let work = Work {
         sink: Sink::Pipe(pipe),
@@ -311,7 +309,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let (client, consumer_client) = sabotaged(config, plan, client).await?;
     // Consumer processes (not for the memory broker, which lives in this process).
     let fleet = match &plan.workers {
-        Workers::Processes(exe) if !matches!(config.backend, BackendConfig::Memory(_)) => {
+        Workers::Processes(exe) if !config.backend.traits().in_process => {
             if store.as_ref().is_some_and(|s| s.name() == "memory") {
                 bail!("exactly-once with the in-process idempotency store cannot be checked with consumer processes (each would dedup on its own): set [idempotency] store to a redis:// or postgres:// URL, or run the consumers in-process (--in-process)");
             }

@@ -42,6 +42,26 @@ pub trait Backend:
     fn explain(config: &Config<Self>) -> Result<Explanation>;
     /// Live, read-only checks of `destinations` on the broker (`courier doctor`).
     async fn doctor(config: &Config<Self>, destinations: &[String]) -> Vec<Finding>;
+
+    /// The one address every connection of this configuration goes to, as a URL (RabbitMQ's
+    /// `amqp://` URL, an SQS endpoint), when there is one. `None` (the default) where clients
+    /// also connect to addresses the cluster advertises (Kafka) or there is no connection
+    /// (memory). `courier verify`'s connection cuts put a fault proxy there.
+    fn endpoint(&self) -> Option<String> {
+        None
+    }
+
+    /// Reach the broker at `url` (same scheme as [`Backend::endpoint`]) instead.
+    fn set_endpoint(&mut self, url: String) {
+        let _ = url;
+    }
+
+    /// Give this configuration a stable identity per instance (`courier verify`'s fleet slot, a
+    /// pod name) where the broker ties state to one: Kafka's `transactional.id`, so a restarted
+    /// instance fences its predecessor's open transaction. No-op by default.
+    fn set_instance(&mut self, instance: &str) {
+        let _ = instance;
+    }
 }
 
 /// The facts about a broker that decide whether a guarantee carries over when a configuration
@@ -60,6 +80,8 @@ pub struct BrokerTraits {
     pub max_payload: usize,
     /// Whether the broker delays a redelivery itself.
     pub delayed_redelivery: bool,
+    /// Whether the broker lives inside the process (no other process can reach it).
+    pub in_process: bool,
 }
 
 impl<T: Backend> BackendSection for T {

@@ -54,6 +54,7 @@ impl Backend for KafkaConfig {
         native_dedup: None,
         transactions: true,
         max_payload: 1024 * 1024,
+        in_process: false,
         delayed_redelivery: false,
     };
 
@@ -79,6 +80,13 @@ impl Backend for KafkaConfig {
 
     async fn doctor(config: &Config, destinations: &[String]) -> Vec<Finding> {
         doctor(config, destinations).await
+    }
+
+    fn set_instance(&mut self, instance: &str) {
+        // Guarded by `integration/tests/chaos.rs::kafka_matrix_holds` (verify's restarted
+        // workers fence their SIGKILLed predecessors).
+        let base = self.transactional_id.as_deref().unwrap_or(&self.client_id);
+        self.transactional_id = Some(format!("{base}-{instance}"));
     }
 }
 

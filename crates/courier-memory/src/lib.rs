@@ -63,6 +63,7 @@ impl Backend for MemoryConfig {
         native_dedup: Some(std::time::Duration::from_secs(300)),
         transactions: false,
         max_payload: 1024 * 1024,
+        in_process: true,
         delayed_redelivery: true,
     };
 

@@ -69,6 +69,7 @@ impl Backend for RabbitMqConfig {
         native_dedup: None,
         transactions: false,
         max_payload: 16 * 1024 * 1024,
+        in_process: false,
         delayed_redelivery: true,
     };
 
@@ -94,5 +95,13 @@ impl Backend for RabbitMqConfig {
 
     async fn doctor(config: &Config, destinations: &[String]) -> Vec<Finding> {
         doctor(config, destinations).await
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        Some(self.url.expose().to_owned())
+    }
+
+    fn set_endpoint(&mut self, url: String) {
+        self.url = courier_core::config::SecretUrl::new(url);
     }
 }

@@ -67,6 +67,7 @@ impl Backend for SqsConfig {
         native_dedup: Some(std::time::Duration::from_secs(300)),
         transactions: false,
         max_payload: 1024 * 1024,
+        in_process: false,
         delayed_redelivery: true,
     };
 
@@ -92,5 +93,13 @@ impl Backend for SqsConfig {
 
     async fn doctor(config: &Config, destinations: &[String]) -> Vec<Finding> {
         doctor(config, destinations).await
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        self.endpoint.clone()
+    }
+
+    fn set_endpoint(&mut self, url: String) {
+        self.endpoint = Some(url);
     }
 }

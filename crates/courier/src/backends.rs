@@ -59,6 +59,21 @@ macro_rules! backends {
                 match self { $( $(#[cfg($cfg)])? BackendConfig::$variant(_) => <$ty as Backend>::TRAITS, )* }
             }
 
+            /// The one address every connection goes to, as a URL ([`Backend::endpoint`]).
+            pub fn endpoint(&self) -> Option<String> {
+                match self { $( $(#[cfg($cfg)])? BackendConfig::$variant(b) => b.endpoint(), )* }
+            }
+
+            /// Reach the broker at `url` instead ([`Backend::set_endpoint`]).
+            pub fn set_endpoint(&mut self, url: String) {
+                match self { $( $(#[cfg($cfg)])? BackendConfig::$variant(b) => b.set_endpoint(url), )* }
+            }
+
+            /// A stable identity per instance ([`Backend::set_instance`]).
+            pub fn set_instance(&mut self, instance: &str) {
+                match self { $( $(#[cfg($cfg)])? BackendConfig::$variant(b) => b.set_instance(instance), )* }
+            }
+
             pub(crate) async fn connect(config: &Config) -> Result<Box<dyn DeliveryClient>> {
                 match &config.backend {
                     $( $(#[cfg($cfg)])? BackendConfig::$variant(b) => <$ty as Backend>::connect(&config.with_backend(b.clone())).await, )*

@@ -67,24 +67,16 @@ pub enum Sabotage {
 /// `config` with the broker reached through a fresh fault proxy.
 pub(super) async fn through_proxy(config: &Config) -> Result<(Config, crate::proxy::FaultProxy)> {
     let mut c = config.clone();
-    let target = match &c.backend {
-        BackendConfig::Rabbitmq(r) => r.url.expose().to_owned(),
-        BackendConfig::Sqs(s) => s.endpoint.clone().ok_or_else(|| {
-            anyhow!("cut=N needs backend.endpoint (an http:// endpoint such as LocalStack's): the fault proxy cannot stand in for the AWS TLS endpoints")
-        })?,
-        other => bail!(
-            "cut=N is not available for the {} backend: the fault proxy forwards one broker address (RabbitMQ amqp://, SQS http:// endpoint); Kafka clients connect to the addresses the cluster advertises, and the memory backend has no connection",
-            other.kind()
-        ),
+    let Some(target) = c.backend.endpoint() else {
+        bail!(
+            "cut=N is not available for the {} backend as configured: the fault proxy forwards one broker address (RabbitMQ amqp://, an SQS endpoint such as LocalStack's http://; not the AWS TLS endpoints); Kafka clients connect to the addresses the cluster advertises, and the memory backend has no connection",
+            c.backend.kind()
+        );
     };
     let (prefix, host_port, rest) = split_authority(&target)?;
     let proxy = crate::proxy::FaultProxy::start(&host_port).await?;
-    let rewritten = format!("{prefix}{}{rest}", proxy.addr());
-    match &mut c.backend {
-        BackendConfig::Rabbitmq(r) => r.url = courier::config::SecretUrl::new(rewritten),
-        BackendConfig::Sqs(s) => s.endpoint = Some(rewritten),
-        _ => unreachable!("checked above"),
-    }
+    c.backend
+        .set_endpoint(format!("{prefix}{}{rest}", proxy.addr()));
     Ok((c, proxy))
 }
 

@@ -78,8 +78,8 @@ use courier::idempotency::{
     Begin, IdempotencyStore, LeaseToken, PostgresStore, TransactionalIdempotent, TxHandler,
 };
 use courier::{
-    Config, Consumer, ConsumerHandle, Context, DeliveryClient, Guarantee, Handler, HandlerError,
-    Message, RetryPolicy, Subscription,
+    Config, ConsumerBuilder, ConsumerHandle, Context, DeliveryClient, Guarantee, Handler,
+    HandlerError, Message, RetryPolicy, Subscription,
 };
 
 const SENT_AT: &str = "courier-verify-sent-at";
@@ -195,27 +195,40 @@ async fn publish_all(
     published
 }
 
-/// The experiment's consumer settings (in the verify process and in consumer processes alike).
-fn consumer_for(client: Arc<dyn DeliveryClient>, dest: &str, group: &str, dlq: &str) -> Consumer {
-    Consumer::new(client, Subscription::new(dest, group).dead_letter(dlq))
-        .concurrency(4)
-        .retry(
-            RetryPolicy::attempts(8).backoff(Duration::from_millis(10), Duration::from_millis(500)),
-        )
-        .shutdown_timeout(Duration::from_secs(10))
-}
-
-/// The idempotent layer over a store outside the effect's transaction (Redis, in-process).
-fn store_layer(
-    work: Work,
-    store: Arc<dyn IdempotencyStore>,
+/// The experiment's consumer: the consume loop tuned for a short run (in the verify process and
+/// in consumer processes alike), over the stack `config` asks for — `layer` says which
+/// idempotent layer the run uses instead of the configuration's.
+fn consumer_for(
+    config: &Config,
+    client: Arc<dyn DeliveryClient>,
     dest: &str,
-    lease: Duration,
-) -> courier::idempotency::Idempotent<Work> {
-    courier::idempotency::Idempotent::new(work, store)
-        .namespace(dest.to_owned())
-        .lease(lease)
-        .store_retry_delay(Duration::from_millis(200))
+    group: &str,
+    dlq: &str,
+    layer: Option<(Arc<dyn IdempotencyStore>, Duration)>,
+) -> ConsumerBuilder {
+    let builder = ConsumerBuilder::new(
+        config,
+        client,
+        Subscription::new(dest, group).dead_letter(dlq),
+    )
+    .consumer(|c| {
+        c.concurrency(4)
+            .retry(
+                RetryPolicy::attempts(8)
+                    .backoff(Duration::from_millis(10), Duration::from_millis(500)),
+            )
+            .shutdown_timeout(Duration::from_secs(10))
+    });
+    match layer {
+        // The idempotent layer over a store outside the effect's transaction (Redis,
+        // in-process): keys per destination, a short store retry.
+        Some((store, lease)) => builder
+            .idempotency_store(store)
+            .namespace(dest)
+            .lease(lease)
+            .store_retry_delay(Duration::from_millis(200)),
+        None => builder.without_idempotency(),
+    }
 }
 
 /// A consumer process's start (`courier verify-worker`, [`workers::worker`]): its client, its
@@ -244,18 +257,27 @@ async fn start_worker(
         consumer: spec.consumer,
         run: spec.run.clone(),
     };
-    let consumer = consumer_for(client.clone(), &spec.dest, &spec.group, &spec.dlq);
+    let consumer = |layer| {
+        consumer_for(
+            &config,
+            client.clone(),
+            &spec.dest,
+            &spec.group,
+            &spec.dlq,
+            layer,
+        )
+    };
     let section = config.idempotency.clone().unwrap_or_default();
     let (handle, stats) = match spec.layer {
-        workers::Layer::None => (consumer.spawn(work).await?, None),
+        workers::Layer::None => (consumer(None).spawn(work).await?, None),
         workers::Layer::Store { lease_ms } => {
             let store = Arc::new(Flaky {
                 inner: courier::idempotency_store(&section).await?,
                 down: store_down,
             });
-            let layer = store_layer(work, store, &spec.dest, Duration::from_millis(lease_ms));
-            let stats = layer.stats();
-            (consumer.spawn(layer).await?, Some(stats))
+            consumer(Some((store, Duration::from_millis(lease_ms))))
+                .spawn_counted(work)
+                .await?
         }
         workers::Layer::Transactional => {
             let store = PostgresStore::from_pool(
@@ -263,7 +285,7 @@ async fn start_worker(
             );
             let layer = TransactionalIdempotent::new(work, &store).namespace(spec.dest.clone());
             let stats = layer.stats();
-            (consumer.spawn(layer).await?, Some(stats))
+            (consumer(None).spawn(layer).await?, Some(stats))
         }
     };
     Ok((handle, stats, client))
@@ -354,6 +376,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         run: suffix.clone(),
         kill: kill.clone(),
         fleet: fleet.clone(),
+        config: Config::from_toml_str(&consumer_toml)?,
         consumer_toml: consumer_toml.clone(),
         lease,
         ids: AtomicU64::new(0),
@@ -558,13 +581,11 @@ async fn idempotency(
     suffix: &str,
     store_down: &Arc<AtomicBool>,
 ) -> Result<(Option<Arc<PgLedger>>, Option<Arc<dyn IdempotencyStore>>)> {
-    let g = config.guarantee;
     let section = config.idempotency.clone().unwrap_or_default();
-    // As `courier::consumer` does: exactly-once, or any guarantee with an `[idempotency]` section,
-    // runs the idempotent layer. At-most-once needs it to skip an id published twice across
-    // consumer processes (the consumer's own window covers one process; docs/proving.md).
-    let use_layer = (g == Guarantee::ExactlyOnce || config.idempotency.is_some())
-        && plan.sabotage != Some(Sabotage::NoDedup);
+    // The facade's rule (at-most-once with a section needs the layer to skip an id published
+    // twice across consumer processes; the consumer's own window covers one process).
+    let use_layer =
+        ConsumerBuilder::wants_idempotency(config) && plan.sabotage != Some(Sabotage::NoDedup);
     let url = section.store.expose();
     let transactional =
         use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://"));
@@ -662,6 +683,8 @@ struct Spawner {
     fleet: Option<Arc<workers::Fleet>>,
     /// The consumer side's configuration, for consumer processes.
     consumer_toml: String,
+    /// The consumer side's configuration (`consumer_toml`, parsed).
+    config: Config,
     lease: Duration,
     ids: AtomicU64,
 }
@@ -700,20 +723,31 @@ impl Spawner {
             consumer: id,
             run: self.run.clone(),
         };
-        let consumer = consumer_for(self.client.clone(), &self.dest, &self.group, &self.dlq);
+        let consumer = |layer| {
+            consumer_for(
+                &self.config,
+                self.client.clone(),
+                &self.dest,
+                &self.group,
+                &self.dlq,
+                layer,
+            )
+        };
         let handle = match (&self.pg, &self.store) {
             (Some(pg), _) => {
                 let layer =
                     TransactionalIdempotent::new(work, &pg.store).namespace(self.dest.clone());
                 self.absorbed.lock().push(layer.stats());
-                consumer.spawn(layer).await?
+                consumer(None).spawn(layer).await?
             }
             (None, Some(store)) => {
-                let layer = store_layer(work, store.clone(), &self.dest, self.lease);
-                self.absorbed.lock().push(layer.stats());
-                consumer.spawn(layer).await?
+                let (handle, stats) = consumer(Some((store.clone(), self.lease)))
+                    .spawn_counted(work)
+                    .await?;
+                self.absorbed.lock().extend(stats);
+                handle
             }
-            (None, None) => consumer.spawn(work).await?,
+            (None, None) => consumer(None).spawn(work).await?,
         };
         Ok(Running::Task { handle, id, slot })
     }

@@ -1,9 +1,7 @@
 //! The consume loop: owns the order of settle vs handler that each guarantee requires, retries,
 //! dead-lettering, bounded concurrency with per-key order, and graceful shutdown.
 
-use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +12,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
+
+use crate::layers::{AtMostOnce, Guard, SeenIds};
 
 use crate::{
     AfterCommit, BatchHandler, Context, Delivery, DeliveryClient, DeliveryInfo, Error, Failure,
@@ -92,41 +92,6 @@ impl StatsInner {
 
 fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Ids recently handed to an at-most-once handler (bounded), so a duplicate delivery is skipped.
-#[derive(Debug)]
-struct SeenIds {
-    set: HashSet<MessageId>,
-    order: VecDeque<MessageId>,
-    cap: usize,
-}
-
-impl SeenIds {
-    fn new(cap: usize) -> Self {
-        SeenIds {
-            set: HashSet::new(),
-            order: VecDeque::new(),
-            cap,
-        }
-    }
-
-    /// True if `id` is new (and records it).
-    fn insert(&mut self, id: &MessageId) -> bool {
-        if self.cap == 0 {
-            return true;
-        }
-        if !self.set.insert(id.clone()) {
-            return false;
-        }
-        self.order.push_back(id.clone());
-        while self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        true
-    }
 }
 
 /// The at-most-once duplicate filter is shared by every consumer of the same subscription in a
@@ -285,7 +250,6 @@ impl Consumer {
             client: self.client.clone(),
             guarantee: self.client.guarantee(),
             retry: self.retry.clone(),
-            handler_timeout: self.handler_timeout,
             stats: stats.clone(),
             seen: shared_seen(
                 self.client.backend(),
@@ -377,6 +341,25 @@ impl Consumer {
     /// Subscribe and start handling messages one at a time (with the configured concurrency).
     pub async fn spawn<H: Handler>(self, handler: H) -> Result<ConsumerHandle> {
         self.check(handler.is_idempotent())?;
+        let guarded = Guard::new(handler).timeout(self.handler_timeout);
+        if self.client.guarantee() == Guarantee::AtMostOnce {
+            let seen = shared_seen(
+                self.client.backend(),
+                &self.subscription,
+                self.amo_dedup_window,
+            );
+            return self
+                .run(AtMostOnce {
+                    inner: guarded,
+                    seen,
+                })
+                .await;
+        }
+        self.run(guarded).await
+    }
+
+    /// Subscribe and run `handler` (the layers already stacked) in the single-message loop.
+    async fn run<H: Handler>(self, handler: H) -> Result<ConsumerHandle> {
         let Started {
             deliveries,
             token,
@@ -419,7 +402,7 @@ impl Consumer {
         } = self.start().await?;
         let join = tokio::spawn(run_batch(
             deliveries,
-            Arc::new(handler),
+            Arc::new(Guard::new(handler).timeout(self.handler_timeout)),
             shared,
             options,
             token.clone(),
@@ -568,42 +551,18 @@ struct Shared {
     client: Arc<dyn DeliveryClient>,
     guarantee: Guarantee,
     retry: Arc<dyn RetryStrategy>,
-    handler_timeout: Option<Duration>,
     stats: Arc<StatsInner>,
     seen: Arc<Mutex<SeenIds>>,
     labels: Labels,
 }
 
 impl Shared {
-    async fn run_handler<F>(&self, fut: F) -> std::result::Result<(), HandlerError>
-    where
-        F: std::future::Future<Output = std::result::Result<(), HandlerError>>,
-    {
-        let guarded = AssertUnwindSafe(fut).catch_unwind();
-        let outcome = match self.handler_timeout {
-            Some(t) => match tokio::time::timeout(t, guarded).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(HandlerError::retryable(format!(
-                        "handler timed out after {t:?}"
-                    )))
-                }
-            },
-            None => guarded.await,
-        };
-        outcome.unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(HandlerError::retryable(format!("handler panicked: {msg}")))
-        })
-    }
-
-    /// A handler run that returned `Ok`: handled, or a duplicate the idempotent layer absorbed.
+    /// A handler run that returned `Ok`: handled, a duplicate the idempotent layer absorbed, or
+    /// (at-most-once) an id the consumer had already taken.
     fn count_success(&self, cx: &Context) {
-        if cx.is_duplicate() {
+        if cx.was_skipped() {
+            bump(&self.stats.duplicates_skipped);
+        } else if cx.is_duplicate() {
             bump(&self.stats.duplicates_absorbed);
             self.labels.duplicates_absorbed.increment(1);
         } else {
@@ -767,25 +726,23 @@ impl Shared {
             let started = Instant::now();
             match self.guarantee {
                 Guarantee::AtMostOnce => {
-                    if !self.seen.lock().insert(&id) {
-                        bump(&self.stats.duplicates_skipped);
-                        if let Err(e) = settle.ack().await {
-                            self.settle_failed("ack", &id, &e);
-                        }
-                        return;
-                    }
                     // Settle first: if we die now the message is gone, never handled twice.
+                    // The handler is wrapped in the at-most-once layer (`layers`): it skips an
+                    // id already taken and waits until the message is due.
                     if let Err(e) = settle.ack().await {
                         self.settle_failed("ack", &id, &e);
                         return;
                     }
-                    if let Some(wait) = info.message.due_in() {
-                        // Already settled: it can only wait here, holding its lane.
-                        self.count_delayed(&id, wait);
-                        tokio::time::sleep(wait).await;
-                    }
                     let mut cx = self.context(&info, false);
-                    match self.run_handler(handler.handle(&info.message, &mut cx)).await {
+                    let outcome = handler.handle(&info.message, &mut cx).await;
+                    if let Some(wait) = cx.waited() {
+                        self.count_delayed(&id, wait);
+                    }
+                    match outcome {
+                        Ok(()) if cx.was_skipped() => {
+                            self.count_success(&cx);
+                            return;
+                        }
                         Ok(()) => {
                             self.count_success(&cx);
                             stage_reply(&info.message, &mut cx);
@@ -810,7 +767,7 @@ impl Shared {
                         return;
                     }
                     let mut cx = self.context(&info, settle.atomic_outputs());
-                    match self.run_handler(handler.handle(&info.message, &mut cx)).await {
+                    match handler.handle(&info.message, &mut cx).await {
                         Ok(()) => {
                             self.count_success(&cx);
                             stage_reply(&info.message, &mut cx);
@@ -1111,7 +1068,7 @@ impl Shared {
                     if !messages.is_empty() {
                         let mut cx = Context::new(first_id, 1, self.labels.destination.clone())
                             .with_publisher(self.client.clone(), false);
-                        match self.run_handler(handler.handle_batch(&messages, &mut cx)).await {
+                        match handler.handle_batch(&messages, &mut cx).await {
                             Ok(()) => {
                                 self.stats.handled.fetch_add(messages.len() as u64, Ordering::Relaxed);
                                 if let Err(e) = cx.flush().await {
@@ -1131,7 +1088,7 @@ impl Shared {
                     let attempt = parts.iter().map(|(i, _)| i.attempt).max().unwrap_or(1);
                     let mut cx = Context::new(first_id.clone(), attempt, self.labels.destination.clone())
                         .with_publisher(self.client.clone(), false);
-                    match self.run_handler(handler.handle_batch(&messages, &mut cx)).await {
+                    match handler.handle_batch(&messages, &mut cx).await {
                         Ok(()) => {
                             self.stats.handled.fetch_add(n, Ordering::Relaxed);
                             if let Err(e) = cx.flush().await {
@@ -1177,20 +1134,6 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seen_ids_is_bounded() {
-        let mut s = SeenIds::new(2);
-        let a = MessageId::from("a");
-        let b = MessageId::from("b");
-        let c = MessageId::from("c");
-        assert!(s.insert(&a));
-        assert!(!s.insert(&a));
-        assert!(s.insert(&b));
-        assert!(s.insert(&c));
-        assert!(s.insert(&a), "a was evicted");
-        assert_eq!(s.set.len(), 2);
-    }
 
     #[test]
     fn lanes_are_stable() {

@@ -106,6 +106,8 @@ pub struct Context {
     position: Position,
     after_commit: AfterCommit,
     duplicate: bool,
+    skipped: bool,
+    waited: Option<Duration>,
 }
 
 impl Context {
@@ -123,6 +125,8 @@ impl Context {
             position: Position::Unknown,
             after_commit: AfterCommit::default(),
             duplicate: false,
+            skipped: false,
+            waited: None,
         }
     }
 
@@ -136,6 +140,24 @@ impl Context {
     /// Whether [`Context::absorb_duplicate`] was called.
     pub fn is_duplicate(&self) -> bool {
         self.duplicate
+    }
+
+    /// At-most-once: the layer skipped an id this process had already taken.
+    pub(crate) fn skip(&mut self) {
+        self.skipped = true;
+    }
+
+    pub(crate) fn was_skipped(&self) -> bool {
+        self.skipped
+    }
+
+    /// At-most-once: the layer held the message until its not-before time.
+    pub(crate) fn wait(&mut self, d: Duration) {
+        self.waited = Some(d);
+    }
+
+    pub(crate) fn waited(&self) -> Option<Duration> {
+        self.waited
     }
 
     /// Where the delivery sits on the broker (for tests of handlers: the consume loop sets it).

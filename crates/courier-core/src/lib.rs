@@ -24,6 +24,7 @@ mod explain;
 pub mod findings;
 mod guarantee;
 mod handler;
+pub mod layers;
 mod message;
 #[cfg(feature = "otel")]
 pub mod otel;

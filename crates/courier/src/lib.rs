@@ -27,14 +27,15 @@
 //! implements [`Backend`]; [`BackendConfig`] lists the compiled-in ones.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 mod backends;
 pub mod doctor;
 pub mod instrument;
+mod stack;
 
 pub use backends::BackendConfig;
 pub use courier_core::*;
+pub use stack::ConsumerBuilder;
 
 /// A courier configuration: guarantee, `[backend]` (any compiled-in backend, by `kind`),
 /// `[consumer]` and `[idempotency]`. `Config::default()` is the embedded memory broker with
@@ -68,7 +69,7 @@ pub use courier_rabbitmq as rabbitmq;
 #[cfg(feature = "sqs")]
 pub use courier_sqs as sqs;
 
-use courier_idempotency::{IdempotencyStore, Idempotent};
+use courier_idempotency::IdempotencyStore;
 
 /// Connect to the broker `config` selects, with its guarantee. The client is wrapped in
 /// [`instrument::Instrumented`]: tracing spans, metrics and `traceparent` propagation.
@@ -109,7 +110,7 @@ pub fn explain(config: &Config) -> Result<Explanation> {
             "then dead-lettered with the attempt count and last error",
         );
     e = match &config.idempotency {
-        Some(i) if doctor::memory_store(config) && !matches!(config.backend, BackendConfig::Memory(_)) => e
+        Some(i) if doctor::memory_store(config) && !config.backend.traits().in_process => e
             .set(
                 "idempotency",
                 "store",
@@ -141,39 +142,14 @@ pub async fn idempotency_store(
 /// Start a consumer as `config` says: the `[consumer]` settings, and — when the config has an
 /// `[idempotency]` section or the guarantee is exactly-once — the idempotent layer around
 /// `handler` (namespaced by the subscription's group, lease = the broker's redelivery window).
+/// [`ConsumerBuilder`] is the same with knobs.
 pub async fn consumer<H: Handler>(
     config: &Config,
     client: Arc<dyn DeliveryClient>,
     subscription: Subscription,
     handler: H,
 ) -> Result<ConsumerHandle> {
-    let c = Consumer::new(client.clone(), subscription.clone()).with_config(&config.consumer);
-    let wants_layer = config.idempotency.is_some() || config.guarantee == Guarantee::ExactlyOnce;
-    if !wants_layer {
-        return c.spawn(handler).await;
-    }
-    let section = config.idempotency.clone().unwrap_or_default();
-    if section.store.expose() == "memory" && !matches!(config.backend, BackendConfig::Memory(_)) {
-        tracing::warn!(
-            backend = client.backend(),
-            "idempotency store = memory: duplicates are absorbed within this process only (not across processes or restarts); configure [idempotency] store = redis:// or postgres:// for more than one instance"
-        );
-    }
-    let store = idempotency_store(&section).await?;
-    let lease = section.lease.unwrap_or_else(|| {
-        client
-            .capabilities()
-            .redelivery_after_crash
-            .max(Duration::from_secs(30))
-    });
-    let layer = Idempotent::new(handler, store)
-        .with_config(&section)
-        .namespace(
-            section
-                .namespace
-                .clone()
-                .unwrap_or_else(|| subscription.group.clone()),
-        )
-        .lease(lease);
-    c.spawn(layer).await
+    ConsumerBuilder::new(config, client, subscription)
+        .spawn(handler)
+        .await
 }

@@ -44,6 +44,7 @@ mod faults;
 mod ledger;
 mod report;
 mod schedule;
+mod setup;
 mod work;
 mod workers;
 
@@ -53,6 +54,7 @@ use ledger::*;
 use report::Outcome;
 pub use report::Report;
 use schedule::*;
+use setup::*;
 use work::*;
 
 pub use workers::{producer, worker};
@@ -124,50 +126,6 @@ pub enum Workers {
     Processes(PathBuf),
 }
 
-/// A consumer of the run.
-enum Running {
-    Task {
-        handle: ConsumerHandle,
-        id: u64,
-        slot: usize,
-    },
-    Proc(workers::Proc),
-}
-
-impl Running {
-    fn id(&self) -> u64 {
-        match self {
-            Running::Task { id, .. } => *id,
-            Running::Proc(p) => p.id,
-        }
-    }
-
-    /// Its place in the fleet: a replacement takes the crashed consumer's slot (and, on Kafka,
-    /// its transactional id).
-    fn slot(&self) -> usize {
-        match self {
-            Running::Task { slot, .. } => *slot,
-            Running::Proc(p) => p.slot,
-        }
-    }
-
-    /// Crash it mid-handler: abort the task, or `SIGKILL` the process.
-    async fn crash(self) {
-        match self {
-            Running::Task { handle, .. } => handle.abort(),
-            Running::Proc(p) => p.kill().await,
-        }
-    }
-
-    /// Stop it gracefully; how many messages it dead-lettered.
-    async fn shutdown(self) -> Result<u64> {
-        Ok(match self {
-            Running::Task { handle, .. } => handle.shutdown().await?.dead_lettered,
-            Running::Proc(p) => p.shutdown(Duration::from_secs(30)).await?,
-        })
-    }
-}
-
 /// The experiment's publishing, in the producer process or a task of the verify process:
 /// `messages` messages over 64 keys, a share `duplicates` of them published a second time with
 /// the same id (a producer retry after a lost confirm). `sent` sees the id of each message whose
@@ -193,42 +151,6 @@ async fn publish_all(
         }
     }
     published
-}
-
-/// The experiment's consumer: the consume loop tuned for a short run (in the verify process and
-/// in consumer processes alike), over the stack `config` asks for — `layer` says which
-/// idempotent layer the run uses instead of the configuration's.
-fn consumer_for(
-    config: &Config,
-    client: Arc<dyn DeliveryClient>,
-    dest: &str,
-    group: &str,
-    dlq: &str,
-    layer: Option<(Arc<dyn IdempotencyStore>, Duration)>,
-) -> ConsumerBuilder {
-    let builder = ConsumerBuilder::new(
-        config,
-        client,
-        Subscription::new(dest, group).dead_letter(dlq),
-    )
-    .consumer(|c| {
-        c.concurrency(4)
-            .retry(
-                RetryPolicy::attempts(8)
-                    .backoff(Duration::from_millis(10), Duration::from_millis(500)),
-            )
-            .shutdown_timeout(Duration::from_secs(10))
-    });
-    match layer {
-        // The idempotent layer over a store outside the effect's transaction (Redis,
-        // in-process): keys per destination, a short store retry.
-        Some((store, lease)) => builder
-            .idempotency_store(store)
-            .namespace(dest)
-            .lease(lease)
-            .store_retry_delay(Duration::from_millis(200)),
-        None => builder.without_idempotency(),
-    }
 }
 
 /// A consumer process's start (`courier verify-worker`, [`workers::worker`]): its client, its
@@ -295,203 +217,48 @@ async fn start_worker(
 pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let started = Instant::now();
     let g = config.guarantee;
-    // With cuts, every connection of the run goes through the fault proxy.
-    let (proxied, proxy) = if plan.faults.cut > 0 {
-        let (c, p) = through_proxy(config).await?;
-        (c, Some(Arc::new(p)))
-    } else {
-        (config.clone(), None)
-    };
-    // The broker itself, not through the proxy (for the cleanup).
-    let direct = config;
-    let config = &proxied;
-    let client: Arc<dyn DeliveryClient> = courier::connect(config).await?.into();
-    let suffix = uuid_suffix();
-    let (dest, dlq) = match &plan.destination {
-        Some(name) => (name.clone(), format!("{name}-dlq")),
-        None => (format!("verify-{suffix}"), format!("verify-{suffix}-dlq")),
-    };
-    // A group of its own: joining a group other runs' (possibly crashed) members are still in
-    // would make every start wait out their session timeouts.
-    let group = format!("verify-{suffix}");
-    tracing::info!(destination = %dest, group = %group, "verify: the run's destination and consumer group");
-    if plan.destination.is_none() {
-        client.create_destination(&dest).await?;
-        client.create_destination(&dlq).await?;
-    }
-    let ledger = Arc::new(Ledger::default());
-    let store_down = Arc::new(AtomicBool::new(false));
-    let section = config.idempotency.clone().unwrap_or_default();
-    let (pg, store) = idempotency(config, plan, &suffix, &store_down).await?;
-    let absorbed = Arc::new(Mutex::new(
-        Vec::<Arc<courier::idempotency::IdempotencyStats>>::new(),
-    ));
-    let kill = Arc::new(KillSwitch::default());
-
-    let (client, consumer_client) = sabotaged(config, plan, client).await?;
-    // Consumer processes (not for the memory broker, which lives in this process).
-    let fleet = match &plan.workers {
-        Workers::Processes(exe) if !config.backend.traits().in_process => {
-            if store.as_ref().is_some_and(|s| s.name() == "memory") {
-                bail!("exactly-once with the in-process idempotency store cannot be checked with consumer processes (each would dedup on its own): set [idempotency] store to a redis:// or postgres:// URL, or run the consumers in-process (--in-process)");
-            }
-            Some(Arc::new(workers::Fleet::new(
-                exe.clone(),
-                ledger.clone(),
-                kill.clone(),
-                store_down.clone(),
-                client.backend(),
-            )))
-        }
-        _ => None,
-    };
-    // What consumer processes are told: the consumer side's configuration (the sabotage's
-    // guarantee), secrets included — it goes over their stdin.
-    let consumer_toml = match plan.sabotage {
-        Some(Sabotage::AckFirst) => config.clone().with_guarantee(Guarantee::AtMostOnce),
-        Some(Sabotage::NoDedup) => config.clone().with_guarantee(Guarantee::AtLeastOnce),
-        None => config.clone(),
-    }
-    .to_toml_with_secrets()?;
-    // The producer process's: the publishing side's configuration (at-least-once under the
-    // no-dedup sabotage, as `client` above).
-    let producer_toml = match plan.sabotage {
-        Some(Sabotage::NoDedup) => config.clone().with_guarantee(Guarantee::AtLeastOnce),
-        Some(Sabotage::AckFirst) | None => config.clone(),
-    }
-    .to_toml_with_secrets()?;
-    // Short, so a crashed consumer's message is retried soon; longer than a store outage plus
-    // the complete retries after it, so a live worker's lease does not lapse meanwhile.
-    let lease = section.lease.unwrap_or(Duration::from_secs(5));
-    let spawner = Spawner {
-        client: consumer_client.clone(),
-        ledger: ledger.clone(),
-        store: store.clone(),
-        pg: pg.clone(),
-        absorbed: absorbed.clone(),
-        dest: dest.clone(),
-        dlq: dlq.clone(),
-        group: group.clone(),
-        error_rate: plan.faults.errors,
-        run: suffix.clone(),
-        kill: kill.clone(),
-        fleet: fleet.clone(),
-        config: Config::from_toml_str(&consumer_toml)?,
-        consumer_toml: consumer_toml.clone(),
-        lease,
-        ids: AtomicU64::new(0),
-    };
+    let x = set_up(config, plan).await?;
     let mut consumers = Vec::new();
     for slot in 0..plan.consumers.max(1) {
-        consumers.push(spawner.spawn(slot).await?);
+        consumers.push(x.spawner.spawn(slot).await?);
     }
-
     let bar = plan.progress.then(|| progress_bar(plan.messages, g));
-
-    // Producer: a process of its own next to the consumer processes, else a task here.
-    let producer_process = fleet.is_some();
-    let producer = match &plan.workers {
-        Workers::Processes(exe) if producer_process => {
-            let spec = workers::ProducerSpec {
-                config: producer_toml,
-                dest: dest.clone(),
-                messages: plan.messages as u64,
-                duplicates: plan.faults.duplicates,
-            };
-            workers::spawn_producer(exe, &spec, ledger.clone(), client.backend()).await?
-        }
-        _ => {
-            let client = client.clone();
-            let ledger = ledger.clone();
-            let dest = dest.clone();
-            let (n, dup) = (plan.messages as u64, plan.faults.duplicates);
-            tokio::spawn(async move {
-                Ok(publish_all(&*client, &dest, n, dup, |id| ledger.sent(id)).await)
-            })
-        }
-    };
-
+    let mut producer = x.start_producer(plan).await?;
     // Transactional mode: the effects are rows; keep the in-memory ledger (progress, kills,
     // the stall check) in step with them.
     let stop_sync = CancellationToken::new();
-    let syncer = pg
-        .clone()
-        .map(|pg| tokio::spawn(sync_effects(pg, ledger.clone(), stop_sync.clone())));
+    let syncer =
+        x.pg.clone()
+            .map(|pg| tokio::spawn(sync_effects(pg, x.ledger.clone(), stop_sync.clone())));
 
-    // Fault driver.
-    let stop_faults = CancellationToken::new();
     let expected = Duration::from_secs_f64((plan.messages as f64 / 2000.0).clamp(1.0, 30.0));
     // The run ends when no effect arrived for this long (longer than the broker takes to hand a
     // crashed consumer's messages to another one).
-    let stall = (client.capabilities().redelivery_after_crash * 2).max(Duration::from_secs(5));
-    let kills = plan.faults.kill;
-    let cuts = plan.faults.cut;
-    let connections_cut = Arc::new(AtomicU64::new(0));
-    let backend = client.backend();
-    let relay = fleet
-        .clone()
-        .map(|f| tokio::spawn(f.relay_kills(stop_faults.clone())));
-    let driver = tokio::spawn(store_and_broker_faults(
-        plan.faults.clone(),
-        plan.messages,
-        expected,
-        ledger.clone(),
-        StoreSwitch {
-            down: store_down.clone(),
-            fleet: fleet.clone(),
-            pg: pg.clone(),
-        },
-        backend,
-        stop_faults.clone(),
-    ));
-    // Kills and cuts share one schedule of evenly spaced marks, kills first: the i-th kill
-    // when i/(kills+cuts+1) of the messages reached a handler (half that for consumers that
-    // settle first, below), then the cuts. Under at-most-once
-    // a cut loses everything a consumer had buffered, so a kill placed after the cuts could wait
-    // for a mark the run never reaches (the at-most-once `kill` and `cut` cells of the chaos matrix, `integration/tests/chaos.rs`).
-    let marks = u64::from(kills) + u64::from(cuts) + 1;
-    // Connection cuts, the i-th at mark kills+i.
-    // The cuts wait until the kills have landed (or were given up): under at-most-once each cut
-    // loses every prefetched delivery, and cuts made early on their time bound could leave too
-    // little of the run for a kill's mark to be passed with handlers still starting.
-    let kills_done = CancellationToken::new();
-    let kills_done_guard = kills_done.clone().drop_guard();
-    let cutter = proxy.clone().map(|proxy| {
-        tokio::spawn(cut_connections(
-            proxy,
-            CutPlan {
-                cuts,
-                kills,
-                marks,
-                messages: plan.messages as u64,
-                wait: (expected * 10).min(stall / 2),
-            },
-            ledger.clone(),
-            connections_cut.clone(),
-            kills_done.clone(),
-            stop_faults.clone(),
-        ))
-    });
+    let stall = (x.client.capabilities().redelivery_after_crash * 2).max(Duration::from_secs(5));
+    let mut faults = FaultTasks::start(&x, plan, expected, stall);
     let settle_first = g == Guarantee::AtMostOnce || plan.sabotage == Some(Sabotage::AckFirst);
     let crashes = kill_consumers(
         &mut consumers,
-        &spawner,
-        &kill,
-        &ledger,
-        fleet.as_deref(),
+        &x.spawner,
+        &x.kill,
+        &x.ledger,
+        x.fleet.as_deref(),
         Kills {
-            count: kills,
-            span: if settle_first { 2 * marks } else { marks },
+            count: plan.faults.kill,
+            span: if settle_first {
+                2 * faults.marks
+            } else {
+                faults.marks
+            },
             messages: plan.messages as u64,
             stall,
             timeout: plan.timeout,
         },
     )
     .await?;
-    drop(kills_done_guard);
+    faults.kills_landed();
     // Bounded: a producer stuck on a broker that stopped answering ends the run with an error
     // (aborting its task stops a producer process too).
-    let mut producer = producer;
     let published = match tokio::time::timeout(plan.timeout, &mut producer).await {
         Ok(joined) => joined.map_err(|e| anyhow!("producer task failed: {e}"))??,
         Err(_) => {
@@ -503,9 +270,8 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             );
         }
     };
-
     wait_for_effects(
-        &ledger,
+        &x.ledger,
         published,
         Instant::now() + plan.timeout,
         stall,
@@ -514,14 +280,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     .await;
     // Late duplicates get a moment to show.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_faults.cancel();
-    let _ = driver.await;
-    if let Some(cutter) = cutter {
-        let _ = cutter.await;
-    }
-    if let Some(relay) = relay {
-        let _ = relay.await;
-    }
+    let connections_cut = faults.stop().await;
     let mut dead_lettered = 0;
     for c in consumers {
         dead_lettered += c.shutdown().await?;
@@ -529,114 +288,42 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    client.close().await.ok();
-    // What the run created goes again (the broker's own client; verify's is closed).
+    x.client.close().await.ok();
+    // What the run created goes again (the broker's own client, not through the proxy; verify's
+    // is closed).
     let (removed, cleanup_error) = if plan.destination.is_some() || plan.keep {
         (Vec::new(), None)
     } else {
-        match remove_run(direct, &dest).await {
+        match remove_run(config, &x.dest).await {
             Ok(removed) => (removed, None),
             Err(e) => (Vec::new(), Some(format!("{e:#}"))),
         }
     };
-    if let Some(pg) = &pg {
+    if let Some(pg) = &x.pg {
         stop_sync.cancel();
         if let Some(t) = syncer {
             let _ = t.await;
         }
-        pg.sync(&ledger).await?;
-        *ledger.latencies.lock() = pg.latencies().await?;
+        pg.sync(&x.ledger).await?;
+        *x.ledger.latencies.lock() = pg.latencies().await?;
         pg.cleanup().await;
     }
-
-    let absorbed_total = absorbed
-        .lock()
-        .iter()
-        .map(|s| s.duplicates_absorbed.load(Ordering::Relaxed))
-        .sum::<u64>()
-        + fleet.as_ref().map_or(0, |f| f.absorbed());
     Ok(Outcome {
-        backend,
+        backend: x.client.backend(),
         guarantee: g,
         plan,
         started,
-        absorbed: absorbed_total,
+        absorbed: x.absorbed(),
         crashes,
-        consumer_processes: fleet.is_some(),
-        producer_process,
-        connections_cut: connections_cut.load(Ordering::Relaxed),
+        consumer_processes: x.fleet.is_some(),
+        producer_process: x.fleet.is_some(),
+        connections_cut,
         dead_lettered,
-        destination: dest,
+        destination: x.dest.clone(),
         removed,
         cleanup_error,
     }
-    .report(&ledger))
-}
-
-/// The run's idempotency: the transactional mode's PostgreSQL ledger, or the store of the
-/// layer (wrapped so the outage fault can take it down), or neither.
-async fn idempotency(
-    config: &Config,
-    plan: &Plan,
-    suffix: &str,
-    store_down: &Arc<AtomicBool>,
-) -> Result<(Option<Arc<PgLedger>>, Option<Arc<dyn IdempotencyStore>>)> {
-    let section = config.idempotency.clone().unwrap_or_default();
-    // The facade's rule (at-most-once with a section needs the layer to skip an id published
-    // twice across consumer processes; the consumer's own window covers one process).
-    let use_layer =
-        ConsumerBuilder::wants_idempotency(config) && plan.sabotage != Some(Sabotage::NoDedup);
-    let url = section.store.expose();
-    let transactional =
-        use_layer && (url.starts_with("postgres://") || url.starts_with("postgresql://"));
-    if transactional && section.on_store_error == StoreFailurePolicy::FailOpen {
-        return Err(courier::Error::config(
-            "idempotency.on_store_error = \"fail-open\" is not honoured with a postgres:// store: verify runs the transactional mode, where the effect and its key commit in one PostgreSQL transaction, so an unreachable database can only defer; remove on_store_error (fail-closed) or use a redis:// store",
-        )
-        .into());
-    }
-    let pg = if transactional {
-        Some(Arc::new(PgLedger::connect(url, suffix).await?))
-    } else {
-        None
-    };
-    // The store of the non-transactional layer; none without the layer (an at-least-once run
-    // does not need Redis to be up).
-    let store = if use_layer && pg.is_none() {
-        Some(Arc::new(Flaky {
-            inner: courier::idempotency_store(&section).await?,
-            down: store_down.clone(),
-        }) as Arc<dyn IdempotencyStore>)
-    } else {
-        None
-    };
-    Ok((pg, store))
-}
-
-/// The publishing and consuming clients. Sabotage: ack-first = an at-most-once consumer posing
-/// as the configured guarantee; no-dedup = at-least-once everywhere (no broker dedup, no
-/// idempotent layer) posing as exactly-once.
-async fn sabotaged(
-    config: &Config,
-    plan: &Plan,
-    client: Arc<dyn DeliveryClient>,
-) -> Result<(Arc<dyn DeliveryClient>, Arc<dyn DeliveryClient>)> {
-    Ok(match plan.sabotage {
-        Some(Sabotage::AckFirst) => (
-            client,
-            courier::connect(&config.clone().with_guarantee(Guarantee::AtMostOnce))
-                .await?
-                .into(),
-        ),
-        Some(Sabotage::NoDedup) => {
-            let alo: Arc<dyn DeliveryClient> =
-                courier::connect(&config.clone().with_guarantee(Guarantee::AtLeastOnce))
-                    .await?
-                    .into();
-            (alo.clone(), alo)
-        }
-        None => (client.clone(), client),
-    })
+    .report(&x.ledger))
 }
 
 /// The progress bar of an interactive run.
@@ -663,93 +350,6 @@ async fn sync_effects(pg: Arc<PgLedger>, ledger: Arc<Ledger>, stop: Cancellation
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
-    }
-}
-
-/// Starts the run's consumers: a process of the fleet, or a task of this process running the
-/// run's idempotent layer (if any) over the experiment's handler.
-struct Spawner {
-    client: Arc<dyn DeliveryClient>,
-    ledger: Arc<Ledger>,
-    store: Option<Arc<dyn IdempotencyStore>>,
-    pg: Option<Arc<PgLedger>>,
-    absorbed: Arc<Mutex<Vec<Arc<courier::idempotency::IdempotencyStats>>>>,
-    dest: String,
-    dlq: String,
-    group: String,
-    error_rate: f64,
-    run: String,
-    kill: Arc<KillSwitch>,
-    fleet: Option<Arc<workers::Fleet>>,
-    /// The consumer side's configuration, for consumer processes.
-    consumer_toml: String,
-    /// The consumer side's configuration (`consumer_toml`, parsed).
-    config: Config,
-    lease: Duration,
-    ids: AtomicU64,
-}
-
-impl Spawner {
-    /// A new consumer in `slot` (a replacement takes the slot of the one it replaces).
-    async fn spawn(&self, slot: usize) -> courier::Result<Running> {
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        if let Some(fleet) = &self.fleet {
-            let layer = match (&self.pg, &self.store) {
-                (Some(_), _) => workers::Layer::Transactional,
-                (None, Some(_)) => workers::Layer::Store {
-                    lease_ms: self.lease.as_millis() as u64,
-                },
-                (None, None) => workers::Layer::None,
-            };
-            let spec = workers::WorkerSpec {
-                config: self.consumer_toml.clone(),
-                consumer: id,
-                slot,
-                dest: self.dest.clone(),
-                dlq: self.dlq.clone(),
-                group: self.group.clone(),
-                run: self.run.clone(),
-                error_rate: self.error_rate,
-                layer,
-            };
-            return fleet.spawn(&spec).await.map(Running::Proc);
-        }
-        let work = Work {
-            sink: Sink::Local {
-                ledger: self.ledger.clone(),
-                kill: self.kill.clone(),
-            },
-            error_rate: self.error_rate,
-            consumer: id,
-            run: self.run.clone(),
-        };
-        let consumer = |layer| {
-            consumer_for(
-                &self.config,
-                self.client.clone(),
-                &self.dest,
-                &self.group,
-                &self.dlq,
-                layer,
-            )
-        };
-        let handle = match (&self.pg, &self.store) {
-            (Some(pg), _) => {
-                let layer =
-                    TransactionalIdempotent::new(work, &pg.store).namespace(self.dest.clone());
-                self.absorbed.lock().push(layer.stats());
-                consumer(None).spawn(layer).await?
-            }
-            (None, Some(store)) => {
-                let (handle, stats) = consumer(Some((store.clone(), self.lease)))
-                    .spawn_counted(work)
-                    .await?;
-                self.absorbed.lock().extend(stats);
-                handle
-            }
-            (None, None) => consumer(None).spawn(work).await?,
-        };
-        Ok(Running::Task { handle, id, slot })
     }
 }
 

@@ -215,3 +215,98 @@ pub(super) async fn kill_consumers(
     }
     Ok(crashes)
 }
+
+/// The fault tasks of a run beside the kills: the store-outage and broker-restart driver, the
+/// connection cutter, and the relay of kill notices from consumer processes.
+pub(super) struct FaultTasks {
+    /// Kills and cuts share one schedule of this many evenly spaced marks, kills first.
+    pub(super) marks: u64,
+    stop: CancellationToken,
+    kills_done: Option<tokio_util::sync::DropGuard>,
+    driver: tokio::task::JoinHandle<()>,
+    cutter: Option<tokio::task::JoinHandle<()>>,
+    relay: Option<tokio::task::JoinHandle<()>>,
+    connections_cut: Arc<AtomicU64>,
+}
+
+impl FaultTasks {
+    /// Start them for the run `x` of `plan`; `expected` is how long the run should take without
+    /// faults, `stall` how long without an effect ends it.
+    pub(super) fn start(x: &Experiment, plan: &Plan, expected: Duration, stall: Duration) -> Self {
+        let stop = CancellationToken::new();
+        let (kills, cuts) = (plan.faults.kill, plan.faults.cut);
+        let relay = x
+            .fleet
+            .clone()
+            .map(|f| tokio::spawn(f.relay_kills(stop.clone())));
+        let driver = tokio::spawn(store_and_broker_faults(
+            plan.faults.clone(),
+            plan.messages,
+            expected,
+            x.ledger.clone(),
+            StoreSwitch {
+                down: x.store_down.clone(),
+                fleet: x.fleet.clone(),
+                pg: x.pg.clone(),
+            },
+            x.client.backend(),
+            stop.clone(),
+        ));
+        // The i-th kill when i/(kills+cuts+1) of the messages reached a handler (half that for
+        // consumers that settle first), then the cuts. Under at-most-once a cut loses everything
+        // a consumer had buffered, so a kill placed after the cuts could wait for a mark the run
+        // never reaches (the at-most-once `kill` and `cut` cells of the chaos matrix,
+        // `integration/tests/chaos.rs`).
+        let marks = u64::from(kills) + u64::from(cuts) + 1;
+        // Connection cuts, the i-th at mark kills+i, once the kills have landed (or were given
+        // up): under at-most-once each cut loses every prefetched delivery, and cuts made early
+        // on their time bound could leave too little of the run for a kill's mark to be passed
+        // with handlers still starting.
+        let kills_done = CancellationToken::new();
+        let connections_cut = Arc::new(AtomicU64::new(0));
+        let cutter = x.proxy.clone().map(|proxy| {
+            tokio::spawn(cut_connections(
+                proxy,
+                CutPlan {
+                    cuts,
+                    kills,
+                    marks,
+                    messages: plan.messages as u64,
+                    wait: (expected * 10).min(stall / 2),
+                },
+                x.ledger.clone(),
+                connections_cut.clone(),
+                kills_done.clone(),
+                stop.clone(),
+            ))
+        });
+        FaultTasks {
+            marks,
+            stop,
+            kills_done: Some(kills_done.drop_guard()),
+            driver,
+            cutter,
+            relay,
+            connections_cut,
+        }
+    }
+
+    /// The kills are done (or were given up): the cuts may go ahead.
+    pub(super) fn kills_landed(&mut self) {
+        self.kills_done.take();
+    }
+
+    /// Stop every fault task and wait for it; how many connections were cut.
+    pub(super) async fn stop(mut self) -> u64 {
+        self.kills_done.take();
+        self.stop.cancel();
+        let _ = self.driver.await;
+        if let Some(cutter) = self.cutter {
+            let _ = cutter.await;
+        }
+        if let Some(relay) = self.relay {
+            let _ = relay.await;
+        }
+        self.connections_cut.load(Ordering::Relaxed)
+    }
+}

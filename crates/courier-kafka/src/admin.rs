@@ -12,7 +12,7 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 use crate::KafkaConfig;
 use courier_core::{DestinationInfo, Error, GroupInfo, Result};
 
-use crate::client::{kafka_err, not_found};
+use crate::connection::{kafka_err, not_found};
 use crate::settings;
 
 const TIMEOUT: Duration = Duration::from_secs(10);

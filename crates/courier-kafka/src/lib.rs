@@ -16,8 +16,10 @@
 mod admin;
 mod client;
 mod config;
+mod connection;
 mod consume;
 mod doctor;
+mod publish;
 mod settings;
 
 pub use client::KafkaClient;

@@ -70,6 +70,10 @@ pub trait Backend:
 pub struct BrokerTraits {
     /// How messages of one key are ordered for consumers.
     pub ordering: &'static str,
+    /// Whether per-key order can be kept there at all (with competing consumers).
+    pub keeps_key_order: bool,
+    /// How to keep (or live without) per-key order there.
+    pub ordering_fix: &'static str,
     /// Whether each consumer group gets its own copy of every message.
     pub consumer_groups: bool,
     /// The broker's own dedup window for re-sent ids, if it has one.

@@ -52,6 +52,8 @@ impl Backend for KafkaConfig {
     const SCHEMES: &'static [&'static str] = &["kafka"];
     const TRAITS: BrokerTraits = BrokerTraits {
         ordering: "per partition (the key picks the partition)",
+        keeps_key_order: true,
+        ordering_fix: "keys keep their meaning; check the partition count for parallelism",
         consumer_groups: true,
         native_dedup: None,
         transactions: true,

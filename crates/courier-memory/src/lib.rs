@@ -59,6 +59,8 @@ impl Backend for MemoryConfig {
     const SCHEMES: &'static [&'static str] = &["memory"];
     const TRAITS: BrokerTraits = BrokerTraits {
         ordering: "per key across consumers",
+        keeps_key_order: true,
+        ordering_fix: "keys keep their meaning",
         consumer_groups: true,
         native_dedup: Some(std::time::Duration::from_secs(300)),
         transactions: false,

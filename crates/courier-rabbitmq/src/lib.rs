@@ -65,6 +65,9 @@ impl Backend for RabbitMqConfig {
     const SCHEMES: &'static [&'static str] = &["amqp", "amqps"];
     const TRAITS: BrokerTraits = BrokerTraits {
         ordering: "none across competing consumers (only with a single active consumer)",
+        keeps_key_order: false,
+        ordering_fix:
+            "do not rely on per-key order, or run one consumer per queue (single active consumer)",
         consumer_groups: true,
         native_dedup: None,
         transactions: false,

@@ -63,6 +63,8 @@ impl Backend for SqsConfig {
     const SCHEMES: &'static [&'static str] = &["sqs"];
     const TRAITS: BrokerTraits = BrokerTraits {
         ordering: "only on FIFO queues (per MessageGroupId = key)",
+        keeps_key_order: true,
+        ordering_fix: "use a queue name ending in .fifo; keys become MessageGroupIds",
         consumer_groups: false,
         native_dedup: Some(std::time::Duration::from_secs(300)),
         transactions: false,

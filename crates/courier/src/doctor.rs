@@ -46,13 +46,16 @@ pub fn portability(config: &Config) -> Vec<Finding> {
         };
         if from.ordering != to.ordering {
             add(
-                if name == "rabbitmq" { Severity::Warning } else { Severity::Info },
-                format!("ordering by key: {} here, {} there", from.ordering, to.ordering),
-                match name {
-                    "sqs" => "use a queue name ending in .fifo; keys become MessageGroupIds",
-                    "rabbitmq" => "do not rely on per-key order, or run one consumer per queue (single active consumer)",
-                    _ => "keys keep their meaning; check the partition count for parallelism",
+                if to.keeps_key_order {
+                    Severity::Info
+                } else {
+                    Severity::Warning
                 },
+                format!(
+                    "ordering by key: {} here, {} there",
+                    from.ordering, to.ordering
+                ),
+                to.ordering_fix,
             );
         }
         if from.consumer_groups && !to.consumer_groups {
@@ -69,10 +72,10 @@ pub fn portability(config: &Config) -> Vec<Finding> {
                     format!("broker dedup window {window:?} is longer than the idempotency TTL {ttl:?}"),
                     "raise [idempotency] ttl to at least the broker's window",
                 ),
-                (Some(window), _) if name == "sqs" => add(
+                (Some(window), _) if !to.in_process => add(
                     Severity::Info,
-                    format!("SQS FIFO drops re-sent ids for {window:?} only; later duplicates reach the idempotent layer"),
-                    "keep [idempotency] configured; use a .fifo queue (a standard queue without a store is refused)",
+                    format!("{name} drops re-sent ids for {window:?} only; later duplicates reach the idempotent layer"),
+                    "keep [idempotency] configured",
                 ),
                 (None, None) => add(
                     Severity::Error,
@@ -81,7 +84,7 @@ pub fn portability(config: &Config) -> Vec<Finding> {
                 ),
                 _ => {}
             }
-            if name != "memory" && memory_store(config) {
+            if !to.in_process && memory_store(config) {
                 add(
                     Severity::Warning,
                     "[idempotency] store = memory absorbs duplicates within one process only: a duplicate handled by another consumer process, or after a restart, runs again".into(),

@@ -237,3 +237,19 @@ fn unknown_backends_name_the_compiled_ones() {
         );
     }
 }
+
+/// A wrong value in a configuration file is reported with its line, as TOML's own errors are.
+#[test]
+fn errors_in_a_file_show_where() {
+    let e = Config::from_toml_str(
+        "guarantee = \"at-least-once\"\n[backend]\nkind = \"memory\"\nbogus = 1\n",
+    )
+    .unwrap_err();
+    let Error::Config { message } = e else {
+        panic!("{e:?}")
+    };
+    assert!(
+        message.contains("line ") && message.contains("bogus"),
+        "{message}"
+    );
+}

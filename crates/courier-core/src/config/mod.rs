@@ -183,12 +183,20 @@ impl<B: BackendSection> Config<B> {
     pub fn from_toml_str(s: &str) -> Result<Self> {
         let mut table: toml::Table =
             toml::from_str(s).map_err(|e| Error::config(format!("{e}")))?;
+        let mut prepared = false;
         if let Some(toml::Value::Table(backend)) = table.get_mut("backend") {
+            let before = backend.clone();
             B::prepare(backend)?;
+            prepared = *backend != before;
         }
-        let c: Config<B> = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config(e.to_string().trim().to_owned()))?;
+        // From the text when the section is as written, so an error shows its line and column
+        // (`crates/courier/tests/config.rs::errors_in_a_file_show_where`).
+        let c: Config<B> = if prepared {
+            toml::Value::Table(table).try_into()
+        } else {
+            toml::from_str(s)
+        }
+        .map_err(|e: toml::de::Error| Error::config(e.to_string().trim().to_owned()))?;
         c.validate()?;
         Ok(c)
     }

@@ -106,7 +106,7 @@ macro_rules! backends {
                 $(
                     $(#[cfg($cfg)])?
                     if <$ty as Backend>::SCHEMES.contains(&url.scheme()) {
-                        return <$ty as BackendSection>::from_url(url).map(BackendConfig::$variant);
+                        return <$ty as Backend>::parse_url(url).map(BackendConfig::$variant);
                     }
                 )*
                 Err(Error::config(format!(

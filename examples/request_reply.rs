@@ -2,7 +2,8 @@
 //! arrives asks again, and gets the **same receipt** — the cashier charged once. The replier runs
 //! under exactly-once (the idempotent layer); its result is the reply and is stored with the
 //! request's idempotency key, so a repeated request is answered from the store — here through
-//! another instance of the caller, after the one that asked first went away with its reply.
+//! another instance of the caller, after the one that asked first went away with its reply. A
+//! request the cashier refuses is answered with the reason (`Error::RequestFailed`) at once.
 //!
 //! ```text
 //! cargo run --example request_reply                                  # memory broker, no services
@@ -16,8 +17,8 @@ use std::time::Duration;
 
 use courier::config::IdempotencyConfig;
 use courier::{
-    handler_fn_with_context, BackendConfig, Config, Context, DeliveryClient, Guarantee, Message,
-    Requester, Subscription,
+    handler_fn_with_context, BackendConfig, Config, Context, DeliveryClient, Guarantee,
+    HandlerError, Message, Requester, Subscription,
 };
 
 #[tokio::main]
@@ -38,7 +39,10 @@ async fn main() -> anyhow::Result<()> {
     let suffix = uuid::Uuid::now_v7().simple().to_string();
     let payments = format!("payments-{suffix}");
     let client: Arc<dyn DeliveryClient> = courier::connect(&config).await?.into();
-    client.create_destination(&payments).await?;
+    let dlq = Subscription::new(&payments, "cashier").dead_letter_destination();
+    for d in [&payments, &dlq] {
+        client.create_destination(d).await?;
+    }
 
     // The replier. Its first charge is slow (1.5 s): the caller's first request times out.
     let charges = Arc::new(AtomicU32::new(0));
@@ -47,11 +51,15 @@ async fn main() -> anyhow::Result<()> {
         handler_fn_with_context(move |m: &Message, cx: &mut Context| {
             let charges = charges.clone();
             Box::pin(async move {
+                let request = String::from_utf8_lossy(&m.payload).into_owned();
+                if request.contains(" -") {
+                    // Dead-lettered at once; the caller gets Error::RequestFailed with this reason.
+                    return Err(HandlerError::permanent("a charge must be positive"));
+                }
                 let n = charges.fetch_add(1, Ordering::SeqCst) + 1;
                 if n == 1 {
                     tokio::time::sleep(Duration::from_millis(1500)).await;
                 }
-                let request = String::from_utf8_lossy(&m.payload);
                 cx.set_result(format!("receipt #{n} for {request}"));
                 Ok(())
             })
@@ -97,11 +105,24 @@ async fn main() -> anyhow::Result<()> {
         "web-2, another one: {}",
         String::from_utf8_lossy(&other.payload)
     );
+    match web2
+        .request(
+            &payments,
+            Message::new("order 1019: -5.00 EUR").with_id(format!("charge-1019-{suffix}")),
+            Duration::from_secs(30),
+        )
+        .await
+    {
+        Err(e @ courier::Error::RequestFailed { .. }) => {
+            println!("web-2, a refund sent as a charge: {e}")
+        }
+        other => anyhow::bail!("a refused request should fail with RequestFailed, got {other:?}"),
+    }
     web2.close().await?;
 
     let stats = replier.shutdown().await?;
     println!(
-        "cashier charged {} times for 3 requests; {} answered from the stored result",
+        "cashier charged {} times for 4 requests; {} answered from the stored result",
         charges.load(Ordering::SeqCst),
         stats.duplicates_absorbed
     );
@@ -120,7 +141,6 @@ async fn main() -> anyhow::Result<()> {
         let replies = format!("replies-{web}-{suffix}");
         client.delete_destination(&replies, &[&replies]).await?;
     }
-    let dlq = Subscription::new(&payments, "cashier").dead_letter_destination();
     client.delete_destination(&dlq, &[]).await?;
     client.close().await?;
     Ok(())

@@ -663,7 +663,8 @@ impl Shared {
                         bump(&self.stats.dead_lettered);
                         self.labels.dead_lettered.increment(1);
                         let span = info_span!("courier.dead_letter", message_id = %id, attempt = info.attempt, reason = %reason);
-                        settle
+                        let fault = crate::request::fault_reply_for(&info.message, &reason);
+                        let settled = settle
                             .dead_letter(
                                 &info.message,
                                 crate::DeadLetter {
@@ -672,7 +673,15 @@ impl Shared {
                                 },
                             )
                             .instrument(span)
-                            .await
+                            .await;
+                        // A request is answered with the reason once it is in the dead letter
+                        // (scenario `request_reply_answers_a_repeated_request_from_the_stored_result`).
+                        if let (Ok(()), Some((to, reply))) = (&settled, fault) {
+                            if let Err(e) = self.client.publish(&to, reply).await {
+                                warn!(message_id = %id, error = %e, reply_to = %to, "answering a dead-lettered request with its reason failed; the requester will time out");
+                            }
+                        }
+                        settled
                     }
                 }
             }

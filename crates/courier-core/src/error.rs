@@ -149,6 +149,18 @@ pub enum Error {
         /// serde's reason.
         reason: String,
     },
+    /// The replier did not answer a request: its handler failed for good and the request was
+    /// dead-lettered (the reply carries the dead-letter reason). Asking again with the same
+    /// message runs the handler again; fix the request or the replier first.
+    #[error("request {key} to {destination:?} failed: {reason} (the request is in the replier's dead-letter destination)")]
+    RequestFailed {
+        /// Where the request was sent.
+        destination: String,
+        /// The request's idempotency key (its correlation id).
+        key: String,
+        /// Why the replier gave up on it (the dead-letter reason).
+        reason: String,
+    },
     /// A store courier keeps state in (idempotency store, outbox database) failed.
     #[error("{store} store error during {operation}: {source}")]
     Store {
@@ -178,6 +190,7 @@ impl Error {
             | Error::Fenced { .. }
             | Error::Closed { .. }
             | Error::IdempotencyConflict { .. }
+            | Error::RequestFailed { .. }
             | Error::Encode { .. } => false,
         }
     }
@@ -263,6 +276,7 @@ impl Error {
             Error::Closed { .. } => "closed",
             Error::DeliveryExpired { .. } => "delivery_expired",
             Error::IdempotencyConflict { .. } => "idempotency_conflict",
+            Error::RequestFailed { .. } => "request_failed",
             Error::Store { .. } => "store",
             Error::Encode { .. } => "encode",
         }

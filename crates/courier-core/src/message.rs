@@ -35,6 +35,10 @@ pub mod header {
     pub const REPLY_TO: &str = "courier-reply-to";
     /// Ties a reply to its request.
     pub const CORRELATION_ID: &str = "courier-correlation-id";
+    /// Set on a reply when its request was dead-lettered instead of answered: the reason.
+    /// [`Requester::request`](crate::Requester::request) returns it as
+    /// [`Error::RequestFailed`](crate::Error::RequestFailed).
+    pub const REPLY_ERROR: &str = "courier-reply-error";
     /// The key the idempotent layer dedups on when it is not the message id: a request asked
     /// again goes out with a new message id (no broker dedup drops it) and keeps this key.
     pub const IDEMPOTENCY_KEY: &str = "courier-idempotency-key";

@@ -18,8 +18,9 @@ use tracing::{debug, warn};
 
 use crate::{header, DeliveryClient, Error, Message, MessageId, Result, Subscription};
 
-/// Requests waiting for a reply, by correlation id: which call (a number) and its channel.
-type Waiters = Arc<Mutex<HashMap<String, (u64, oneshot::Sender<Message>)>>>;
+/// Calls waiting for a reply, by correlation id: each call (a number) and its channel. Calls
+/// with the same key share the reply.
+type Waiters = Arc<Mutex<HashMap<String, Vec<(u64, oneshot::Sender<Message>)>>>>;
 
 /// Sends requests and routes their replies back, over one reply destination of its own.
 ///
@@ -85,8 +86,10 @@ impl Requester {
                                 .correlation_id()
                                 .and_then(|c| waiters.lock().remove(c));
                             match waiter {
-                                Some((_, w)) => {
-                                    let _ = w.send(d.message.clone());
+                                Some(calls) => {
+                                    for (_, w) in calls {
+                                        let _ = w.send(d.message.clone());
+                                    }
                                 }
                                 None => {
                                     debug!(message_id = %d.message.id, "a reply nobody waits for (late, or answered already): dropped")
@@ -122,7 +125,8 @@ impl Requester {
     /// send goes out with a fresh message id (so no broker dedup drops a request asked again)
     /// and that key, which the replier's idempotent layer dedups on, and which is the
     /// correlation id of the reply. After [`Error::Timeout`], calling `request` again with the
-    /// same message asks again safely.
+    /// same message asks again safely. A request the replier dead-lettered (its handler failed
+    /// for good) is answered with [`Error::RequestFailed`] and the reason, not left to time out.
     pub async fn request(
         &self,
         destination: &str,
@@ -144,14 +148,12 @@ impl Requester {
         let call = self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self
-            .waiters
+        // Calls asking with the same key at once (a double click) share one reply.
+        self.waiters
             .lock()
-            .insert(key.clone(), (call, tx))
-            .is_some()
-        {
-            debug!(%key, "a request with this key was waiting already: the newer call gets the reply");
-        }
+            .entry(key.clone())
+            .or_default()
+            .push((call, tx));
         // Forgets this call's waiter however the call ends (answered, failed, timed out, dropped).
         let _forget = Forget {
             waiters: &self.waiters,
@@ -161,7 +163,14 @@ impl Requester {
         self.client.publish(destination, m).await?;
         let reply = tokio::time::timeout(timeout, rx).await;
         match reply {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => match reply.headers.get(header::REPLY_ERROR) {
+                Some(reason) => Err(Error::RequestFailed {
+                    destination: destination.to_owned(),
+                    key: key.clone(),
+                    reason: reason.clone(),
+                }),
+                None => Ok(reply),
+            },
             Ok(Err(_)) => Err(Error::Closed { what: "requester" }),
             Err(_) => Err(Error::Timeout {
                 operation: format!("waiting for the reply to request {key} sent to {destination:?} (ask again with the same message: the replier answers from its stored result)"),
@@ -197,8 +206,11 @@ struct Forget<'a> {
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
         let mut w = self.waiters.lock();
-        if w.get(self.key).is_some_and(|(call, _)| *call == self.call) {
-            w.remove(self.key);
+        if let Some(calls) = w.get_mut(self.key) {
+            calls.retain(|(call, _)| *call != self.call);
+            if calls.is_empty() {
+                w.remove(self.key);
+            }
         }
     }
 }
@@ -229,5 +241,19 @@ pub(crate) fn reply_for(
         .map(str::to_owned)
         .unwrap_or_else(|| request.id.to_string());
     let reply = Message::new(result.clone()).with_header(header::CORRELATION_ID, correlation);
+    Some((to.to_owned(), reply))
+}
+
+/// The reply for a request the consume loop dead-lettered: the reason, as payload and in
+/// [`header::REPLY_ERROR`], so the requester learns at once why no answer comes.
+pub(crate) fn fault_reply_for(request: &Message, reason: &str) -> Option<(String, Message)> {
+    let to = request.reply_to()?;
+    let correlation = request
+        .correlation_id()
+        .map(str::to_owned)
+        .unwrap_or_else(|| request.id.to_string());
+    let reply = Message::new(reason.to_owned())
+        .with_header(header::CORRELATION_ID, correlation)
+        .with_header(header::REPLY_ERROR, reason);
     Some((to.to_owned(), reply))
 }

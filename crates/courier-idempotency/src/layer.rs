@@ -116,6 +116,19 @@ pub(crate) fn replay_outputs(cx: &mut Context, stored: Option<&bytes::Bytes>) ->
     true
 }
 
+/// When to look at a key in progress again: after about as long as its run has been going
+/// (the lease's elapsed part; at least 100 ms), never after its lease ends. A duplicate of a
+/// short run (a request asked again while its first run finishes) is answered soon after that
+/// run completes; one of a long run costs a few deferrals, not one per 100 ms.
+/// (`tests/layer.rs::a_duplicate_during_a_short_run_is_deferred_briefly`)
+fn look_again(lease: Duration, left: Duration) -> Duration {
+    let running = lease.saturating_sub(left);
+    running
+        .max(Duration::from_millis(100))
+        .min(left)
+        .max(Duration::from_millis(50))
+}
+
 impl IdempotencyStats {
     /// Read a counter.
     pub fn get(c: &AtomicU64) -> u64 {
@@ -390,7 +403,7 @@ impl<H: Handler> Handler for Idempotent<H> {
                         store,
                     );
                     return Err(HandlerError::defer(
-                        retry_after.max(Duration::from_millis(50)),
+                        look_again(self.lease, retry_after),
                         format!("{key} is being processed by another worker"),
                     ));
                 }

@@ -50,6 +50,79 @@ async fn a_handler_slower_than_its_lease_keeps_the_lease() {
     );
 }
 
+/// A duplicate arriving while the first run has just begun is looked at again soon (about as
+/// long as that run has been going, at least 100 ms), not when the 30 s lease would end: a
+/// request asked again while its first run finishes is answered promptly. Late in a long run,
+/// the deferral grows with the run but never passes the lease's end.
+#[tokio::test]
+async fn a_duplicate_during_a_short_run_is_deferred_briefly() {
+    let store: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::default());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let finish = Arc::new(tokio::sync::Notify::new());
+    let layer = Arc::new(
+        Idempotent::new(
+            {
+                let (started, finish) = (started.clone(), finish.clone());
+                handler_fn(move |_m: Message| {
+                    let (started, finish) = (started.clone(), finish.clone());
+                    async move {
+                        started.notify_one();
+                        finish.notified().await;
+                        Ok(())
+                    }
+                })
+            },
+            store,
+        )
+        .namespace("g")
+        .lease(Duration::from_secs(30)),
+    );
+    let m = Message::new("charge 42");
+    let first = {
+        let (layer, m) = (layer.clone(), m.clone());
+        tokio::spawn(async move { handle(&*layer, &m).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("the first run starts");
+    match handle(&*layer, &m).await {
+        Err(courier_core::HandlerError::Defer { after, .. }) => assert!(
+            after >= Duration::from_millis(100) && after < Duration::from_secs(5),
+            "a duplicate of a run that just began is deferred {after:?} (the lease is 30 s)"
+        ),
+        other => panic!("a duplicate during the first run must be deferred: {other:?}"),
+    }
+    finish.notify_one();
+    first.await.unwrap().unwrap();
+    assert!(
+        handle(&*layer, &m).await.is_ok(),
+        "after the first run, the duplicate is absorbed"
+    );
+
+    // Late in a run: the lease's end bounds the deferral.
+    let store: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::default());
+    let short = Idempotent::new(counting(Arc::default()), store.clone())
+        .namespace("g")
+        .lease(Duration::from_millis(400));
+    let m = Message::new("charge 7");
+    let fp = courier_idempotency::fingerprint(&m);
+    assert!(matches!(
+        store
+            .begin(&format!("g:{}", m.id), &fp, Duration::from_millis(400))
+            .await
+            .unwrap(),
+        Begin::Begun(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match handle(&short, &m).await {
+        Err(courier_core::HandlerError::Defer { after, .. }) => assert!(
+            after <= Duration::from_millis(100),
+            "deferred {after:?}, past the end of a lease with ~100 ms left"
+        ),
+        other => panic!("a duplicate during the first run must be deferred: {other:?}"),
+    }
+}
+
 /// A Redis store under a fresh prefix (a store that cannot be reached fails the test).
 async fn redis() -> Arc<dyn IdempotencyStore> {
     let url = courier_testkit::endpoints::redis_url();

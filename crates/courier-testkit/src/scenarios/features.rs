@@ -101,6 +101,9 @@ struct Cashier {
 #[async_trait]
 impl Handler for Cashier {
     async fn handle(&self, m: &Message, cx: &mut Context) -> Result<(), HandlerError> {
+        if m.payload.starts_with(b"charge -") {
+            return Err(HandlerError::permanent("a charge must be positive"));
+        }
         let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
         if run == 1 {
             tokio::time::sleep(self.first_run_takes).await;
@@ -239,12 +242,15 @@ pub async fn admin_inspects_and_deletes(b: &dyn TestBackend) -> Outcome {
 
 /// Request-reply through the idempotent layer: a request whose reply came too late (the
 /// requester timed out) is asked again, and answered with the stored result of its first run —
-/// the handler runs once; another request gets its own reply.
+/// the handler runs once; another request gets its own reply; two calls asking the same at once
+/// share one reply; a request the replier refuses for good is answered with the reason
+/// (`Error::RequestFailed`) once it is in the dead letter, not left to time out.
 pub async fn request_reply_answers_a_repeated_request_from_the_stored_result(
     b: &dyn TestBackend,
 ) -> Outcome {
     let client = b.client(Guarantee::AtLeastOnce).await?;
     let dest = b.fresh_destination(&*client, "rr").await?;
+    let dlq = b.fresh_destination(&*client, "rr-dlq").await?;
     let replies = b.fresh_destination(&*client, "rr-replies").await?;
     let group = unique("g");
     let ledger = Arc::new(Ledger::new());
@@ -256,9 +262,15 @@ pub async fn request_reply_answers_a_repeated_request_from_the_stored_result(
     let layer = Idempotent::new(cashier.clone(), b.idempotency_store())
         .namespace(group.clone())
         .lease(Duration::from_secs(10));
-    let h = Consumer::new(client.clone(), Subscription::new(&dest, &group))
-        .concurrency(4)
-        .spawn(layer)
+    let h = Consumer::new(
+        client.clone(),
+        Subscription::new(&dest, &group).dead_letter(&dlq),
+    )
+    .concurrency(4)
+    .spawn(layer)
+    .await?;
+    let mut dead = client
+        .subscribe(Subscription::new(&dlq, unique("dlq-reader")))
         .await?;
     let requester = courier_core::Requester::start(client.clone(), replies).await?;
     let charge = Message::new("charge 42").with_id(unique("charge"));
@@ -283,6 +295,20 @@ pub async fn request_reply_answers_a_repeated_request_from_the_stored_result(
         .request(&dest, Message::new("charge 7"), wait())
         .await?;
     let other_answer = String::from_utf8_lossy(&other.payload).into_owned();
+    // Two calls asking the same at once share the one reply.
+    let twice = Message::new("charge 9").with_id(unique("charge"));
+    let (a, b2) = tokio::join!(
+        requester.request(&dest, twice.clone(), wait()),
+        requester.request(&dest, twice, wait())
+    );
+    let (a, b2) = (
+        String::from_utf8_lossy(&a?.payload).into_owned(),
+        String::from_utf8_lossy(&b2?.payload).into_owned(),
+    );
+    let refused = requester
+        .request(&dest, Message::new("charge -5"), wait())
+        .await;
+    let in_dead_letter = dead.next_timeout(wait()).await;
     requester.close().await?;
     let stats = h.shutdown().await?;
     let runs = cashier.runs.load(Ordering::SeqCst);
@@ -295,9 +321,30 @@ pub async fn request_reply_answers_a_repeated_request_from_the_stored_result(
         "another request was answered with {other_answer:?}"
     );
     ensure!(
-        runs == 2,
-        "the handler ran {runs} times for two distinct requests"
+        a == "receipt for charge 9 (run 3)" && a == b2,
+        "two calls asking the same at once got {a:?} and {b2:?}"
     );
+    ensure!(
+        runs == 3,
+        "the handler ran {runs} times for three distinct requests"
+    );
+    match refused {
+        Err(Error::RequestFailed { ref reason, .. }) if reason.contains("must be positive") => {}
+        other => {
+            return Err(ScenarioError(format!(
+                "a refused request should fail with RequestFailed and the handler's reason, got {other:?}"
+            )))
+        }
+    }
+    match in_dead_letter {
+        Some(Ok(d)) if d.message.payload.as_ref() == b"charge -5" => d.ack().await?,
+        other => {
+            return Err(ScenarioError(format!(
+                "the refused request is not in the dead letter: {other:?}"
+            )))
+        }
+    }
+    dead.close().await?;
     ensure!(
         stats.duplicates_absorbed >= 1,
         "the repeated request was not absorbed as a duplicate ({stats:?})"

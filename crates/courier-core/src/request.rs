@@ -234,26 +234,28 @@ pub(crate) fn reply_for(
     request: &Message,
     result: Option<&bytes::Bytes>,
 ) -> Option<(String, Message)> {
-    let to = request.reply_to()?;
-    let result = result?;
-    let correlation = request
-        .correlation_id()
-        .map(str::to_owned)
-        .unwrap_or_else(|| request.id.to_string());
-    let reply = Message::new(result.clone()).with_header(header::CORRELATION_ID, correlation);
-    Some((to.to_owned(), reply))
+    addressed(request, Message::new(result?.clone()))
 }
 
 /// The reply for a request the consume loop dead-lettered: the reason, as payload and in
 /// [`header::REPLY_ERROR`], so the requester learns at once why no answer comes.
 pub(crate) fn fault_reply_for(request: &Message, reason: &str) -> Option<(String, Message)> {
+    addressed(
+        request,
+        Message::new(reason.to_owned()).with_header(header::REPLY_ERROR, reason),
+    )
+}
+
+/// `reply` addressed to `request`'s reply destination with its correlation id (none when the
+/// message is not a request).
+fn addressed(request: &Message, reply: Message) -> Option<(String, Message)> {
     let to = request.reply_to()?;
     let correlation = request
         .correlation_id()
         .map(str::to_owned)
         .unwrap_or_else(|| request.id.to_string());
-    let reply = Message::new(reason.to_owned())
-        .with_header(header::CORRELATION_ID, correlation)
-        .with_header(header::REPLY_ERROR, reason);
-    Some((to.to_owned(), reply))
+    Some((
+        to.to_owned(),
+        reply.with_header(header::CORRELATION_ID, correlation),
+    ))
 }

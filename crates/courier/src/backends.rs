@@ -8,6 +8,18 @@ use courier_core::config::{BackendSection, BackendUrl};
 use courier_core::findings::Finding;
 use courier_core::{Backend, BrokerTraits, DeliveryClient, Error, Explanation, Result};
 
+/// A backend compiled into this build ([`BackendConfig::compiled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CompiledBackend {
+    /// Its `[backend] kind`.
+    pub kind: &'static str,
+    /// Its URL schemes (`kafka`, `amqp`/`amqps`, …).
+    pub schemes: &'static [&'static str],
+    /// The facts `courier doctor` compares when a configuration moves between brokers.
+    pub traits: BrokerTraits,
+}
+
 use crate::Config;
 
 /// Declares [`BackendConfig`] with a variant per backend and dispatches to each variant's
@@ -45,8 +57,12 @@ macro_rules! backends {
             }
 
             /// Every compiled-in backend: its kind, URL schemes and broker traits.
-            pub fn compiled() -> Vec<(&'static str, &'static [&'static str], BrokerTraits)> {
-                vec![$( $(#[cfg($cfg)])? (<$ty as Backend>::KIND, <$ty as Backend>::SCHEMES, <$ty as Backend>::TRAITS), )*]
+            pub fn compiled() -> Vec<CompiledBackend> {
+                vec![$( $(#[cfg($cfg)])? CompiledBackend {
+                    kind: <$ty as Backend>::KIND,
+                    schemes: <$ty as Backend>::SCHEMES,
+                    traits: <$ty as Backend>::TRAITS,
+                }, )*]
             }
 
             /// The largest payload (envelope included) this section accepts, bytes.
@@ -114,7 +130,7 @@ macro_rules! backends {
                     url.scheme(),
                     BackendConfig::compiled()
                         .iter()
-                        .flat_map(|(_, schemes, _)| schemes.iter().map(|s| format!("{s}://")))
+                        .flat_map(|b| b.schemes.iter().map(|s| format!("{s}://")))
                         .collect::<Vec<_>>()
                         .join(", "),
                     NOT_COMPILED_HINT,
@@ -124,10 +140,10 @@ macro_rules! backends {
             fn prepare(table: &mut toml::Table) -> Result<()> {
                 let compiled = BackendConfig::compiled();
                 match table.get("kind") {
-                    Some(toml::Value::String(k)) if !compiled.iter().any(|(kind, _, _)| kind == k) => {
+                    Some(toml::Value::String(k)) if !compiled.iter().any(|b| b.kind == k) => {
                         Err(Error::config(format!(
                             "[backend] kind = {k:?} is not a backend of this build: use {}{}",
-                            compiled.iter().map(|(kind, _, _)| format!("{kind:?}")).collect::<Vec<_>>().join(", "),
+                            compiled.iter().map(|b| format!("{:?}", b.kind)).collect::<Vec<_>>().join(", "),
                             NOT_COMPILED_HINT,
                         )))
                     }

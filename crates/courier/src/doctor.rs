@@ -32,7 +32,8 @@ pub fn portability(config: &Config) -> Vec<Finding> {
     let g = config.guarantee;
     let ttl = config.idempotency.as_ref().map(|i| i.ttl);
     let mut out = Vec::new();
-    for (name, _, to) in BackendConfig::compiled() {
+    for backend in BackendConfig::compiled() {
+        let (name, to) = (backend.kind, backend.traits);
         if name == from_kind {
             continue;
         }

@@ -33,7 +33,7 @@ pub mod doctor;
 pub mod instrument;
 mod stack;
 
-pub use backends::BackendConfig;
+pub use backends::{BackendConfig, CompiledBackend};
 pub use courier_core::*;
 pub use stack::ConsumerBuilder;
 

@@ -178,7 +178,8 @@ fn malformed_urls_are_refused() {
 fn kinds_are_the_backends_own() {
     let compiled = BackendConfig::compiled();
     assert_eq!(compiled.len(), 4, "{compiled:?}");
-    for (kind, schemes, _) in compiled {
+    for b in compiled {
+        let (kind, schemes) = (b.kind, b.schemes);
         let c = Config::from_toml_str(&format!("[backend]\nkind = \"{kind}\"\n")).unwrap();
         assert_eq!(c.backend.kind(), kind);
         let url = format!(

@@ -8,6 +8,8 @@ use courier_core::config::{BackendSection, BackendUrl};
 use courier_core::findings::Finding;
 use courier_core::{Backend, BrokerTraits, DeliveryClient, Error, Explanation, Result};
 
+use crate::Config;
+
 /// A backend compiled into this build ([`BackendConfig::compiled`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -19,8 +21,6 @@ pub struct CompiledBackend {
     /// The facts `courier doctor` compares when a configuration moves between brokers.
     pub traits: BrokerTraits,
 }
-
-use crate::Config;
 
 /// Declares [`BackendConfig`] with a variant per backend and dispatches to each variant's
 /// [`Backend`] implementation. A variant's name, lowercased, is its `[backend] kind`

@@ -15,10 +15,7 @@ use courier::{handler_fn, Config, Consumer, DeliveryClient, Message, Subscriptio
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = match std::env::var("COURIER_URL") {
-        Ok(url) => Config::from_url(&url)?,
-        Err(_) => Config::default(),
-    };
+    let config = Config::from_env()?;
     let client: Arc<dyn DeliveryClient> = courier::connect(&config).await?.into();
     let orders = format!("orders-{}", uuid::Uuid::now_v7().simple());
     let sub = Subscription::new(&orders, "billing");

@@ -17,24 +17,18 @@ use std::time::Duration;
 
 use courier::config::IdempotencyConfig;
 use courier::{
-    handler_fn_with_context, BackendConfig, Config, Context, DeliveryClient, Guarantee,
-    HandlerError, Message, Requester, Subscription,
+    handler_fn_with_context, Config, Context, DeliveryClient, Guarantee, HandlerError, Message,
+    Requester, Subscription,
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut config = match std::env::var("COURIER_URL") {
-        Ok(url) => Config::from_url(&url)?,
-        Err(_) => Config::default(),
-    }
-    .with_guarantee(Guarantee::ExactlyOnce);
+    // COURIER_URL (or COURIER_CONFIG) picks the broker; without it, the embedded memory broker.
+    let mut config = Config::from_env()?.with_guarantee(Guarantee::ExactlyOnce);
     // One process here, so the in-process store will do; several replier instances share one:
     // COURIER_URL='…?idempotency=redis://127.0.0.1:6379'.
     if config.idempotency.is_none() {
         config = config.with_idempotency(IdempotencyConfig::default());
-    }
-    if let BackendConfig::Memory(m) = &mut config.backend {
-        m.broker = "request-reply".into();
     }
     let suffix = uuid::Uuid::now_v7().simple().to_string();
     let payments = format!("payments-{suffix}");

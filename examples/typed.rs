@@ -30,10 +30,7 @@ struct Receipt {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut config = match std::env::var("COURIER_URL") {
-        Ok(url) => Config::from_url(&url)?,
-        Err(_) => Config::default(),
-    };
+    let mut config = Config::from_env()?;
     if let BackendConfig::Memory(m) = &mut config.backend {
         m.broker = "typed".into();
     }

@@ -125,8 +125,7 @@ fn look_again(lease: Duration, left: Duration) -> Duration {
     let running = lease.saturating_sub(left);
     running
         .max(Duration::from_millis(100))
-        .min(left)
-        .max(Duration::from_millis(50))
+        .min(left.max(Duration::from_millis(50)))
 }
 
 impl IdempotencyStats {
